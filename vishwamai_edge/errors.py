@@ -1,0 +1,57 @@
+"""User-facing errors.
+
+Library code raises a `UserError` subclass carrying one human sentence when the
+user can fix the problem (a missing file, a bad recipe field, a corrupt model).
+The CLI prints that sentence and exits with code 2. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message is one sentence."""
+
+
+class RecipeError(UserError):
+    """A recipe file is missing, malformed or has a wrong field."""
+
+
+class SourceError(UserError):
+    """Model weights cannot be found or read."""
+
+
+class ExportError(UserError):
+    """An export could not be produced or failed its check against the source."""
+
+
+class BundleError(UserError):
+    """A device bundle is missing, corrupt or does not match its manifest."""
+
+
+class InputError(UserError):
+    """A chat input (prompt, image, audio) cannot be used."""
+
+
+class ContextOverflowError(InputError):
+    """A prompt does not fit in the model's context window."""
+
+
+class MissingDependencyError(UserError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, module: str, extra: str):
+        super().__init__(
+            f"{module} is not installed; install it with: pip install 'vishwamai-edge[{extra}]'"
+        )
+
+
+def require(module: str, extra: str):
+    """Import an optional heavy module, or raise a one-line error naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] != module.split(".")[0]:
+            raise  # the module exists but is broken: a real bug, show it
+        raise MissingDependencyError(module, extra) from None

@@ -1,0 +1,94 @@
+"""Target profiles: the devices a bundle is built for.
+
+Numbers are the vendors' published figures (NVIDIA Jetson Orin data sheets).
+`profile` divides measured decode speed by `memory_bandwidth_gbs` to give the
+roofline ratio, so keep these the peak DRAM bandwidths, not measured ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    memory_gb: float  # RAM available to the model (shared CPU/GPU memory on Jetson)
+    memory_bandwidth_gbs: float  # peak DRAM bandwidth
+    cuda_arch: str | None  # SM version for engines and CUDA builds, e.g. "87"; None for CPU-only
+    backends: tuple[str, ...]  # preferred LLM backends, best first
+    gguf_quant: str = "q4_k_m"  # quantization of the portable llama.cpp fallback
+    jetson: bool = False
+
+
+TARGETS: dict[str, TargetProfile] = {
+    t.name: t
+    for t in [
+        TargetProfile(
+            name="laptop-cpu",
+            description="Any x86-64 or arm64 laptop or PC, CPU only",
+            memory_gb=16,
+            memory_bandwidth_gbs=50,
+            cuda_arch=None,
+            backends=("llamacpp",),
+        ),
+        TargetProfile(
+            name="x86-cuda",
+            description="x86-64 PC with an NVIDIA GPU (Ampere or newer)",
+            memory_gb=24,
+            memory_bandwidth_gbs=936,  # RTX 3090 class; engines are rebuilt for the actual GPU
+            cuda_arch="86",
+            backends=("trtllm", "llamacpp"),
+        ),
+        TargetProfile(
+            name="orin-agx-64",
+            description="Jetson AGX Orin 64GB",
+            memory_gb=64,
+            memory_bandwidth_gbs=204.8,
+            cuda_arch="87",
+            backends=("trtllm", "llamacpp"),
+            jetson=True,
+        ),
+        TargetProfile(
+            name="orin-agx-32",
+            description="Jetson AGX Orin 32GB",
+            memory_gb=32,
+            memory_bandwidth_gbs=204.8,
+            cuda_arch="87",
+            backends=("trtllm", "llamacpp"),
+            jetson=True,
+        ),
+        TargetProfile(
+            name="orin-nx-16",
+            description="Jetson Orin NX 16GB",
+            memory_gb=16,
+            memory_bandwidth_gbs=102.4,
+            cuda_arch="87",
+            backends=("trtllm", "llamacpp"),
+            jetson=True,
+        ),
+        TargetProfile(
+            name="orin-nano-8",
+            description="Jetson Orin Nano 8GB (102 GB/s in the JetPack 6.1+ 'super' power mode, 68 before)",
+            memory_gb=8,
+            memory_bandwidth_gbs=102.0,
+            cuda_arch="87",
+            backends=("llamacpp", "trtllm"),  # 8 GB shared: llama.cpp's smaller footprint first
+            jetson=True,
+        ),
+    ]
+}
+
+# Short names people type.
+ALIASES = {"orin": "orin-agx-64", "cpu": "laptop-cpu", "cuda": "x86-cuda"}
+
+
+def get_target(name: str) -> TargetProfile:
+    key = ALIASES.get(name, name)
+    if key not in TARGETS:
+        known = ", ".join(list(TARGETS) + list(ALIASES))
+        raise UserError(f"unknown target {name!r}; known targets: {known}")
+    return TARGETS[key]
