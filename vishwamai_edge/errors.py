@@ -45,6 +45,14 @@ class MissingDependencyError(UserError):
         )
 
 
+def quiet_transformers():
+    """transformers, imported for the build: without its own progress bars and warnings."""
+    transformers = require("transformers", "build")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
 def require(module: str, extra: str):
     """Import an optional heavy module, or raise a one-line error naming the extra."""
     import importlib

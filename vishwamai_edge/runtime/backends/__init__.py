@@ -1,1 +1,99 @@
+"""LLM backends: one module each, implementing the small `LLMBackend` protocol.
 
+A prompt reaches a backend as segments: runs of token ids, and runs of embedding
+rows (an image or audio encoder's output, already projected to the LLM's width).
+Adding a backend is one module plus one line in `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
+
+import numpy as np
+
+from ...errors import UserError
+
+
+@dataclass(frozen=True)
+class TokenSegment:
+    tokens: Sequence[int]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class EmbeddingSegment:
+    embeddings: np.ndarray  # (n, n_embd) float32
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+Segment = Union[TokenSegment, EmbeddingSegment]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    model_bytes: int  # weights as loaded
+    context_bytes: int  # KV cache and compute buffers as far as the backend can tell
+    process_rss_bytes: int
+
+
+class LLMBackend(Protocol):
+    """What the session needs from an LLM runtime."""
+
+    n_ctx: int
+    n_embd: int
+    n_vocab: int
+
+    def prefill(self, segments: Sequence[Segment]) -> None:
+        """Evaluate a prompt, replacing the current sequence (a shared token prefix may be kept)."""
+
+    def stream(self, sampling: SamplingParams, max_tokens: int) -> Iterator[int]:
+        """Sample and yield tokens one at a time, stopping at an end-of-generation token."""
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last evaluated position, (n_vocab,) float32."""
+
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def special_token(self, kind: str) -> tuple[int, str] | None:
+        """The ("bos" | "eos") token's id and text, or None if the model has none."""
+
+    def chat_template(self) -> str | None:
+        """The chat template the model file carries, if any."""
+
+    def memory(self) -> MemoryUse: ...
+
+    def close(self) -> None: ...
+
+
+BACKENDS: dict[str, str] = {
+    "llamacpp": "vishwamai_edge.runtime.backends.llamacpp:LlamaCppBackend",
+}
+
+
+def load_backend(name: str, model_path: Any, **options: Any) -> LLMBackend:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    module_name, cls_name = BACKENDS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls.load(model_path, **options)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models per family (session-scoped, built once) and the embedded model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+FAMILIES = {
+    # family -> (tokenizer style, config overrides)
+    "llama": ("llama3", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64}}),
+    "mistral": ("spm", {}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        "llama3": tiny_models.train_bpe_tokenizer(root / "llama3", "llama3"),
+        "qwen2": tiny_models.train_bpe_tokenizer(root / "qwen2", "qwen2"),
+        "spm": tiny_models.train_sentencepiece_tokenizer(root / "spm"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dirs):
+    """tiny_model(family) -> HF folder of a random tiny model of that family, built once."""
+    built: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in built:
+            style, overrides = FAMILIES[family]
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            built[family] = tiny_models.build_tiny_model(out, family, tokenizer_dirs[style], **overrides)
+        return built[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded_hf_dir() -> Path:
+    from vishwamai_edge.sources import embedded_hf_dir as resolve
+
+    return resolve()

@@ -1,0 +1,72 @@
+"""HF -> GGUF parity: tiny random Llama (Llama 3 rope scaling), Mistral (SentencePiece) and
+Qwen2 (biases, tied embeddings) models; llama.cpp's logits against torch fp32.
+
+Tolerances (max abs difference of last-token logits, stated per output type):
+  f32  1e-2  (llama.cpp keeps its KV cache in f16: measured about 3e-3)
+  f16  2e-2  (weights rounded to fp16 as well: measured about 6e-3)
+  bf16 1e-1  (8-bit mantissa)
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from vishwamai_edge.errors import ExportError
+from vishwamai_edge.export.gguf import convert_hf_to_gguf
+from vishwamai_edge.export.verify import TorchReference, check_gguf
+from vishwamai_edge.recipe import DEFAULT_VERIFY_PROMPTS
+
+TOLERANCE = {"f32": 1e-2, "f16": 2e-2, "bf16": 1e-1}
+PROMPTS = DEFAULT_VERIFY_PROMPTS + ["Привет, как дела?", "x = [1, 2, 3]\nprint(sum(x))"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("outtype", ["f16", "f32"])
+def test_logits_match_torch(tiny_model, tmp_path, family, outtype):
+    hf_dir = tiny_model(family)
+    out = convert_hf_to_gguf(hf_dir, tmp_path / f"{family}-{outtype}.gguf", outtype)
+    check = check_gguf(TorchReference(hf_dir), out.path, PROMPTS, n_threads=2)
+    assert check.max_abs_diff < TOLERANCE[outtype], check
+    assert check.top1_agreement == 1.0, check
+    assert check.tokenizer_agreement == 1.0, check
+
+
+def test_bf16_output(tiny_model, tmp_path):
+    hf_dir = tiny_model("llama")
+    out = convert_hf_to_gguf(hf_dir, tmp_path / "llama-bf16.gguf", "bf16")
+    assert out.tensor_types.get("BF16", 0) > 0
+    check = check_gguf(TorchReference(hf_dir), out.path, PROMPTS[:3], n_threads=2)
+    assert check.max_abs_diff < TOLERANCE["bf16"], check
+
+
+def test_metadata_written(tiny_model, tmp_path):
+    hf_dir = tiny_model("qwen2")
+    out = convert_hf_to_gguf(hf_dir, tmp_path / "q.gguf", "f16")
+    reader = gguf.GGUFReader(out.path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert fields["general.architecture"] == "qwen2"
+    assert fields["qwen2.block_count"] == 2
+    assert fields["qwen2.attention.head_count_kv"] == 2
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
+    assert "blk.0.attn_q.bias" in names
+
+
+def test_llama3_rope_factors_written(tiny_model, tmp_path):
+    out = convert_hf_to_gguf(tiny_model("llama"), tmp_path / "l.gguf", "f16")
+    reader = gguf.GGUFReader(out.path)
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    data = np.asarray(freqs.data)
+    assert data.shape == (8,)  # head_dim 16 / 2
+    assert data[0] == 1.0 and data[-1] == 8.0  # high frequencies kept, low ones scaled by `factor`
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["FancyNetForCausalLM"], "model_type": "fancy"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match="FancyNetForCausalLM"):
+        convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf")

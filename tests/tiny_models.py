@@ -1,0 +1,158 @@
+"""Tiny random models and tokenizers of each family, built from configs (no hub access).
+
+Tokenizers are trained here on a small multilingual corpus, one per family
+style: Llama 3 (llama-bpe regex, BOS added), Qwen2 (its own regex; transformers
+forces the Qwen2 tokenizer class on qwen2 models) and SentencePiece with byte
+fallback (Llama 2 / Mistral / TinyLlama).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1969, 3 astronauts travelled 384,400 km to the Moon and back.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 40))",
+    "Les élèves étudient la photosynthèse à l'école.",
+    "Der Bäcker backt 12 Brötchen für die Straße.",
+    "光合作用是植物利用光能的过程。",
+    "東京は日本の首都です。",
+    "Привет, как дела? Всё хорошо.",
+    "नमस्ते, आप कैसे हैं?",
+    "Emoji: 🙂🚀 and symbols like ©, ™, € and ½.",
+    "   leading spaces, tabs\tand\nnew lines\n\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 -42 1e-5",
+    "Edge devices like the Jetson Orin run quantized language models.",
+] * 20
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_bpe_tokenizer(out: Path, style: str, vocab_size: int = 600) -> Path:
+    """A byte-level BPE tokenizer.json in the `style` of 'llama3' or 'qwen2'."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    regex = {"llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[style]
+    specials = (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+        if style == "llama3"
+        else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if style == "llama3":
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer" if style == "qwen2" else "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>" if style == "llama3" else None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|end_of_text|>" if style == "llama3" else "<|endoftext|>",
+        "chat_template": CHATML,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def train_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> Path:
+    """A Llama-2-style SentencePiece BPE model with byte fallback (tokenizer.model)."""
+    import io
+
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "chat_template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    # Real Llama 2 / Mistral folders ship tokenizer.json beside tokenizer.model; without it,
+    # transformers 5 loads a mistral-type folder with a tokenizer that drops the prefix space.
+    from transformers import LlamaTokenizer
+
+    LlamaTokenizer.from_pretrained(out).save_pretrained(out)
+    return out
+
+
+def vocab_size_of(tokenizer_dir: Path) -> int:
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).vocab_size()
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        initializer_range=0.1, tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[family]
+    return cls(**common)
+
+
+def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Random weights from a config, saved as an HF folder with the given tokenizer."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size_of(tokenizer_dir), **overrides)
+    config.architectures = [type(transformers.AutoModelForCausalLM.from_config(config)).__name__]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out

@@ -1,0 +1,285 @@
+"""`build`: recipe + target -> device bundle, as resumable stages.
+
+Each stage writes one artifact atomically and a stamp beside it holding the hash
+of its inputs and its result (check numbers). A rerun skips every stage whose
+stamp matches, so an interrupted build resumes where it stopped and a finished
+one costs seconds.
+
+    build/<recipe>/source/                 HF folder (only for GGUF sources)
+    build/<recipe>/export/model-f16.gguf   converted + checked against torch
+    build/<recipe>/export/model-q4_k_m.gguf
+    build/<recipe>/<target>/               the bundle: llm/..., manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from . import __version__
+from .errors import ExportError, SourceError
+from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, write_json
+from .recipe import Recipe
+from .runtime.bundle import write_manifest
+from .targets import TargetProfile
+
+STAMP_SUFFIX = ".stamp.json"
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    target: TargetProfile
+    root: Path  # build/<recipe>
+    console: Console
+    n_threads: int | None = None
+    _reference: Any = None
+    skipped: list[str] = field(default_factory=list)
+
+    def reference(self, hf_dir: Path):
+        """The torch model, loaded only when a check actually has to run."""
+        if self._reference is None:
+            from .export.verify import TorchReference
+
+            with self.console.status("loading the torch reference model"):
+                self._reference = TorchReference(hf_dir)
+        return self._reference
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    skipped: list[str]
+
+# -- stamps --------------------------------------------------------------------------------
+def _stamp_path(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + STAMP_SUFFIX)
+
+def cached_result(artifact: Path, inputs: str) -> dict[str, Any] | None:
+    stamp = _stamp_path(artifact)
+    if not (artifact.exists() and stamp.is_file()):
+        return None
+    try:
+        data = json.loads(stamp.read_text())
+    except json.JSONDecodeError:
+        return None
+    if data.get("inputs") != inputs:
+        return None
+    if artifact.is_file() and artifact.stat().st_size != data.get("size"):
+        return None
+    return data.get("result", {})
+
+def mark_done(artifact: Path, inputs: str, result: dict[str, Any]) -> None:
+    size = artifact.stat().st_size if artifact.is_file() else None
+    write_json(_stamp_path(artifact), {"inputs": inputs, "size": size, "result": result})
+
+def folder_fingerprint(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()
+    )
+
+# -- stages --------------------------------------------------------------------------------
+def stage_source(ctx: BuildContext) -> Path:
+    """Resolve the recipe's source to an HF folder."""
+    from . import sources
+
+    spec = ctx.recipe.source
+    if spec.kind == "embedded":
+        with ctx.console.status("materialising the embedded model (once)"):
+            return sources.embedded_hf_dir()
+    if spec.path is None:
+        raise SourceError(f"{ctx.recipe.path}: source.path: required for source kind {spec.kind!r}")
+    path = ctx.recipe.resolve(spec.path)
+    if spec.kind == "hf":
+        return sources.check_hf_dir(path)
+    with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
+        return sources.hf_dir_from_gguf(path, ctx.root / "source")
+
+def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """HF folder -> unquantized GGUF, checked against torch; fails when out of tolerance."""
+    from .export.gguf import convert_hf_to_gguf
+
+    spec = ctx.recipe.export
+    out = ctx.root / "export" / f"model-{spec.gguf.outtype}.gguf"
+    inputs = sha256_json(
+        ["gguf", __version__, folder_fingerprint(hf_dir), spec.gguf.model_dump(), spec.verify.model_dump()]
+    )
+    if (cached := cached_result(out, inputs)) is not None:
+        ctx.skipped.append(out.name)
+        ctx.console.print(f"[green]✓[/] {out.name} (up to date)")
+        return out, cached
+
+    from rich.progress import Progress
+
+    with Progress(console=ctx.console, transient=True) as bar:
+        task = bar.add_task(f"converting to {out.name}", total=None)
+        info = convert_hf_to_gguf(
+            hf_dir, out, spec.gguf.outtype, name=ctx.recipe.name, tokenizer_pre=spec.gguf.tokenizer_pre,
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
+        )
+    check = _check(ctx, hf_dir, out)
+    result = {"format": spec.gguf.outtype, "tensor_types": info.tensor_types, "check": check}
+    v = spec.verify
+    if check["max_abs_diff"] > v.tolerance or check["top1_agreement"] < v.min_top1_agreement:
+        out.unlink()
+        raise ExportError(
+            f"{out.name} does not match the torch model: max |logit diff| {check['max_abs_diff']:.4g} "
+            f"(tolerance {v.tolerance}), top-1 agreement {check['top1_agreement']:.0%} "
+            f"(need {v.min_top1_agreement:.0%})"
+        )
+    if check["tokenizer_agreement"] < 1.0:
+        out.unlink()
+        raise ExportError(
+            f"{out.name}: llama.cpp tokenizes {1 - check['tokenizer_agreement']:.0%} of the check prompts "
+            "differently from the HF tokenizer; set export.gguf.tokenizer_pre in the recipe"
+        )
+    mark_done(out, inputs, result)
+    _report(ctx, out, check)
+    return out, result
+
+def stage_imatrix(ctx: BuildContext, hf_dir: Path) -> Path:
+    """Importance matrix from calibration text, for the quantizer (computed once)."""
+    import numpy as np
+
+    from .export.imatrix import imatrix_for
+
+    out = ctx.root / "export" / "imatrix.npz"
+    inputs = sha256_json(["imatrix", __version__, folder_fingerprint(hf_dir)])
+    if cached_result(out, inputs) is not None:
+        return out
+    reference = ctx.reference(hf_dir)
+    with ctx.console.status("computing the importance matrix on calibration text"):
+        data = imatrix_for(hf_dir, reference.model, reference.tokenizer)
+    with atomic_file(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **data)
+    mark_done(out, inputs, {"tensors": len(data)})
+    return out
+
+
+def stage_quantize(ctx: BuildContext, hf_dir: Path, source: Path, quant: str) -> tuple[Path, dict[str, Any]]:
+    import numpy as np
+
+    from .export.quantize import quantize_gguf
+
+    out = source.with_name(f"model-{quant}.gguf")
+    use_imatrix = ctx.recipe.export.gguf.imatrix
+    inputs = sha256_json(["quantize", __version__, _stamp_path(source).read_text(), quant, use_imatrix,
+                          ctx.recipe.export.verify.model_dump()])
+    if (cached := cached_result(out, inputs)) is not None:
+        ctx.skipped.append(out.name)
+        ctx.console.print(f"[green]✓[/] {out.name} (up to date)")
+        return out, cached
+    imatrix = dict(np.load(stage_imatrix(ctx, hf_dir))) if use_imatrix else None
+    with ctx.console.status(f"quantizing to {quant} with llama.cpp"):
+        types = quantize_gguf(source, out, quant, n_threads=ctx.n_threads or 0, imatrix=imatrix)
+    check = _check(ctx, hf_dir, out)
+    need = ctx.recipe.export.verify.quant_min_top1_agreement
+    if check["top1_agreement"] < need:
+        out.unlink()
+        raise ExportError(
+            f"{out.name}: top-1 agreement with the torch model is {check['top1_agreement']:.0%}, "
+            f"below export.verify.quant_min_top1_agreement ({need:.0%})"
+        )
+    result = {"format": quant, "tensor_types": types, "imatrix": use_imatrix, "check": check}
+    mark_done(out, inputs, result)
+    _report(ctx, out, check)
+    return out, result
+
+def _check(ctx: BuildContext, hf_dir: Path, gguf_path: Path) -> dict[str, Any]:
+    from .export.verify import check_gguf
+
+    reference = ctx.reference(hf_dir)
+    with ctx.console.status(f"checking {gguf_path.name} against torch"):
+        return check_gguf(reference, gguf_path, ctx.recipe.export.verify.prompts, ctx.n_threads).to_dict()
+
+def _report(ctx: BuildContext, path: Path, check: dict[str, Any]) -> None:
+    mb = path.stat().st_size / 1e6
+    ctx.console.print(
+        f"[green]✓[/] {path.name} {mb:.1f} MB: max |Δlogit| {check['max_abs_diff']:.4g}, "
+        f"top-1 agreement {check['top1_agreement']:.0%}, tokenizer agreement {check['tokenizer_agreement']:.0%}"
+    )
+
+def stage_package(
+    ctx: BuildContext, gguf_path: Path, quant: str, checks: dict[str, Any], out_dir: Path
+) -> dict[str, Any]:
+    """Assemble the bundle folder; the manifest is written last, then the folder renamed."""
+    rel = f"llm/{gguf_path.name}"
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "llm").mkdir()
+        _link_or_copy(gguf_path, tmp / rel)
+        manifest = {
+            "name": f"{ctx.recipe.name}-{ctx.target.name}-{quant}",
+            "recipe": ctx.recipe.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "target": {
+                "name": ctx.target.name,
+                "memory_gb": ctx.target.memory_gb,
+                "memory_bandwidth_gbs": ctx.target.memory_bandwidth_gbs,
+                "cuda_arch": ctx.target.cuda_arch,
+            },
+            "backends": ["llamacpp"],
+            "llm": {"backend": "llamacpp", "format": "gguf", "quant": quant, "file": rel,
+                    "tensor_types": checks[quant]["tensor_types"]},
+            "checks": {name: c["check"] for name, c in checks.items()},
+            "runtime": ctx.recipe.runtime.model_dump(),
+            "source": {"kind": ctx.recipe.source.kind,
+                       "path": str(ctx.recipe.source.path) if ctx.recipe.source.path else None},
+            "versions": _versions(),
+        }
+        write_manifest(tmp, manifest, [rel])
+        manifest = json.loads((tmp / "manifest.json").read_text())
+    return manifest
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # same disk: no second copy of the weights
+    except OSError:
+        shutil.copy2(src, dst)
+
+def _versions() -> dict[str, str]:
+    out = {"vishwamai-edge": __version__, "python": platform.python_version()}
+    for dist in ("llama_cpp_python", "gguf", "transformers", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+# -- composition ---------------------------------------------------------------------------
+def build(
+    recipe: Recipe,
+    target: TargetProfile,
+    out_root: Path = Path("build"),
+    quant: str | None = None,
+    n_threads: int | None = None,
+    console: Console | None = None,
+) -> BuildResult:
+    console = console or Console(stderr=True)
+    quant = quant or target.gguf_quant
+    root = Path(out_root) / recipe.name
+    for sub in (root, root / "export"):
+        clean_stale_temps(sub)
+    ctx = BuildContext(recipe, target, root, console, n_threads)
+
+    hf_dir = stage_source(ctx)
+    base, base_result = stage_export_gguf(ctx, hf_dir)
+    checks = {recipe.export.gguf.outtype: base_result}
+    quants = list(dict.fromkeys([*recipe.export.gguf.quants, quant]))
+    for q in quants:
+        if q == recipe.export.gguf.outtype:
+            continue
+        _, checks[q] = stage_quantize(ctx, hf_dir, base, q)
+    bundle_gguf = base if quant == recipe.export.gguf.outtype else base.with_name(f"model-{quant}.gguf")
+    name = target.name if quant == target.gguf_quant else f"{target.name}-{quant}"
+    out_dir = root / name
+    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir)
+    console.print(f"[bold green]bundle ready:[/] {out_dir}")
+    return BuildResult(out_dir, manifest, ctx.skipped)

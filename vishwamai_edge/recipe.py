@@ -1,0 +1,134 @@
+"""Recipes: one YAML file per model, validated by pydantic.
+
+A wrong or missing field is reported in one line naming the file and the field
+path (`recipes/x.yaml: export.gguf.quants.0: ...`). Any field can be overridden
+from the command line with `--set export.gguf.quants=[q8_0]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+Quant = Literal["q4_k_m", "q5_k_m", "q8_0"]
+OutType = Literal["f16", "bf16", "f32"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(Strict):
+    kind: Literal["embedded", "hf", "gguf"] = "embedded"
+    path: Path | None = Field(None, description="HF folder or GGUF file; relative to the recipe file")
+
+
+class GGUFSpec(Strict):
+    outtype: OutType = "f16"
+    quants: list[Quant] = Field(default_factory=lambda: ["q4_k_m"])
+    tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name, when it cannot be detected")
+    imatrix: bool = Field(True, description="weight quantization by an importance matrix from calibration text")
+
+
+DEFAULT_VERIFY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1969, 3 astronauts flew 384,400 km to the Moon.",
+    "Les élèves étudient la photosynthèse — 光合作用 — à l'école.",
+]
+
+
+class VerifySpec(Strict):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1)
+    tolerance: float = Field(0.25, gt=0, description="max abs last-token logit difference, unquantized export")
+    min_top1_agreement: float = Field(1.0, ge=0, le=1, description="unquantized export vs torch")
+    quant_min_top1_agreement: float = Field(0.5, ge=0, le=1, description="quantized exports vs torch")
+
+
+class ExportSpec(Strict):
+    gguf: GGUFSpec = Field(default_factory=GGUFSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+
+
+class RuntimeSpec(Strict):
+    n_ctx: int = Field(2048, ge=64)
+    system_prompt: str | None = None
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    source: SourceSpec = Field(default_factory=SourceSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    path: Path | None = Field(None, exclude=True, description="the file it was read from (set by load)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in ("source", "export"):
+            raise ValueError("is a reserved folder name")
+        return v
+
+    def resolve(self, p: Path) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        if p.is_absolute() or self.path is None:
+            return p
+        return (self.path.parent / p).resolve()
+
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text file") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of fields, got {type(data).__name__}")
+    for item in overrides or []:
+        _apply_override(data, item, path)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise RecipeError(f"{path}: {field}: {msg}{more}") from None
+    recipe.path = path.resolve()
+    return recipe
+
+
+def _apply_override(data: dict[str, Any], item: str, path: Path) -> None:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} is not of the form field.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{path}: override {key}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,198 @@
+"""Chat on a loaded pipeline: template, prefill, streamed and incrementally detokenized text."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .backends import LLMBackend, SamplingParams, Segment, TokenSegment, load_backend
+from .bundle import Bundle
+from .chat_template import CHATML_TEMPLATE, render_chat
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0  # prompt evaluation, including the first sampled token's logits
+    ttft_s: float = 0.0  # request start -> first text out
+    decode_s: float = 0.0
+    finish_reason: str = "stop"  # stop | length
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first token comes from the prefill's logits; the rest each cost one decode
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class Detokenizer:
+    """Bytes of pieces in, complete UTF-8 text out: a multi-byte character split across
+    tokens is held back until its last byte arrives."""
+
+    def __init__(self, backend: LLMBackend):
+        self._backend = backend
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._backend.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class Pipeline:
+    """A bundle loaded for inference: the LLM backend (and, with multimodal bundles, encoders)."""
+
+    def __init__(self, bundle: Bundle, llm: LLMBackend):
+        self.bundle = bundle
+        self.llm = llm
+        manifest_template = bundle.llm.get("chat_template")
+        self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        verify: bool = True,
+    ) -> Pipeline:
+        bundle = Bundle.load(path, verify=verify)
+        defaults = bundle.runtime_defaults
+        llm = load_backend(
+            bundle.llm.get("backend", "llamacpp"),
+            bundle.llm_path(),
+            n_ctx=n_ctx or defaults.get("n_ctx", 2048),
+            n_threads=n_threads,
+        )
+        return cls(bundle, llm)
+
+    def session(self, **kwargs: Any) -> ChatSession:
+        kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.get("system_prompt"))
+        return ChatSession(self, **kwargs)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class ChatSession:
+    """A conversation. `ask` streams the reply to a user turn and records both turns."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        system_prompt: str | None = None,
+        sampling: SamplingParams | None = None,
+        max_tokens: int = 512,
+        stop: list[str] | None = None,
+    ):
+        self.pipeline = pipeline
+        self.llm = pipeline.llm
+        self.sampling = sampling or SamplingParams()
+        self.max_tokens = max_tokens
+        self.stop = list(stop or [])
+        self.messages: list[dict[str, Any]] = []
+        if system_prompt:
+            self.messages.append({"role": "system", "content": system_prompt})
+        self.last_stats = GenerationStats()
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+
+    def ask(self, text: str) -> Iterator[str]:
+        if not text.strip():
+            raise InputError("the message is empty")
+        self.messages.append({"role": "user", "content": text})
+        reply: list[str] = []
+        try:
+            for piece in self.generate(self.messages):
+                reply.append(piece)
+                yield piece
+        except BaseException:
+            self.messages.pop()  # a failed turn leaves the conversation as it was
+            raise
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        prompt = render_chat(
+            self.pipeline.chat_template,
+            messages,
+            bos_token=_special_text(self.llm, "bos"),
+            eos_token=_special_text(self.llm, "eos"),
+        )
+        tokens = self.llm.tokenize(prompt, add_special=True, parse_special=True)
+        bos = self.llm.special_token("bos")
+        if len(tokens) > 1 and bos is not None and tokens[0] == tokens[1] == bos[0]:
+            tokens = tokens[1:]  # the template wrote BOS and the tokenizer added another
+        return tokens
+
+    def generate(self, messages: list[dict[str, Any]]) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` (not recorded in the session)."""
+        start = time.perf_counter()
+        tokens = self.prompt_tokens(messages)
+        segments: list[Segment] = [TokenSegment(tokens)]
+        stats = GenerationStats(prompt_tokens=len(tokens))
+        self.last_stats = stats
+        self.llm.prefill(segments)
+        stats.prefill_s = time.perf_counter() - start
+
+        detok = Detokenizer(self.llm)
+        held = ""  # text that might be the start of a stop string
+        budget = min(self.max_tokens, self.llm.n_ctx - len(tokens))
+        first_token_at = None
+        stats.finish_reason = "length"
+        for tok in self.llm.stream(self.sampling, budget):
+            stats.completion_tokens += 1
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            held += detok.push(tok)
+            out, held, stopped = _split_stop(held, self.stop)
+            if out:
+                if stats.ttft_s == 0.0:
+                    stats.ttft_s = time.perf_counter() - start
+                yield out
+            if stopped:
+                stats.finish_reason = "stop"
+                break
+        else:
+            if stats.completion_tokens < budget:
+                stats.finish_reason = "stop"  # ended on an end-of-generation token
+            held += detok.flush()
+            if held:
+                yield held
+        if first_token_at is not None:
+            stats.decode_s = time.perf_counter() - first_token_at
+        if stats.ttft_s == 0.0:
+            stats.ttft_s = time.perf_counter() - start
+
+
+def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """Split `text` into (safe to emit, held back, stop found)."""
+    if not stops:
+        return text, "", False
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            return text[:i], "", True
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                keep = max(keep, k)
+                break
+    return text[: len(text) - keep], text[len(text) - keep :], False
+
+
+def _special_text(llm: LLMBackend, kind: str) -> str:
+    special = llm.special_token(kind)
+    return special[1] if special else ""
