@@ -51,3 +51,22 @@ def embedded_hf_dir() -> Path:
     from vishwamai_edge.sources import embedded_hf_dir as resolve
 
     return resolve()
+
+
+@pytest.fixture(scope="session")
+def embedded_build(tmp_path_factory):
+    """The embedded model built into a Q4_K_M laptop-cpu bundle once per test session."""
+    from rich.console import Console
+
+    from vishwamai_edge.build import build
+    from vishwamai_edge.recipe import load_recipe
+    from vishwamai_edge.targets import get_target
+
+    out = tmp_path_factory.mktemp("build")
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml")
+    return build(recipe, get_target("laptop-cpu"), out, console=Console(stderr=True, quiet=True))
+
+
+@pytest.fixture(scope="session")
+def embedded_bundle(embedded_build) -> Path:
+    return embedded_build.bundle

@@ -103,16 +103,23 @@ def train_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> Path:
     (out / "tokenizer.model").write_bytes(buf.getvalue())
     config = {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "add_bos_token": True, "add_eos_token": False, "legacy": True,
         "chat_template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
         "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    # Real Llama 2 / Mistral folders ship tokenizer.json beside tokenizer.model; without it,
-    # transformers 5 loads a mistral-type folder with a tokenizer that drops the prefix space.
+    # Real Llama 2 / Mistral folders ship tokenizer.json beside tokenizer.model, with
+    # SentencePiece's own normalization (prepend "▁", spaces to "▁"). transformers 5 writes a
+    # Metaspace pre-tokenizer instead, which skips the prefix before a leading space; restore
+    # the hub layout so the fixture behaves like the models users bring.
     from transformers import LlamaTokenizer
 
     LlamaTokenizer.from_pretrained(out).save_pretrained(out)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    tok["pre_tokenizer"] = None
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     return out
 
 

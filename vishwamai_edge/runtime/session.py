@@ -47,7 +47,9 @@ class Detokenizer:
         return self._decoder.decode(self._backend.token_bytes(token))
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        """End of reply: a character cut off by the length limit is dropped, not shown as U+FFFD."""
+        self._decoder.reset()
+        return ""
 
 
 class Pipeline:

@@ -1,0 +1,89 @@
+"""User mistakes end with exit code 2 and one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vishwamai_edge.export.gguf import convert_hf_to_gguf
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vishwamai_edge.cli", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    return convert_hf_to_gguf(tiny_model("llama"), tmp_path_factory.mktemp("g") / "tiny.gguf", "f16").path
+
+
+def test_truncated_gguf(tiny_gguf, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_gguf.read_bytes()[:5000])
+    assert_one_line_error(run_cli("chat", str(broken), "-p", "hi"), "cannot load", "broken.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    f = tmp_path / "photo.gguf"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    assert_one_line_error(run_cli("chat", str(f), "-p", "hi"), "not a GGUF file")
+
+
+def test_bundle_file_hash_changed(embedded_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(embedded_bundle, copy)  # real copies, not the build's hard links
+    gguf = next((copy / "llm").glob("*.gguf"))
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    gguf.write_bytes(bytes(data))
+    assert_one_line_error(run_cli("chat", str(copy), "-p", "hi"), "does not match its sha256")
+
+
+def test_recipe_unknown_field(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\nexport:\n  gguf:\n    outtype: f16\n    colour: blue\n")
+    assert_one_line_error(run_cli("build", "--recipe", str(recipe), "--out", str(tmp_path)),
+                          "bad.yaml", "export.gguf.colour: unknown field")
+
+
+def test_missing_model_folder(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nsource:\n  kind: hf\n  path: no/such/model\n")
+    assert_one_line_error(run_cli("build", "--recipe", str(recipe), "--out", str(tmp_path)),
+                          "model folder", "does not exist")
+
+
+def test_truncated_gguf_source(tiny_gguf, tmp_path):
+    broken = tmp_path / "src.gguf"
+    broken.write_bytes(tiny_gguf.read_bytes()[:3000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nsource:\n  kind: gguf\n  path: {broken}\n")
+    assert_one_line_error(run_cli("build", "--recipe", str(recipe), "--out", str(tmp_path)), "src.gguf")
+
+
+def test_unknown_target_and_missing_bundle(tmp_path):
+    assert_one_line_error(run_cli("build", "--recipe", "recipes/smollm2-135m.yaml", "--target", "pi5",
+                                  "--out", str(tmp_path), cwd=Path(__file__).parents[1]), "unknown target 'pi5'")
+    assert_one_line_error(run_cli("chat", str(tmp_path / "nothing")), "does not exist")
+
+
+def test_prompt_longer_than_context(embedded_bundle):
+    long_prompt = "word " * 600
+    assert_one_line_error(run_cli("chat", str(embedded_bundle), "--n-ctx", "256", "-p", long_prompt),
+                          "context holds 256")

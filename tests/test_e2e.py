@@ -1,0 +1,110 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct): build, chat, resume, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vishwamai_edge.build import build
+from vishwamai_edge.recipe import load_recipe
+from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.targets import get_target
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def pipeline(embedded_bundle):
+    p = Pipeline.load(embedded_bundle, n_threads=2)
+    yield p
+    p.close()
+
+
+def test_manifest_records_checks(embedded_build):
+    m = embedded_build.manifest
+    assert m["llm"]["quant"] == "q4_k_m" and m["llm"]["file"] == "llm/model-q4_k_m.gguf"
+    f16 = m["checks"]["f16"]
+    assert f16["max_abs_diff"] <= 0.25 and f16["top1_agreement"] == 1.0 and f16["tokenizer_agreement"] == 1.0
+    assert m["checks"]["q4_k_m"]["top1_agreement"] >= 0.5
+    # SmolLM2's width (576) is no multiple of 256: most matrices fall back from Q4_K; the manifest says so
+    assert "Q4_K" in m["llm"]["tensor_types"] and "Q5_0" in m["llm"]["tensor_types"]
+    assert set(m["files"]) == {"llm/model-q4_k_m.gguf"}
+
+
+def test_q4_k_m_answers_paris(pipeline):
+    session = pipeline.session(max_tokens=32)
+    answer = "".join(session.ask("What is the capital of France?"))
+    assert "Paris" in answer
+    stats = session.last_stats
+    assert stats.finish_reason == "stop" and stats.completion_tokens < 32
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+
+
+def test_streaming_pieces_and_second_turn(pipeline):
+    session = pipeline.session(max_tokens=24)
+    pieces = list(session.ask("Name a primary colour."))
+    assert len(pieces) > 1  # streamed, not returned in one piece
+    follow_up = "".join(session.ask("And another one?"))
+    assert follow_up.strip()
+    assert len(session.messages) == 4
+
+
+def test_stop_string_cuts_reply(pipeline):
+    session = pipeline.session(max_tokens=32, stop=["Paris"])
+    answer = "".join(session.ask("What is the capital of France?"))
+    assert "Paris" not in answer and session.last_stats.finish_reason == "stop"
+
+
+def test_multibyte_text_streams_intact(pipeline):
+    session = pipeline.session(max_tokens=40)
+    answer = "".join(session.ask("Repeat exactly: café, naïve, 東京, 🙂"))
+    assert "\ufffd" not in answer  # no split UTF-8 sequences surfaced as replacement characters
+
+
+def test_rebuild_skips_finished_stages(embedded_build, tmp_path_factory):
+    out = embedded_build.bundle.parents[1]
+    recipe = load_recipe("recipes/smollm2-135m.yaml")
+    again = build(recipe, get_target("laptop-cpu"), out)
+    assert set(again.skipped) == {"model-f16.gguf", "model-q4_k_m.gguf"}
+    assert again.manifest["files"] == embedded_build.manifest["files"]
+
+
+def test_interrupted_build_leaves_nothing_that_looks_valid(embedded_build, tmp_path):
+    """A temp file from a killed run is cleaned up, and never counted as an artifact."""
+    export = embedded_build.bundle.parents[0] / "export"
+    stale = export / ".model-q8_0.gguf.tmp-99999"
+    stale.write_bytes(b"GGUF partial")
+    recipe = load_recipe("recipes/smollm2-135m.yaml")
+    build(recipe, get_target("laptop-cpu"), embedded_build.bundle.parents[1])
+    assert not stale.exists() and not (export / "model-q8_0.gguf").exists()
+
+
+def test_demo_command(embedded_build, tmp_path):
+    out = embedded_build.bundle.parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vishwamai_edge.cli", "demo", "--out", str(out), "--threads", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "tokens/s" in proc.stderr
+
+
+def test_chat_command_reads_stdin(embedded_bundle):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vishwamai_edge.cli", "chat", str(embedded_bundle), "--no-stats"],
+        input="What is the capital of France?\n/reset\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_doctor_json():
+    proc = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "doctor", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["recommended_target"] == "laptop-cpu"
