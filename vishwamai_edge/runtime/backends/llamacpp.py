@@ -74,7 +74,7 @@ class LlamaCppBackend:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         n_batch: int = 512,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | None = None,
     ) -> LlamaCppBackend:
         lib = _llama()
         _quiet_logs(lib)
@@ -82,6 +82,8 @@ class LlamaCppBackend:
         if not path.is_file():
             raise BundleError(f"model file {path} does not exist")
         mparams = lib.llama_model_default_params()
+        if n_gpu_layers is None:  # a CUDA/Metal build offloads every layer; a CPU build ignores it
+            n_gpu_layers = -1 if lib.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = n_gpu_layers
         _log_state["errors"] = []
         model = lib.llama_model_load_from_file(str(path).encode(), mparams)
