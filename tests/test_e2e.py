@@ -108,3 +108,17 @@ def test_doctor_json():
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["recommended_target"] == "laptop-cpu"
+
+
+def test_long_conversation_keeps_fitting(embedded_bundle):
+    """Old exchanges are dropped when the conversation outgrows the context; the newest stays."""
+    p = Pipeline.load(embedded_bundle, n_ctx=256, n_threads=2)
+    try:
+        session = p.session(max_tokens=16)
+        for i in range(8):
+            "".join(session.ask(f"Turn {i}: tell me one short fact about the number {i}."))
+        assert session.messages[-2]["content"].startswith("Turn 7")
+        assert len(session.prompt_tokens(session.messages)) <= 256
+        assert not any(m["content"].startswith("Turn 0") for m in session.messages)
+    finally:
+        p.close()

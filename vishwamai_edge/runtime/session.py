@@ -115,6 +115,7 @@ class ChatSession:
         if not text.strip():
             raise InputError("the message is empty")
         self.messages.append({"role": "user", "content": text})
+        self._fit_history()
         reply: list[str] = []
         try:
             for piece in self.generate(self.messages):
@@ -124,6 +125,20 @@ class ChatSession:
             self.messages.pop()  # a failed turn leaves the conversation as it was
             raise
         self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def _fit_history(self, reserve: int = 64) -> None:
+        """Drop the oldest exchanges until the prompt leaves `reserve` tokens for the reply.
+
+        A single message that does not fit is left alone: prefill reports it clearly.
+        """
+        while len(self.prompt_tokens(self.messages)) + reserve > self.llm.n_ctx:
+            turns = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
+            if len(turns) <= 1:
+                return
+            first = turns[0]
+            # an exchange is a user turn and the replies up to the next user turn
+            end = next((i for i in turns[1:] if self.messages[i]["role"] == "user"), turns[-1])
+            del self.messages[first:end]
 
     def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         prompt = render_chat(
