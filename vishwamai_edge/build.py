@@ -103,6 +103,66 @@ def stage_source(ctx: BuildContext) -> Path:
     with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
         return sources.hf_dir_from_gguf(path, ctx.root / "source")
 
+def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
+    """LoRA / QLoRA / CPT on the recipe's dataset -> finetune/adapter/; continues from its checkpoints.
+
+    resume=None (build): continue a checkpoint of the same settings, else start over.
+    """
+    from .train.finetune import ADAPTER, finetune, run_fingerprint
+
+    folder = ctx.root / "finetune"
+    out = folder / ADAPTER
+    inputs = run_fingerprint(ctx.recipe, [__version__, folder_fingerprint(hf_dir)])
+    if cached_result(out, inputs) is not None:
+        ctx.skipped.append("finetune")
+        ctx.console.print("[green]✓[/] finetune/adapter (up to date)")
+        return out
+    result = finetune(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    if _main_process():
+        mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
+    return out
+
+
+def stage_merge(ctx: BuildContext, hf_dir: Path, adapter_dir: Path) -> Path:
+    """base + adapter -> merged/ (plain HF folder), checked against base + adapter unmerged."""
+    from .train.merge import merge_adapter
+
+    spec = ctx.recipe.finetune
+    assert spec is not None
+    out = ctx.root / "merged"
+    inputs = sha256_json(["merge", __version__, _stamp_path(adapter_dir).read_text(), folder_fingerprint(hf_dir),
+                          spec.merge.model_dump()])
+    if cached_result(out, inputs) is not None:
+        ctx.skipped.append("merged")
+        ctx.console.print("[green]✓[/] merged (up to date)")
+        return out
+    check = merge_adapter(adapter_dir, out, hf_dir, spec.merge.prompts, spec.merge.tolerance, ctx.console)
+    mark_done(out, inputs, {"check": check.to_dict()})
+    return out
+
+
+def finetune_and_merge(
+    recipe: Recipe, out_root: Path = Path("build"), resume: bool | None = None, merge: bool = True,
+    console: Console | None = None,
+) -> Path:
+    """`vishwamai-edge finetune`: the source, finetune (and merge) stages of `build`, same folders and stamps."""
+    from .targets import get_target
+
+    console = console or Console(stderr=True)
+    root = Path(out_root) / recipe.name
+    for sub in (root, root / "finetune"):
+        clean_stale_temps(sub)
+    ctx = BuildContext(recipe, get_target("laptop-cpu"), root, console)  # the target plays no part here
+    hf_dir = stage_source(ctx)
+    adapter = stage_finetune(ctx, hf_dir, resume=resume)
+    # under `accelerate launch` every process trains; only the first merges
+    return stage_merge(ctx, hf_dir, adapter) if merge and _main_process() else adapter
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by accelerate / torchrun for each process
+
+
 def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]:
     """HF folder -> unquantized GGUF, checked against torch; fails when out of tolerance."""
     from .export.gguf import convert_hf_to_gguf
@@ -265,13 +325,17 @@ def build(
     console = console or Console(stderr=True)
     quant = quant or target.gguf_quant
     root = Path(out_root) / recipe.name
-    for sub in (root, root / "export"):
+    for sub in (root, root / "export", root / "finetune"):
         clean_stale_temps(sub)
     ctx = BuildContext(recipe, target, root, console, n_threads)
 
     hf_dir = stage_source(ctx)
+    checks: dict[str, Any] = {}
+    if recipe.finetune is not None:
+        hf_dir = stage_merge(ctx, hf_dir, stage_finetune(ctx, hf_dir))
+        checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
     base, base_result = stage_export_gguf(ctx, hf_dir)
-    checks = {recipe.export.gguf.outtype: base_result}
+    checks[recipe.export.gguf.outtype] = base_result
     quants = list(dict.fromkeys([*recipe.export.gguf.quants, quant]))
     for q in quants:
         if q == recipe.export.gguf.outtype:

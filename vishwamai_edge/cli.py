@@ -68,11 +68,12 @@ def demo(
     question: Annotated[str, typer.Option(help="the question asked")] = "What is the capital of France?",
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    finetune: Annotated[bool, typer.Option("--finetune", help="then teach it a fictional place with LoRA (a few minutes) and ask both bundles")] = False,
 ) -> None:
     """Embedded model -> GGUF -> checked -> Q4_K_M bundle -> one question answered, with tokens/s."""
     from .demo import run_demo
 
-    run_demo(recipe, question, out, threads)
+    run_demo(recipe, question, out, threads, finetune)
 
 
 @app.command()
@@ -92,6 +93,91 @@ def doctor(
         typer.echo(json.dumps(doc.to_json(report), indent=2))
     else:
         doc.render(report, Console())
+
+
+@app.command()
+def ui(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the page to the network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 7860,
+    n_ctx: Annotated[Optional[int], typer.Option(help="context length")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    max_queue: Annotated[int, typer.Option(help="chat turns allowed to wait for the model")] = 16,
+    max_file_mb: Annotated[float, typer.Option(help="upload size limit (MB)")] = 10,
+) -> None:
+    """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
+    from .ui.app import run_ui
+
+    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb)
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the API to the network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="VISHWAMAI_EDGE_API_KEY", show_envvar=True,
+                                                   help="require 'Authorization: Bearer KEY'")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(help="context length")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    max_queue: Annotated[int, typer.Option(help="requests allowed to wait for the model; more get 503")] = 16,
+    max_request_mb: Annotated[float, typer.Option(help="request body limit (MiB)")] = 20,
+    with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="also serve the web chat at /ui, same model")] = False,
+) -> None:
+    """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
+    from .serve.server import run_server
+
+    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui)
+
+
+@app.command()
+def profile(
+    bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) to profile and compare")],
+    out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/profiles/latest"),
+    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, overhead; or all, short")] = None,
+    repeat: Annotated[int, typer.Option(help="measured runs per scenario")] = 3,
+    warmup: Annotated[int, typer.Option(help="unmeasured runs before them")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: physical cores)")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(help="context length (default: the smallest that fits the scenarios)")] = None,
+    target: Annotated[Optional[str], typer.Option(help="target profile of this machine, for the roofline's peak bandwidth (default: the Jetson module found, else the bundle's target)")] = None,
+    decode_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 64,
+) -> None:
+    """Latency and memory of bundles on this machine: scenarios, medians, plots, one report to compare."""
+    from .profile import run_profile
+
+    result = run_profile(bundles, out, scenarios, repeat, warmup, threads, n_ctx, target, decode_tokens, console=err)
+    typer.echo(str(result.out_dir / "report.md"))
+
+
+@app.command()
+def finetune(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML file with a finetune section")],
+    method: Annotated[Optional[str], typer.Option(help="lora, qlora (needs CUDA) or cpt (raw text); default: the recipe's")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint")] = False,
+    merge: Annotated[bool, typer.Option(help="merge the adapter into the base as well (build/<recipe>/merged)")] = True,
+    out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: field.path=value")] = None,
+) -> None:
+    """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training): an adapter, then merged."""
+    from .build import finetune_and_merge
+    from .recipe import load_recipe
+
+    overrides = [*(set_ or []), *([f"finetune.method={method}"] if method else [])]
+    typer.echo(str(finetune_and_merge(load_recipe(recipe, overrides), out, resume=resume, merge=merge, console=err)))
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="merge this recipe's adapter (build/<recipe>/finetune/adapter)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="a LoRA adapter folder")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="base HF folder; default: the one the adapter names")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="merged HF folder; default with --recipe: build/<recipe>/merged")] = None,
+    out_root: Annotated[Path, typer.Option(help="build root, with --recipe")] = Path("build"),
+) -> None:
+    """Adapter + base -> plain HF folder, checked: merged logits against base + adapter."""
+    from .train.merge import merge_command
+
+    typer.echo(str(merge_command(recipe, adapter, base, out, out_root, console=err)))
 
 
 def main(argv: list[str] | None = None) -> None:

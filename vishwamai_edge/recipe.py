@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -62,12 +62,67 @@ class RuntimeSpec(Strict):
     temperature: float = Field(0.0, ge=0)
 
 
+FinetuneMethod = Literal["lora", "qlora", "cpt"]
+
+
+class DatasetSpec(Strict):
+    train: Path = Field(description="JSONL file (chat `messages` or instruction/input/output), or text files for cpt")
+    eval: Path | None = Field(None, description="held-out set for the eval loss; default: eval_fraction of train")
+    format: Literal["auto", "messages", "instruction", "text"] = "auto"
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="layer names; default: per architecture")
+    train_projector: bool = Field(False, description="vision-language models: train the projector fully")
+
+
+class MergeSpec(Strict):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1)
+    tolerance: float = Field(0.1, gt=0, description="max abs last-token logit difference, merged vs base+adapter")
+
+
+class FinetuneSpec(Strict):
+    method: FinetuneMethod = Field("lora", description="lora; qlora (CUDA: NF4 base); cpt (LoRA on raw text)")
+    dataset: DatasetSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    max_seq_len: int = Field(512, ge=8)
+    packing: bool = False
+    steps: int | None = Field(None, ge=1, description="optimizer steps; default: `epochs` over the train set")
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all devices")
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass on one device")
+    lr: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU")
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, ge=1, description="steps between eval losses; always at the end")
+    save_every: int = Field(50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> FinetuneSpec:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                             f"({self.micro_batch_size})")
+        return self
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     source: SourceSpec = Field(default_factory=SourceSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    finetune: FinetuneSpec | None = None
     path: Path | None = Field(None, exclude=True, description="the file it was read from (set by load)")
 
     @field_validator("name")

@@ -65,7 +65,6 @@ class LlamaCppBackend:
         self.n_batch = n_batch
         self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._evaluated: list[int] = []  # token id per KV position (_EMBEDDING_KEY for embeddings)
-        self._piece_buf = ctypes.create_string_buffer(256)
 
     @classmethod
     def load(
@@ -117,12 +116,12 @@ class LlamaCppBackend:
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
+        buf = ctypes.create_string_buffer(64)  # per call: safe from any thread, and cheap
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+        return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))

@@ -1,0 +1,39 @@
+import pytest
+
+from vishwamai_edge.errors import UserError
+from vishwamai_edge.profile.scenarios import DEFAULT_SCENARIOS, context_for, parse_names, plan
+
+MANIFEST = {"llm": {"backend": "llamacpp"}}
+
+
+def test_names():
+    assert parse_names(None) == DEFAULT_SCENARIOS
+    assert parse_names("short") == ["chat", "prompt-512"]
+    assert parse_names("overhead, chat,chat") == ["chat", "overhead"]  # overhead always last
+    with pytest.raises(UserError, match="unknown scenario 'prompt-99'"):
+        parse_names("chat,prompt-99")
+
+
+def test_encoder_scenarios_need_encoders():
+    planned = {p.scenario.name: p.skip_reason for p in plan(["chat", "image", "audio"], MANIFEST, 4096, 64)}
+    assert planned["chat"] is None
+    assert "no vision encoder" in planned["image"] and "no audio encoder" in planned["audio"]
+    with_vision = {**MANIFEST, "encoders": {"vision": {"file": "encoders/vision.onnx"}}}
+    planned = {p.scenario.name: p.skip_reason for p in plan(["image", "audio"], with_vision, 4096, 64)}
+    assert "cannot run encoders yet" in planned["image"]
+    assert "no audio encoder" in planned["audio"]
+
+
+def test_context_sizing():
+    assert context_for(["chat", "prompt-512"], 64) == 768
+    assert context_for(DEFAULT_SCENARIOS, 64) == 2304
+    planned = {p.scenario.name: p.skip_reason
+               for p in plan(["prompt-512", "prompt-2048"], MANIFEST, 1024, 64)}
+    assert planned["prompt-512"] is None
+    assert "needs a context of 2120" in planned["prompt-2048"]
+
+
+def test_overhead_needs_llamacpp():
+    other = {"llm": {"backend": "trtllm"}}
+    (p,) = plan(["overhead"], other, 4096, 64)
+    assert "llama.cpp bundle" in p.skip_reason

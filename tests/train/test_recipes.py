@@ -1,0 +1,49 @@
+"""The finetune section of recipes: defaults, validation errors naming the field, the shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vishwamai_edge.demo import BUILTIN_FINETUNE, FINETUNE_RECIPE
+from vishwamai_edge.errors import RecipeError
+from vishwamai_edge.recipe import FinetuneSpec, load_recipe
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_shipped_finetune_recipe_loads_with_its_data():
+    recipe = load_recipe(ROOT / FINETUNE_RECIPE)
+    spec = recipe.finetune
+    assert spec.method == "lora" and spec.steps == 40 and spec.batch_size == 8 and spec.lr == 5e-4
+    assert recipe.resolve(spec.dataset.train).is_file() and recipe.resolve(spec.dataset.eval).is_file()
+
+
+def test_builtin_demo_recipe_matches_the_shipped_one():
+    """Outside a checkout the demo uses a copy of the recipe's settings: keep them equal."""
+    shipped = load_recipe(ROOT / FINETUNE_RECIPE).finetune.model_dump(exclude={"dataset"})
+    builtin = FinetuneSpec.model_validate({**BUILTIN_FINETUNE, "dataset": {"train": "x"}})
+    assert builtin.model_dump(exclude={"dataset"}) == shipped
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("finetune: {dataset: {train: a.jsonl}, lora: {rank: 8}}", "finetune.lora.rank: unknown field"),
+        ("finetune: {lora: {r: 8}}", "finetune.dataset: required field is missing"),
+        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora' or 'cpt'"),
+        ("finetune: {dataset: {train: a.jsonl}, lr: 0}", "finetune.lr: Input should be greater than 0"),
+    ],
+)
+def test_bad_finetune_fields_name_the_field(tmp_path, section, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\n{section}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_override_from_the_command_line(tmp_path):
+    recipe = load_recipe(ROOT / FINETUNE_RECIPE, ["finetune.method=qlora", "finetune.lora.r=8"])
+    assert recipe.finetune.method == "qlora" and recipe.finetune.lora.r == 8

@@ -1,0 +1,100 @@
+"""The Gradio page on the embedded model, in this process, and a headless Debian Chromium to drive it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+MAX_FILE_MB = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def max_file_mb() -> float:
+    return MAX_FILE_MB
+
+
+@pytest.fixture(scope="module")
+def ui_engine(embedded_bundle):
+    from vishwamai_edge.runtime.engine import Engine
+
+    engine = Engine.load(embedded_bundle, n_threads=1, max_queue=4)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_engine) -> Iterator[str]:
+    from vishwamai_edge.ui.app import launch_ui
+
+    port = free_port()
+    blocks = launch_ui(ui_engine, "127.0.0.1", port, max_file_mb=MAX_FILE_MB, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    blocks.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed (run .ci/install-browser)")
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh profile every session
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser, ui_url):
+    """A fresh tab on the chat page; every request it makes is recorded in `page.requested`."""
+    page = browser.new_page()
+    page.requested = []
+    page.on("request", lambda req: page.requested.append(req.url))
+    page.goto(ui_url, wait_until="networkidle")
+    page.wait_for_selector("#prompt textarea")
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def mounted_url(ui_engine) -> Iterator[str]:
+    """The API server with the page mounted at /ui (`serve --ui`), on the same engine, in a thread."""
+    import threading
+
+    import uvicorn
+
+    from vishwamai_edge.serve.app import create_app
+    from vishwamai_edge.ui.app import mount_ui
+
+    app = create_app(ui_engine)
+    mount_ui(app, ui_engine, "/ui", max_file_mb=MAX_FILE_MB)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread died")
+        thread.join(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)

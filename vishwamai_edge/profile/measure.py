@@ -1,0 +1,152 @@
+"""One timed run of a scenario on a loaded pipeline.
+
+Prompt scenarios feed exact token counts straight to the backend (prefill, then the
+runtime's own stream loop), so every machine and quantisation sees the same work. The
+chat scenario goes through `ChatSession.generate`, the path a user's message takes.
+
+Each run starts from an empty KV cache: the backend keeps a shared prompt prefix
+between calls, which would turn every repetition after the first into a one-token prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..runtime.backends import LLMBackend, SamplingParams, TokenSegment
+from ..runtime.session import Pipeline
+
+GREEDY = SamplingParams(temperature=0.0)
+
+# Plain prose, repeated to any length: the model continues it rather than ending.
+FILLER = (
+    "The river runs past the old mill and under the stone bridge, where the town keeps its market "
+    "on Saturdays. Farmers bring apples, cheese, bread and honey; children watch the boats go by. "
+    "In the evening the lamps are lit along the water and the bells of the church ring seven times. "
+)
+
+
+@dataclass
+class RunTimings:
+    prompt_tokens: int
+    decode_tokens: int  # tokens generated, the first included
+    tokenize_s: float  # chat template + tokenizer (0 for pre-tokenized prompts)
+    encode_s: float  # image / audio encoders (0 without encoders)
+    prefill_s: float
+    first_token_s: float  # prefill done -> first token out (sampling, detokenizing)
+    ttft_s: float
+    decode_s: float  # first token out -> last token evaluated
+    forced_tokens: int = 0  # tokens generated past an end-of-generation the model chose
+    finish: str = "length"
+
+    @property
+    def prefill_tps(self) -> float | None:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else None
+
+    @property
+    def decode_tps(self) -> float | None:
+        # every generated token, the first included, costs one forward pass inside decode_s
+        return self.decode_tokens / self.decode_s if self.decode_tokens > 0 and self.decode_s > 0 else None
+
+    @property
+    def context_mean(self) -> float:
+        """Mean context length while decoding: what decode speed is plotted against."""
+        return self.prompt_tokens + self.decode_tokens / 2
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(prefill_tps=self.prefill_tps, decode_tps=self.decode_tps, context_mean=self.context_mean)
+        return d
+
+
+def reset_kv(llm: LLMBackend, first_token: int) -> None:
+    """Empty the KV cache through the public API: a one-token prompt that shares no prefix."""
+    other = 1 if first_token == 0 else 0
+    llm.prefill([TokenSegment([other])])
+
+
+def prompt_ids(llm: LLMBackend, n_tokens: int) -> list[int]:
+    """Exactly n_tokens ids: BOS (if the model has one) and filler prose."""
+    bos = llm.special_token("bos")
+    head = [bos[0]] if bos else []
+    unit = llm.tokenize(FILLER, add_special=False, parse_special=False)
+    body: list[int] = []
+    while len(body) < n_tokens - len(head):
+        body.extend(unit)
+    return head + body[: n_tokens - len(head)]
+
+
+def run_prompt(llm: LLMBackend, ids: list[int], n_decode: int) -> RunTimings:
+    """Prefill `ids`, then generate exactly n_decode tokens greedily."""
+    reset_kv(llm, ids[0])
+    t0 = time.perf_counter()
+    llm.prefill([TokenSegment(ids)])
+    t_prefill = time.perf_counter()
+    produced: list[int] = []
+    t_first = None
+    for tok in llm.stream(GREEDY, n_decode):
+        if t_first is None:
+            t_first = time.perf_counter()
+        produced.append(tok)
+    forced = 0
+    if len(produced) < n_decode:  # the model chose to end: keep going, or speeds would not compare
+        forced = n_decode - len(produced)
+        t_forced = _decode_past_eog(llm, ids + produced, forced, produced)
+        t_first = t_first or t_forced
+    t_end = time.perf_counter()
+    assert t_first is not None
+    return RunTimings(
+        prompt_tokens=len(ids),
+        decode_tokens=len(produced),
+        tokenize_s=0.0,
+        encode_s=0.0,
+        prefill_s=t_prefill - t0,
+        first_token_s=t_first - t_prefill,
+        ttft_s=t_first - t0,
+        decode_s=t_end - t_first,
+        forced_tokens=forced,
+        finish="length",
+    )
+
+
+def _decode_past_eog(llm: LLMBackend, seq: list[int], n: int, produced: list[int]) -> float:
+    """Greedy steps that skip end-of-generation tokens; returns when the first was picked."""
+    t_first = 0.0
+    for i in range(n):
+        logits = llm.logits()
+        order = np.argsort(logits)[::-1]
+        tok = next(int(t) for t in order if not llm.is_eog(int(t)))
+        if i == 0:
+            t_first = time.perf_counter()
+        produced.append(tok)
+        seq.append(tok)
+        llm.prefill([TokenSegment(seq)])  # re-evaluates only the new last token
+    return t_first
+
+
+def run_chat(pipeline: Pipeline, question: str, max_tokens: int) -> RunTimings:
+    """One user turn through ChatSession.generate, greedy, with its own GenerationStats."""
+    session = pipeline.session(sampling=GREEDY, max_tokens=max_tokens)
+    messages = [*session.messages, {"role": "user", "content": question}]
+    t = time.perf_counter()
+    ids = session.prompt_tokens(messages)  # template + tokenizer, timed on their own
+    tokenize_s = time.perf_counter() - t
+    reset_kv(pipeline.llm, ids[0])
+    for _ in session.generate(messages):
+        pass
+    st = session.last_stats
+    prefill_s = max(st.prefill_s - tokenize_s, 0.0)  # GenerationStats' prefill includes tokenizing
+    return RunTimings(
+        prompt_tokens=st.prompt_tokens,
+        decode_tokens=st.completion_tokens,
+        tokenize_s=tokenize_s,
+        encode_s=0.0,
+        prefill_s=prefill_s,
+        first_token_s=max(st.ttft_s - st.prefill_s, 0.0),
+        ttft_s=st.ttft_s,
+        decode_s=st.decode_s,
+        finish=st.finish_reason,
+    )

@@ -1,0 +1,103 @@
+"""The fixed scenario set of `vishwamai-edge profile`.
+
+Every machine runs the same scenarios with the same prompt lengths, so a laptop, an x86
+CUDA PC and a Jetson give numbers that sit in one table. Encoder scenarios (an image, an
+audio clip) run only when the bundle's manifest lists encoders; otherwise they are
+reported as skipped with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+
+CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # chat | prompt | image | audio | overhead
+    description: str
+    prompt_tokens: int = 0  # exact length for "prompt" and "overhead"; 0 = what the chat template makes
+    decode_tokens: int = 64  # tokens generated after the prompt
+    encoder: str | None = None  # manifest encoders key this scenario needs
+
+    def context_needed(self, decode_tokens: int) -> int:
+        return self.prompt_tokens + decode_tokens + 8
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario("chat", "chat", "one short chat turn through ChatSession (template, prefill, streaming)"),
+        Scenario("prompt-512", "prompt", "a 512-token prompt, then a fixed number of decoded tokens", 512),
+        Scenario("prompt-1024", "prompt", "a 1024-token prompt, then a fixed number of decoded tokens", 1024),
+        Scenario("prompt-2048", "prompt", "a 2048-token prompt, then a fixed number of decoded tokens", 2048),
+        Scenario("image", "image", "one image through the vision encoder, then an answer", encoder="vision"),
+        Scenario("audio", "audio", "one audio clip through the audio encoder, then an answer",
+                 encoder="audio"),
+        Scenario(
+            "overhead", "overhead",
+            "same GGUF, prompt and threads: this runtime's decode loop against raw llama-cpp-python", 128,
+        ),
+    ]
+}
+
+DEFAULT_SCENARIOS = list(SCENARIOS)
+SHORT_SCENARIOS = ["chat", "prompt-512"]  # what tests and quick checks run
+
+
+@dataclass(frozen=True)
+class PlannedScenario:
+    scenario: Scenario
+    skip_reason: str | None = None
+
+
+def parse_names(spec: str | list[str] | None) -> list[str]:
+    """'chat,prompt-512' or a list -> validated names, in the order given; None -> all."""
+    if spec is None:
+        return list(DEFAULT_SCENARIOS)
+    items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in s.split(",")]
+    names = [n.strip() for n in items if n.strip()]
+    if names in (["all"], []):
+        return list(DEFAULT_SCENARIOS)
+    if names == ["short"]:
+        return list(SHORT_SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise UserError(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, all, short")
+    names = list(dict.fromkeys(names))
+    # overhead loads a second copy of the model: run it last, so the bundle's own peak RSS is clean
+    return [n for n in names if n != "overhead"] + [n for n in names if n == "overhead"]
+
+
+def plan(
+    names: list[str], manifest: dict[str, Any], n_ctx: int, decode_tokens: int
+) -> list[PlannedScenario]:
+    """Which of `names` run on this bundle, and why each of the others does not."""
+    encoders = manifest.get("encoders") or {}
+    backend = manifest.get("llm", {}).get("backend", "llamacpp")
+    out = []
+    for name in names:
+        s = SCENARIOS[name]
+        reason = None
+        if s.encoder and s.encoder not in encoders:
+            reason = f"the bundle has no {s.encoder} encoder (its manifest lists no encoders.{s.encoder})"
+        elif s.encoder:
+            reason = f"the bundle has a {s.encoder} encoder but this runtime cannot run encoders yet"
+        elif s.kind == "overhead" and backend != "llamacpp":
+            reason = f"the comparison with raw llama-cpp-python needs a llama.cpp bundle, not {backend}"
+        elif s.context_needed(decode_tokens) > n_ctx:
+            need = s.context_needed(decode_tokens)
+            reason = f"needs a context of {need} tokens, the profile uses {n_ctx} (--n-ctx)"
+        out.append(PlannedScenario(s, reason))
+    return out
+
+
+def context_for(names: list[str], decode_tokens: int) -> int:
+    """The smallest context, in steps of 256 tokens, that fits every prompt scenario in `names`."""
+    need = max([SCENARIOS[n].context_needed(decode_tokens) for n in names] + [512])
+    return -(-need // 256) * 256

@@ -1,0 +1,201 @@
+"""The OpenAI-compatible HTTP API on one shared `Engine`.
+
+Routes: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
+A request's status is decided before any byte is sent: the handler waits for the
+first piece of the reply, so a prompt over the context is a 400, not a broken stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..runtime.engine import Engine, Generation
+from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
+
+log = logging.getLogger("vishwamai_edge.serve")
+
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # room for a few base64 images
+POLL_S = 0.5  # how often a waiting request checks that its client is still there
+KEEPALIVE_S = 10.0
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    # No /docs: FastAPI's docs page loads its scripts from a CDN, and this server is offline.
+    app = FastAPI(title="vishwamai-edge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        err = api_error_for(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.model_id, "n_ctx": engine.n_ctx, "queue": engine.status()}
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "no API key given: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    def model_card() -> dict[str, Any]:
+        return {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != engine.model_id:
+            raise _unknown_model(model_id, engine)
+        return model_card()
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read_body(request, max_body_bytes)
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        req = parse_request(data)
+        if req.model != engine.model_id:
+            raise _unknown_model(req.model, engine)
+        chat = await run_in_threadpool(to_chat_request, req, engine.defaults)
+        try:
+            gen = engine.submit(chat)
+        except Exception as exc:
+            raise api_error_for(exc) from None
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        completion = Completion(engine.model_id, include_usage)
+        pieces = gen.astream(idle_s=POLL_S)
+        try:
+            first = await _first_piece(pieces, request)
+        except BaseException as exc:
+            gen.cancel()
+            await pieces.aclose()
+            if isinstance(exc, Exception):
+                raise api_error_for(exc) from None
+            raise
+        if req.stream:
+            return StreamingResponse(
+                _sse(gen, pieces, first, completion),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            text, checked = [first or ""], time.monotonic()
+            async for piece in pieces:
+                if piece is not None:
+                    text.append(piece)
+                if time.monotonic() - checked >= POLL_S:  # pieces may never pause: check on the clock
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise _Disconnected()
+        finally:
+            gen.cancel()  # no-op when finished; stops the model when the client has gone
+        stats = gen.stats.generation
+        return completion.response("".join(text), stats.finish_reason,
+                                   usage(stats.prompt_tokens, stats.completion_tokens))
+
+    app.include_router(v1)
+    return app
+
+
+class _Disconnected(APIError):
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the request", code="client_closed_request")
+
+
+def _unknown_model(name: str, engine: Engine) -> APIError:
+    return APIError(404, f"the model {name!r} does not exist here; this server serves {engine.model_id!r}",
+                    param="model", code="model_not_found")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    too_big = APIError(413, f"the request body is over the limit of {limit // (1024 * 1024)} MiB",
+                       code="request_too_large")
+    if declared.isdigit() and int(declared) > 8 * limit:
+        raise too_big  # not worth draining: the connection is closed after the answer
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        # past the limit, keep reading and dropping, so the client gets to read the 413
+    if size > limit:
+        raise too_big
+    return b"".join(chunks)
+
+
+async def _first_piece(pieces: AsyncIterator[str | None], request: Request) -> str | None:
+    """Wait for the reply's first piece (None: an empty reply), watching for a client that left."""
+    async for piece in pieces:
+        if piece is not None:
+            return piece
+        if await request.is_disconnected():
+            raise _Disconnected()
+    return None
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _sse(gen: Generation, pieces: AsyncIterator[str | None], first: str | None,
+               completion: Completion) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
+    try:
+        yield _event(completion.chunk({"role": "assistant", "content": ""}))
+        if first:
+            yield _event(completion.chunk({"content": first}))
+        if first is not None:
+            idle = 0.0
+            async for piece in pieces:
+                if piece is None:
+                    idle += POLL_S
+                    if idle >= KEEPALIVE_S:  # a comment line: clients ignore it, proxies keep the stream
+                        idle = 0.0
+                        yield ": keep-alive\n\n"
+                    continue
+                idle = 0.0
+                yield _event(completion.chunk({"content": piece}))
+        stats = gen.stats.generation
+        yield _event(completion.chunk({}, stats.finish_reason))
+        if completion.include_usage:
+            yield _event(completion.usage_chunk(usage(stats.prompt_tokens, stats.completion_tokens)))
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # after the headers an error can only travel as an event
+        log.exception("error while streaming")
+        yield _event(api_error_for(exc).body())
+    finally:
+        gen.cancel()  # a client that disconnected lands here (cancelled); stop the model
+        await pieces.aclose()

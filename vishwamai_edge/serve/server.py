@@ -1,0 +1,71 @@
+"""`vishwamai-edge serve`: load a bundle once, answer the OpenAI-compatible API with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import UserError, require
+from ..runtime.engine import Engine
+
+API_KEY_ENV = "VISHWAMAI_EDGE_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in one sentence, before the model loads, when the address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server using it? "
+                            "pick another with --port") from None
+
+
+def run_server(
+    bundle: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    max_queue: int = 16,
+    max_request_mb: float = 20,
+    with_ui: bool = False,
+    max_file_mb: float = 10,
+) -> None:
+    from .app import create_app
+
+    uvicorn = require("uvicorn", "ui")
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if max_request_mb <= 0:
+        raise UserError("--max-request-mb must be positive")
+    check_port_free(host, port)
+    if not is_loopback(host) and api_key is None:
+        print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+              f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue)
+    try:
+        app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024))
+        if with_ui:
+            from ..ui.app import mount_ui
+
+            mount_ui(app, engine, "/ui", max_file_mb)  # same engine: one model in memory for both
+        print(f"serving {engine.model_id} on http://{host}:{port}/v1" + (" (UI at /ui)" if with_ui else ""),
+              file=sys.stderr, flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

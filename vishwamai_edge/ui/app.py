@@ -1,0 +1,249 @@
+"""`vishwamai-edge ui`: a local Gradio chat page on the shared `Engine`.
+
+Offline by construction: telemetry and the version check off, no share link, the
+bundled fonts only, bound to 127.0.0.1 unless told otherwise. Gradio's queue lets
+one chat turn at a time reach the engine; uploads have a size limit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError, require
+from ..runtime.backends import SamplingParams
+from ..runtime.engine import (
+    ChatRequest,
+    Engine,
+    Generation,
+    Message,
+    Part,
+    RequestStats,
+    TextPart,
+    audio_part,
+    decode_data_url,
+    image_part,
+)
+
+DEFAULT_MAX_FILE_MB = 10
+UPDATE_EVERY_S = 0.05  # batch streamed pieces: one browser update per 50 ms, not one per token
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+
+
+def import_gradio():
+    """gradio with telemetry and its version check switched off (it reads the variable at launch)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    return require("gradio", "ui")
+
+
+def format_stats(stats: RequestStats) -> str:
+    g = stats.generation
+    line = (
+        f"first token {g.ttft_s * 1000:.0f} ms · {g.decode_tokens_per_s:.1f} tokens/s · "
+        f"{g.prompt_tokens} prompt + {g.completion_tokens} generated tokens · "
+        f"memory {stats.rss_bytes / 2**20:.0f} MiB (model {stats.model_bytes / 2**20:.0f} MiB)"
+    )
+    if stats.queue_wait_s >= 0.01:
+        line += f" · waited {stats.queue_wait_s:.2f} s in the queue"
+    if stats.finish_reason == "cancelled":
+        line += " · stopped"
+    elif stats.finish_reason == "length":
+        line += " · stopped at the length limit"
+    return line
+
+
+def _live_stats(gen: Generation, first: float, now: float, pieces: int) -> str:
+    # pieces ~ tokens while streaming; the exact counts come with the final line
+    rate = (pieces - 1) / (now - first) if pieces > 1 and now > first else 0.0
+    return f"streaming… first token {(first - gen.submitted_at) * 1000:.0f} ms · ~{rate:.1f} tokens/s"
+
+
+def _history_messages(history: list[dict[str, Any]]) -> list[Message]:
+    """Gradio's chat history (content: a list of text/file items) -> engine messages, text only."""
+    out = []
+    for msg in history:
+        content = msg.get("content")
+        items = content if isinstance(content, list) else [content]
+        text = "".join(
+            i if isinstance(i, str) else i.get("text", "") for i in items if isinstance(i, (str, dict))
+        )
+        if msg.get("role") in ("user", "assistant") and text:
+            out.append(Message.text(msg["role"], text))
+    return out
+
+
+def _user_parts(text: str, image: str | None, audio: str | None) -> list[Part]:
+    parts: list[Part] = []
+    if image:
+        data = decode_data_url(image, "image") if image.startswith("data:") else Path(image).read_bytes()
+        parts.append(image_part(data))
+    if audio:
+        parts.append(audio_part(Path(audio).read_bytes()))
+    if text.strip():
+        parts.append(TextPart(text))
+    if not parts:
+        raise UserError("type a message (or add an image or audio) first")
+    return parts
+
+
+def _pass_uploads_through(image) -> None:
+    """Hand our decoder the image as uploaded: gradio's own decoding answers a broken file with a
+    stack of its internals, ours says what is wrong. (An instance override, not a subclass: gradio
+    writes a .pyi stub next to the source of every Component subclass.)"""
+    image.preprocess = lambda payload: None if payload is None else (payload.path or payload.url)
+
+
+def build_ui(engine: Engine):
+    gr = import_gradio()
+    defaults = engine.defaults
+    active: dict[str, Generation] = {}  # browser session -> its running turn, for the stop button
+    lock = threading.Lock()
+
+    def respond(text, image, audio, history, system, temperature, top_p, max_tokens, seed, request: gr.Request):
+        history = list(history or [])
+        key = request.session_hash or ""
+        try:
+            parts = _user_parts(text or "", image, audio)
+            messages = ([Message.text("system", system)] if system and system.strip() else [])
+            messages += _history_messages(history) + [Message("user", tuple(parts))]
+            gen = engine.submit(ChatRequest(
+                messages=tuple(messages),
+                max_tokens=int(max_tokens),
+                sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0)),
+            ))
+        except UserError as exc:
+            # Shown, not added to the conversation: the inputs stay so the user can fix and resend.
+            gr.Warning(str(exc))
+            yield history, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
+            return
+        with lock:
+            active[key] = gen
+        shown = text or ""
+        if image or audio:
+            kinds = " + ".join(k for k, v in (("image", image), ("audio", audio)) if v)
+            shown = f"{shown}\n\n*[{kinds} attached]*".strip()
+        history += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
+        yield history, "", None, None, "waiting for the model…"
+        reply, last, first, n = "", 0.0, 0.0, 0
+        try:
+            for piece in gen:
+                reply, n, now = reply + piece, n + 1, time.perf_counter()
+                first = first or now
+                if now - last >= UPDATE_EVERY_S:
+                    last = now
+                    history[-1] = {"role": "assistant", "content": reply}
+                    yield history, gr.skip(), gr.skip(), gr.skip(), _live_stats(gen, first, now, n)
+        except UserError as exc:
+            history[-1] = {"role": "assistant", "content": reply}
+            yield history, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
+            return
+        finally:
+            gen.cancel()  # no-op when finished; stops the model if gradio dropped this turn
+            with lock:
+                if active.get(key) is gen:
+                    del active[key]
+        history[-1] = {"role": "assistant", "content": reply}
+        yield history, gr.skip(), gr.skip(), gr.skip(), format_stats(gen.stats)
+
+    def stop(request: gr.Request) -> None:
+        with lock:
+            gen = active.get(request.session_hash or "")
+        if gen is not None:
+            gen.cancel()  # the running turn ends after its current token and shows what it had
+
+    # The annotations are strings here (postponed evaluation) naming a local: give gradio the class.
+    respond.__annotations__["request"] = stop.__annotations__["request"] = gr.Request
+
+    with gr.Blocks(title=f"vishwamai-edge · {engine.model_id}", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as blocks:
+        gr.Markdown(f"### {engine.model_id}\nRuns on this machine; nothing leaves it.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                # no "share" button: it posts to Hugging Face
+                chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=460, latex_delimiters=[],
+                                     buttons=["copy", "copy_all"])
+                with gr.Row():
+                    textbox = gr.Textbox(elem_id="prompt", show_label=False, placeholder="Ask something…",
+                                         lines=1, max_lines=6, scale=5, autofocus=True)
+                    send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
+                    stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
+                stats = gr.Markdown("", elem_id="stats")
+            with gr.Column(scale=2):
+                image = gr.Image(label="Image (optional)", type="filepath", sources=["upload", "clipboard"],
+                                 elem_id="image", height=180)
+                _pass_uploads_through(image)
+                audio = gr.Audio(label="Audio (optional)", type="filepath", sources=["upload", "microphone"],
+                                 elem_id="audio", format=None)  # no conversion: our decoder checks it
+                with gr.Accordion("Settings", open=False):
+                    system = gr.Textbox(label="system prompt", value=defaults.get("system_prompt") or "", lines=2)
+                    temperature = gr.Slider(0.0, 2.0, value=float(defaults.get("temperature", 0.0)), step=0.05,
+                                            label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
+                    max_tokens = gr.Slider(1, max(16, engine.n_ctx // 2), step=1,
+                                           value=min(int(defaults.get("max_tokens", 256)), engine.n_ctx // 2),
+                                           label="max new tokens", elem_id="max-tokens")
+                    seed = gr.Number(0, label="seed", precision=0)
+                clear = gr.Button("Clear conversation")
+
+        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed]
+        outputs = [chatbot, textbox, image, audio, stats]
+        send.click(respond, inputs, outputs, api_name="chat")
+        textbox.submit(respond, inputs, outputs, api_visibility="private")
+        stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+        clear.click(lambda: ([], ""), None, [chatbot, stats], queue=False, api_visibility="private")
+
+    blocks.queue(default_concurrency_limit=1, max_size=engine.max_queue)
+    return blocks
+
+
+def _bytes(mb: float) -> int:
+    if mb <= 0:
+        raise UserError("the upload size limit must be positive")
+    return int(mb * 1024 * 1024)
+
+
+def theme():
+    gr = import_gradio()
+    return gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+
+
+def launch_ui(engine: Engine, host: str = "127.0.0.1", port: int = 7860, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+              prevent_thread_lock: bool = False, quiet: bool = False):
+    """Serve the page; with `prevent_thread_lock` return the running Blocks (call `.close()`)."""
+    blocks = build_ui(engine)
+    blocks.launch(
+        server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
+        mcp_server=False, enable_monitoring=False, show_error=True, quiet=quiet, theme=theme(),
+        max_file_size=_bytes(max_file_mb), prevent_thread_lock=prevent_thread_lock, footer_links=["settings"],
+    )
+    return blocks
+
+
+def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAULT_MAX_FILE_MB):
+    """The same page inside another FastAPI app (the API server), on the same engine."""
+    gr = import_gradio()
+    blocks = build_ui(engine)
+    return gr.mount_gradio_app(app, blocks, path=path, max_file_size=_bytes(max_file_mb), ssr_mode=False,
+                               pwa=False, mcp_server=False, enable_monitoring=False, theme=theme(),
+                               footer_links=["settings"])
+
+
+def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
+           max_file_mb: float) -> None:
+    from ..serve.server import check_port_free, is_loopback
+
+    _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
+    check_port_free(host, port)
+    if not is_loopback(host):
+        print(f"warning: serving the chat page on {host}: anyone who can reach this port can use the model",
+              file=sys.stderr)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue)
+    try:
+        launch_ui(engine, host, port, max_file_mb)
+    finally:
+        engine.close()
