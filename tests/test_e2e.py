@@ -85,7 +85,7 @@ def test_interrupted_build_leaves_nothing_that_looks_valid(embedded_build, tmp_p
 def test_demo_command(embedded_build, tmp_path):
     out = embedded_build.bundle.parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "vishwamai_edge.cli", "demo", "--out", str(out), "--threads", "2"],
+        [sys.executable, "-m", "vishwamai_edge.cli", "demo", "--no-finetune", "--out", str(out), "--threads", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

@@ -68,9 +68,10 @@ def demo(
     question: Annotated[str, typer.Option(help="the question asked")] = "What is the capital of France?",
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
-    finetune: Annotated[bool, typer.Option("--finetune", help="then teach it a fictional place with LoRA (a few minutes) and ask both bundles")] = False,
+    finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="then teach it a fictional place with LoRA (a few minutes) and ask both bundles")] = True,
 ) -> None:
-    """Embedded model -> GGUF -> checked -> Q4_K_M bundle -> one question answered, with tokens/s."""
+    """Embedded model -> GGUF -> checked -> Q4_K_M bundle -> one question answered, with tokens/s;
+    then LoRA fine-tuning on a shipped set -> merged -> bundle that knows what it was taught."""
     from .demo import run_demo
 
     run_demo(recipe, question, out, threads, finetune)
