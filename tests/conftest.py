@@ -18,6 +18,8 @@ FAMILIES = {
                                              "original_max_position_embeddings": 64}}),
     "mistral": ("spm", {}),
     "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    # Gemma: (1 + weight) RMSNorm, tied embeddings, a head_dim of its own
+    "gemma": ("spm", {"tie_word_embeddings": True, "head_dim": 32}),
 }
 
 

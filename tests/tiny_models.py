@@ -143,7 +143,7 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     )
     common.update(overrides)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[family]
+           "qwen2": transformers.Qwen2Config, "gemma": transformers.GemmaConfig}[family]
     return cls(**common)
 
 

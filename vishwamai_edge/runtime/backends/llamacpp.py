@@ -19,7 +19,7 @@ from . import EmbeddingSegment, MemoryUse, SamplingParams, Segment, TokenSegment
 
 _EMBEDDING_KEY = -1  # positions filled from embeddings never match a cached prefix
 
-_log_state: dict = {"callback": None, "errors": []}
+_log_state: dict = {"callback": None, "errors": [], "last_level": 0}
 
 
 def _llama():
@@ -33,10 +33,13 @@ def _quiet_logs(llama_cpp) -> None:
 
     @llama_cpp.llama_log_callback
     def callback(level, text, user_data):  # noqa: ARG001
-        if level == 2:  # GGML_LOG_LEVEL_ERROR
+        # ggml levels: 2 info, 3 warn, 4 error, 5 continuation of the previous message
+        if level == 4 or (level == 5 and _log_state["last_level"] == 4):
             line = text.decode("utf-8", "replace").strip()
             if line:
                 _log_state["errors"] = (_log_state["errors"] + [line])[-5:]
+        if level != 5:
+            _log_state["last_level"] = level
 
     _log_state["callback"] = callback  # keep a reference: C holds only the pointer
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
@@ -87,7 +90,7 @@ class LlamaCppBackend:
         _log_state["errors"] = []
         model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            detail = _log_state["errors"][-1] if _log_state["errors"] else "unknown error"
+            detail = _log_state["errors"][0] if _log_state["errors"] else "unknown error"  # the cause
             raise BundleError(f"llama.cpp cannot load {path}: {detail} (truncated or not a GGUF model?)")
         threads = n_threads or default_threads()
         cparams = lib.llama_context_default_params()
