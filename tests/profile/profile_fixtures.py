@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
-import pytest
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", **overrides) -> Path:
-    gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(overrides.get("n_layer", 4))
     w.add_embedding_length(overrides.get("n_embd", 64))

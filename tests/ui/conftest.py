@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import missing
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -50,7 +51,7 @@ def ui_url(ui_engine) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not Path(CHROMIUM).exists():
-        pytest.skip("Chromium is not installed (run .ci/install-browser)")
+        missing("Chromium is not installed (run .ci/install-browser)")
     from playwright.sync_api import sync_playwright
 
     profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh profile every session
