@@ -18,16 +18,12 @@ import argparse
 import json
 import resource
 import statistics
+import time
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle."
-LONG_TEXT = (
-    "Edge devices run language models close to where data is produced. They have little memory, "
-    "share it between CPU and GPU, and are judged by latency and power as much as by quality. "
-)
 
 
 def peak_rss_mb() -> float:
@@ -35,64 +31,28 @@ def peak_rss_mb() -> float:
 
 
 def bench_runtime(args) -> dict:
-    from vishwamai_edge.runtime.backends import SamplingParams, TokenSegment
+    """The profile's own run: prefill with an empty KV cache, then stream greedily."""
+    from vishwamai_edge.profile.measure import run_prompt
     from vishwamai_edge.runtime.session import Pipeline
 
     pipeline = Pipeline.load(args.bundle, n_ctx=2048, n_threads=args.threads)
-    llm = pipeline.llm
-    prompt = args.prompt_ids
-    speeds, counts = [], []
-    for _ in range(args.repeat):
-        llm.prefill([TokenSegment([prompt[0]])])  # drop the cache: every run decodes from scratch
-        llm.prefill([TokenSegment(prompt)])
-        n, start = 0, None
-        for _tok in llm.stream(SamplingParams(temperature=0.0), args.tokens):
-            n += 1
-            if n == 1:
-                start = time.perf_counter()
-        speeds.append((n - 1) / (time.perf_counter() - start))
-        counts.append(n)
-    long_prompt = (llm.tokenize(LONG_TEXT * 40, add_special=True))[:512]
-    ttfts = []
-    for _ in range(args.repeat):
-        llm.prefill([TokenSegment([long_prompt[-1]])])
-        t0 = time.perf_counter()
-        llm.prefill([TokenSegment(long_prompt)])
-        next(iter(llm.stream(SamplingParams(temperature=0.0), 1)), None)
-        ttfts.append(time.perf_counter() - t0)
+    decode = [run_prompt(pipeline.llm, args.prompt_ids, args.tokens) for _ in range(args.repeat)]
+    ttft = [run_prompt(pipeline.llm, args.long_ids, 1).ttft_s for _ in range(args.repeat)]
     pipeline.close()
-    return {"decode_tps": statistics.median(speeds), "tokens": min(counts),
-            "ttft_512_s": statistics.median(ttfts), "peak_rss_mb": peak_rss_mb()}
+    return {"decode_tps": statistics.median(r.decode_tps for r in decode),
+            "ttft_512_s": statistics.median(ttft), "peak_rss_mb": peak_rss_mb()}
 
 
 def bench_raw(args) -> dict:
-    import llama_cpp
-
+    """llama_cpp.Llama.generate on the same file, through the profile's overhead scenario."""
+    from vishwamai_edge.profile.overhead import RawLlama
     from vishwamai_edge.runtime.bundle import Bundle
 
-    gguf = Bundle.load(args.bundle).llm_path()
-    llm = llama_cpp.Llama(str(gguf), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
-                          n_batch=512, verbose=False)
-    prompt = args.prompt_ids
-    speeds = []
-    for _ in range(args.repeat):
-        llm.reset()
-        n, start = 0, None
-        for _tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            n += 1
-            if n == 1:
-                start = time.perf_counter()
-            if n >= args.tokens:
-                break
-        speeds.append((n - 1) / (time.perf_counter() - start))
-    long_prompt = llm.tokenize((LONG_TEXT * 40).encode(), add_bos=True)[:512]
-    ttfts = []
-    for _ in range(args.repeat):
-        llm.reset()
-        t0 = time.perf_counter()
-        next(llm.generate(long_prompt, temp=0.0, top_k=1, reset=True))
-        ttfts.append(time.perf_counter() - t0)
-    return {"decode_tps": statistics.median(speeds), "ttft_512_s": statistics.median(ttfts),
+    raw = RawLlama(Bundle.load(args.bundle).llm_path(), n_ctx=2048, n_threads=args.threads)
+    decode = [raw.run(args.prompt_ids, args.tokens)["decode_tps"] for _ in range(args.repeat)]
+    ttft = [raw.run(args.long_ids, 1)["ttft_s"] for _ in range(args.repeat)]
+    raw.close()
+    return {"decode_tps": statistics.median(decode), "ttft_512_s": statistics.median(ttft),
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -134,26 +94,30 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)  # child process
     parser.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    parser.add_argument("--long-ids", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
     if args.engine:
         args.prompt_ids = [int(t) for t in args.prompt_ids.split(",")]
+        args.long_ids = [int(t) for t in args.long_ids.split(",")]
         print(json.dumps(ENGINES[args.engine](args)))
         return
 
-    # One chat-formatted prompt, tokenized once, fed as the same ids to every engine.
+    # One chat-formatted prompt and one 512-token prompt, tokenized once, the same ids for every engine.
+    from vishwamai_edge.profile.measure import prompt_ids as filler_ids
     from vishwamai_edge.runtime.session import Pipeline
 
     pipeline = Pipeline.load(args.bundle, n_ctx=2048, n_threads=args.threads)
     prompt_ids = pipeline.session().prompt_tokens([{"role": "user", "content": PROMPT}])
+    long_ids = filler_ids(pipeline.llm, 512)
     pipeline.close()
 
     results = {}
     for engine in ENGINES:
         cmd = [sys.executable, __file__, "--engine", engine, "--bundle", args.bundle, "--threads", str(args.threads),
                "--tokens", str(args.tokens), "--repeat", str(args.repeat),
-               "--prompt-ids", ",".join(map(str, prompt_ids))]
+               "--prompt-ids", ",".join(map(str, prompt_ids)), "--long-ids", ",".join(map(str, long_ids))]
         if args.hf_dir:
             cmd += ["--hf-dir", args.hf_dir]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -58,7 +58,7 @@ def test_prefix_reuse_gives_fresh_logits(tiny):
     b = backend.tokenize("Shared prefix of a conversation, then another turn entirely", add_special=True)
     backend.prefill([TokenSegment(a)])
     reused = _logits(backend, [TokenSegment(b)])  # keeps the common prefix in the KV cache
-    backend.prefill([EmbeddingSegment(np.zeros((1, backend.n_embd), np.float32))])  # nothing shared
+    backend.reset()
     fresh = _logits(backend, [TokenSegment(b)])
     assert np.abs(reused - fresh).max() < 1e-4
 

@@ -4,7 +4,7 @@ Prompt scenarios feed exact token counts straight to the backend (prefill, then 
 runtime's own stream loop), so every machine and quantisation sees the same work. The
 chat scenario goes through `ChatSession.generate`, the path a user's message takes.
 
-Each run starts from an empty KV cache: the backend keeps a shared prompt prefix
+Each run starts from an empty KV cache (`reset`): the backend keeps a shared prompt prefix
 between calls, which would turn every repetition after the first into a one-token prefill.
 """
 
@@ -62,12 +62,6 @@ class RunTimings:
         return d
 
 
-def reset_kv(llm: LLMBackend, first_token: int) -> None:
-    """Empty the KV cache through the public API: a one-token prompt that shares no prefix."""
-    other = 1 if first_token == 0 else 0
-    llm.prefill([TokenSegment([other])])
-
-
 def prompt_ids(llm: LLMBackend, n_tokens: int) -> list[int]:
     """Exactly n_tokens ids: BOS (if the model has one) and filler prose."""
     bos = llm.special_token("bos")
@@ -81,7 +75,7 @@ def prompt_ids(llm: LLMBackend, n_tokens: int) -> list[int]:
 
 def run_prompt(llm: LLMBackend, ids: list[int], n_decode: int) -> RunTimings:
     """Prefill `ids`, then generate exactly n_decode tokens greedily."""
-    reset_kv(llm, ids[0])
+    llm.reset()
     t0 = time.perf_counter()
     llm.prefill([TokenSegment(ids)])
     t_prefill = time.perf_counter()
@@ -134,7 +128,7 @@ def run_chat(pipeline: Pipeline, question: str, max_tokens: int) -> RunTimings:
     t = time.perf_counter()
     ids = session.prompt_tokens(messages)  # template + tokenizer, timed on their own
     tokenize_s = time.perf_counter() - t
-    reset_kv(pipeline.llm, ids[0])
+    pipeline.llm.reset()
     for _ in session.generate(messages):
         pass
     st = session.last_stats

@@ -66,6 +66,9 @@ class LLMBackend(Protocol):
     def stream(self, sampling: SamplingParams, max_tokens: int) -> Iterator[int]:
         """Sample and yield tokens one at a time, stopping at an end-of-generation token."""
 
+    def reset(self) -> None:
+        """Forget the evaluated sequence (empty the KV cache): the next prefill starts from scratch."""
+
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated position, (n_vocab,) float32."""
 

@@ -176,6 +176,9 @@ class LlamaCppBackend:
             n += 1
         return n
 
+    def reset(self) -> None:
+        self._truncate(0)
+
     def _truncate(self, keep: int) -> None:
         mem = self._lib.llama_get_memory(self._ctx)
         if keep == 0:
