@@ -77,6 +77,15 @@ def cached_result(artifact: Path, inputs: str) -> dict[str, Any] | None:
         return None
     return data.get("result", {})
 
+def up_to_date(ctx: BuildContext, artifact: Path, inputs: str, name: str) -> dict[str, Any] | None:
+    """The stage's recorded result if its stamp matches (the stage is then skipped), else None."""
+    cached = cached_result(artifact, inputs)
+    if cached is not None:
+        ctx.skipped.append(name)
+        ctx.console.print(f"[green]✓[/] {name} (up to date)")
+    return cached
+
+
 def mark_done(artifact: Path, inputs: str, result: dict[str, Any]) -> None:
     size = artifact.stat().st_size if artifact.is_file() else None
     write_json(_stamp_path(artifact), {"inputs": inputs, "size": size, "result": result})
@@ -113,9 +122,7 @@ def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) 
     folder = ctx.root / "finetune"
     out = folder / ADAPTER
     inputs = run_fingerprint(ctx.recipe, [__version__, folder_fingerprint(hf_dir)])
-    if cached_result(out, inputs) is not None:
-        ctx.skipped.append("finetune")
-        ctx.console.print("[green]✓[/] finetune/adapter (up to date)")
+    if up_to_date(ctx, out, inputs, "finetune") is not None:
         return out
     result = finetune(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
     if _main_process():
@@ -132,9 +139,7 @@ def stage_merge(ctx: BuildContext, hf_dir: Path, adapter_dir: Path) -> Path:
     out = ctx.root / "merged"
     inputs = sha256_json(["merge", __version__, _stamp_path(adapter_dir).read_text(), folder_fingerprint(hf_dir),
                           spec.merge.model_dump()])
-    if cached_result(out, inputs) is not None:
-        ctx.skipped.append("merged")
-        ctx.console.print("[green]✓[/] merged (up to date)")
+    if up_to_date(ctx, out, inputs, "merged") is not None:
         return out
     check = merge_adapter(adapter_dir, out, hf_dir, spec.merge.prompts, spec.merge.tolerance, ctx.console)
     mark_done(out, inputs, {"check": check.to_dict()})
@@ -172,9 +177,7 @@ def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, 
     inputs = sha256_json(
         ["gguf", __version__, folder_fingerprint(hf_dir), spec.gguf.model_dump(), spec.verify.model_dump()]
     )
-    if (cached := cached_result(out, inputs)) is not None:
-        ctx.skipped.append(out.name)
-        ctx.console.print(f"[green]✓[/] {out.name} (up to date)")
+    if (cached := up_to_date(ctx, out, inputs, out.name)) is not None:
         return out, cached
 
     from rich.progress import Progress
@@ -233,9 +236,7 @@ def stage_quantize(ctx: BuildContext, hf_dir: Path, source: Path, quant: str) ->
     use_imatrix = ctx.recipe.export.gguf.imatrix
     inputs = sha256_json(["quantize", __version__, _stamp_path(source).read_text(), quant, use_imatrix,
                           ctx.recipe.export.verify.model_dump()])
-    if (cached := cached_result(out, inputs)) is not None:
-        ctx.skipped.append(out.name)
-        ctx.console.print(f"[green]✓[/] {out.name} (up to date)")
+    if (cached := up_to_date(ctx, out, inputs, out.name)) is not None:
         return out, cached
     imatrix = dict(np.load(stage_imatrix(ctx, hf_dir))) if use_imatrix else None
     with ctx.console.status(f"quantizing to {quant} with llama.cpp"):
