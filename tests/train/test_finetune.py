@@ -40,14 +40,19 @@ def test_lora_learns_and_writes_an_adapter(tiny_model, chat_jsonl, make_recipe, 
     assert not (tmp_path / "ft/checkpoints").exists()  # superseded by the adapter
 
 
+def assert_same_training(a, b, tol: float) -> None:
+    """Two runs took the same steps: losses step by step and final adapter weights within `tol`."""
+    for x, y in zip(a.history, b.history):
+        assert x["loss"] == pytest.approx(y["loss"], abs=tol)
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_model, chat_jsonl, make_recipe, tmp_path):
     hf = tiny_model("llama")
     one = train(make_recipe(hf, chat_jsonl, steps=3), hf, tmp_path / "a")
     acc = train(make_recipe(hf, chat_jsonl, steps=3, micro_batch_size=1), hf, tmp_path / "b")
-    for x, y in zip(one.history, acc.history):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
-    wa, wb = adapter_weights(one), adapter_weights(acc)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert_same_training(one, acc, tol=1e-5)
 
 
 def test_resume_after_interrupt_reaches_the_same_loss(tiny_model, chat_jsonl, make_recipe, tmp_path):
@@ -70,10 +75,7 @@ def test_resume_after_interrupt_reaches_the_same_loss(tiny_model, chat_jsonl, ma
     assert resumed.resumed_from == 2
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert resumed.final_loss == pytest.approx(full.final_loss, abs=1e-6)
-    for a, b in zip(full.history, resumed.history):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    wa, wb = adapter_weights(full), adapter_weights(resumed)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    assert_same_training(full, resumed, tol=1e-6)
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model, chat_jsonl, make_recipe, tmp_path):
