@@ -8,12 +8,14 @@ usage() {
 Usage: jetson/run.sh [options] [--] [vishwamai-edge arguments...]
 
 Run the vishwamai-edge container on a Jetson (GPU via the NVIDIA runtime, models folder
-mounted at /models, web UI port published on 127.0.0.1 only).
+mounted at /models). For `ui` and `serve`, the server inside listens on the container's
+interface and its port is published on the host's 127.0.0.1 only (reach it from another
+machine through an SSH tunnel).
 
 Options:
   --image IMAGE     image to run (default: vishwamai-edge:l4t; $VISHWAMAI_IMAGE)
   --models DIR      host folder with bundles, mounted at /models (default: ~/vishwamai-models; $VISHWAMAI_MODELS)
-  --port N          host port for the web UI on 127.0.0.1 (default: 7860)
+  --port N          host port on 127.0.0.1 for `ui` / `serve` (default: the server's, 7860 / 8000)
   --name NAME       container name (default: one docker picks)
   --dry-run         print the docker run command instead of running it
   -h, --help        show this help
@@ -21,13 +23,14 @@ Options:
 Examples:
   jetson/run.sh doctor
   jetson/run.sh chat /models/smollm2-135m/orin-nx-16
+  jetson/run.sh ui /models/smollm2-135m/orin-nx-16
   jetson/run.sh --dry-run demo
 EOF
 }
 
 IMAGE=${VISHWAMAI_IMAGE:-vishwamai-edge:l4t}
 MODELS=${VISHWAMAI_MODELS:-$HOME/vishwamai-models}
-PORT=7860
+PORT=""
 NAME=""
 DRY_RUN=0
 
@@ -46,9 +49,29 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-if [[ ! $PORT =~ ^[0-9]+$ ]]; then
+if [[ -n $PORT && ! $PORT =~ ^[0-9]+$ ]]; then
     echo "run.sh: --port wants a number, got: $PORT" >&2
     exit 2
+fi
+
+# A server inside the container must listen on the container's interface: on its loopback
+# (the command's default) a published port would lead nowhere. The host side stays loopback.
+args=("$@")
+container_port=""
+if [[ ${1:-} == ui || ${1:-} == serve ]]; then
+    [[ $1 == ui ]] && container_port=7860 || container_port=8000
+    has_host=0
+    for ((i = 1; i < ${#args[@]}; i++)); do
+        case "${args[i]}" in
+            --host | --host=*) has_host=1 ;;
+            --port) container_port=${args[i + 1]:-$container_port} ;;
+            --port=*) container_port=${args[i]#--port=} ;;
+        esac
+    done
+    if [[ $has_host -eq 0 ]]; then
+        args=("$1" --host 0.0.0.0 "${args[@]:1}")
+    fi
+    PORT=${PORT:-$container_port}
 fi
 # docker -v needs an absolute path; a relative one would be taken as a named volume.
 if [[ $MODELS != /* ]]; then
@@ -59,9 +82,11 @@ cmd=(docker run --rm)
 if [[ -n $NAME ]]; then
     cmd+=(--name "$NAME")
 fi
-cmd+=(--runtime nvidia --gpus all
-    -p "127.0.0.1:${PORT}:7860"
-    -v "${MODELS}:/models")
+cmd+=(--runtime nvidia --gpus all)
+if [[ -n $container_port ]]; then
+    cmd+=(-p "127.0.0.1:${PORT}:${container_port}")
+fi
+cmd+=(-v "${MODELS}:/models")
 # Interactive chat needs a terminal; a pipe or a service does not get one.
 if [[ -t 0 && -t 1 ]]; then
     cmd+=(-it)
@@ -83,7 +108,7 @@ done
 if [[ -d /dev/snd ]]; then
     cmd+=(--device /dev/snd)
 fi
-cmd+=("$IMAGE" "$@")
+cmd+=("$IMAGE" "${args[@]}")
 
 if [[ $DRY_RUN -eq 1 ]]; then
     printf '%q' "${cmd[0]}"

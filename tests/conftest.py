@@ -48,6 +48,47 @@ def tiny_model(tmp_path_factory, tokenizer_dirs):
     return make
 
 
+TOKENIZER_VARIANTS = {
+    "gemma": lambda out, dirs: tiny_models.train_gemma_tokenizer(out),
+    "gemma-spm-only": lambda out, dirs: tiny_models.train_gemma_tokenizer(out, tokenizer_json=False),
+    "spm-json-only": lambda out, dirs: tiny_models.without_tokenizer_model(dirs["spm"], out),
+}
+
+VARIANTS = {
+    # name -> (model family, tokenizer style, build options)
+    "llama-bias": ("llama", "llama3", {"attention_bias": True, "bias_std": 0.5}),
+    # Gemma's own tokenizer: <start_of_turn>/<end_of_turn> are pieces inside the SentencePiece model
+    "gemma-chat": ("gemma", "gemma", {"tie_word_embeddings": True, "head_dim": 32}),
+    "gemma-spm-only": ("gemma", "gemma-spm-only", {"tie_word_embeddings": True, "head_dim": 32}),
+    # SentencePiece stored as tokenizer.json only (byte fallback), as a GGUF source's folder has it
+    "mistral-json-only": ("mistral", "spm-json-only", {}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tmp_path_factory, tokenizer_dirs):
+    """tiny_variant(name) -> HF folder of one of VARIANTS (a family with another tokenizer or options)."""
+    built: dict[str, Path] = {}
+    tokenizers: dict[str, Path] = {}
+
+    def tokenizer(style: str) -> Path:
+        if style in tokenizer_dirs:
+            return tokenizer_dirs[style]
+        if style not in tokenizers:
+            out = tmp_path_factory.mktemp("tok") / style
+            tokenizers[style] = TOKENIZER_VARIANTS[style](out, tokenizer_dirs)
+        return tokenizers[style]
+
+    def make(name: str) -> Path:
+        if name not in built:
+            family, style, options = VARIANTS[name]
+            out = tmp_path_factory.mktemp(f"tiny-{name}")
+            built[name] = tiny_models.build_tiny_model(out, family, tokenizer(style), **options)
+        return built[name]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def embedded_hf_dir() -> Path:
     from vishwamai_edge.sources import embedded_hf_dir as resolve

@@ -87,3 +87,43 @@ def test_prompt_longer_than_context(embedded_bundle):
     long_prompt = "word " * 600
     assert_one_line_error(run_cli("chat", str(embedded_bundle), "--n-ctx", "256", "-p", long_prompt),
                           "context holds 256")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--vision"], "No such option: --vision"),  # NoSuchOption
+    (["chat"], "Missing argument"),  # MissingParameter
+    (["build", "--recipe"], "requires an argument"),  # BadOptionUsage, raised without a context
+    (["nosuch"], "No such command"),  # UsageError from the group
+    (["serve", "b", "--port", "99999"], "--port"),  # BadParameter: out of range
+    (["serve", "b", "--port", "eighty"], "--port"),  # BadParameter: not a number
+    (["chat", "b", "--temperature", "-1"], "--temperature"),
+    (["chat", "b", "--n-ctx", "10"], "--n-ctx"),
+    (["chat", "b", "--threads", "0"], "--threads"),
+    (["ui", "b", "--max-queue", "0"], "--max-queue"),
+    (["profile", "b", "--repeat", "0"], "--repeat"),
+])
+def test_usage_errors_print_usage_and_exit_2(argv, message):
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Usage: vishwamai-edge"), proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_out_of_range_values_are_refused_by_the_library_too(tmp_path):
+    from vishwamai_edge.errors import UserError
+    from vishwamai_edge.serve.server import check_port_free
+
+    with pytest.raises(UserError, match="not a TCP port"):
+        check_port_free("127.0.0.1", 99999)
+    with pytest.raises(UserError, match="not an address"):
+        check_port_free("no-such-host.invalid", 8000)
+
+
+def test_tiny_context_on_a_real_bundle_is_one_line(embedded_bundle):
+    # a typer-level minimum is one guard; the library refuses it too, before llama.cpp can abort
+    from vishwamai_edge.errors import InputError
+    from vishwamai_edge.runtime.session import Pipeline
+
+    with pytest.raises(InputError, match="at least 64 tokens"):
+        Pipeline.load(embedded_bundle, n_ctx=10)

@@ -245,8 +245,8 @@ def test_this_machine():
     assert not report.jetson
     llamacpp = report.backend("llamacpp")
     assert llamacpp.usable is _llama_cpp_imports(), llamacpp.reason
-    assert report.any_llm_backend_usable is (llamacpp.usable or report.backend("trtllm").usable)
-    assert doctor.any_llm_backend(report) is report.any_llm_backend_usable
+    assert llamacpp.usable, llamacpp.reason  # the dev install has llama.cpp: the health check must pass
+    assert report.any_llm_backend_usable is True and doctor.any_llm_backend(report) is True
     if llamacpp.usable:
         assert report.llama_cpp not in ("not installed", "unknown")
         assert report.llama_cpp_gpu_offload is False  # no GPU here
@@ -286,3 +286,14 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_only_a_backend_the_runtime_has_counts_for_the_health_check():
+    import dataclasses
+
+    report = doctor.collect()
+    fake = [doctor.BackendStatus(b.name, b.kind, b.name == "trtllm", b.reason) for b in report.backends]
+    only_trtllm = dataclasses.replace(report, backends=fake)  # llama.cpp broken, a TensorRT-LLM "found"
+    assert only_trtllm.backend("trtllm").usable and not only_trtllm.backend("llamacpp").usable
+    assert doctor.any_llm_backend(only_trtllm) is False  # the runtime cannot run a bundle on it yet
+    assert "no TensorRT-LLM runtime backend" in report.backend("trtllm").reason

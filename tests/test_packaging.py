@@ -24,7 +24,13 @@ from needs import missing
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "jetson").glob("*.sh")) + sorted(p for p in (REPO / ".ci").iterdir() if p.is_file())
 DOCKERFILES = [REPO / "Dockerfile.l4t", REPO / "Dockerfile.x86"]
-CLI_SUBCOMMANDS = {"build", "chat", "demo", "doctor"}
+def _cli_subcommands() -> set[str]:
+    """The subcommands the CLI really has, read from the app (a hand-kept list goes stale)."""
+    import typer
+
+    from vishwamai_edge.cli import app
+
+    return set(typer.main.get_command(app).commands)
 
 
 def _tool(name: str) -> str | None:
@@ -66,22 +72,44 @@ def test_scripts_are_strict_and_executable(script):
     assert result.stdout.startswith("Usage: ")
 
 
-def test_run_sh_dry_run_publishes_on_loopback_and_mounts_models(tmp_path):
-    models = tmp_path / "my models"
-    result = _run(["bash", str(REPO / "jetson/run.sh"), "--dry-run", "--models", str(models),
-                   "--port", "8080", "chat", "/models/smollm2-135m-orin-nx-16"])
+def _dry_run(*args: str) -> list[str]:
+    result = _run(["bash", str(REPO / "jetson/run.sh"), "--dry-run", *args])
     assert result.returncode == 0, result.stderr
-    argv = shlex.split(result.stdout)
+    return shlex.split(result.stdout)
+
+
+def _published(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a in ("-p", "--publish")]
+
+
+def test_run_sh_dry_run_mounts_models_and_runs_the_command(tmp_path):
+    models = tmp_path / "my models"
+    argv = _dry_run("--models", str(models), "chat", "/models/smollm2-135m-orin-nx-16")
     assert argv[:2] == ["docker", "run"]
     assert "--runtime" in argv and argv[argv.index("--runtime") + 1] == "nvidia"
     assert "--gpus" in argv and argv[argv.index("--gpus") + 1] == "all"
-    published = [argv[i + 1] for i, a in enumerate(argv) if a in ("-p", "--publish")]
-    assert published == ["127.0.0.1:8080:7860"]  # the UI never listens beyond this machine
+    assert _published(argv) == []  # a terminal chat needs no port
     volumes = [argv[i + 1] for i, a in enumerate(argv) if a in ("-v", "--volume")]
     assert f"{models}:/models" in volumes
     image = argv.index("vishwamai-edge:l4t")
     assert argv[image + 1:] == ["chat", "/models/smollm2-135m-orin-nx-16"]
     assert not models.exists()  # a dry run creates nothing
+
+
+@pytest.mark.parametrize("args, published, inside", [
+    # the server listens on the container's interface; the host publishes it on loopback only
+    (["ui", "/models/b"], "127.0.0.1:7860:7860", ["ui", "--host", "0.0.0.0", "/models/b"]),
+    (["--port", "8080", "ui", "/models/b"], "127.0.0.1:8080:7860", ["ui", "--host", "0.0.0.0", "/models/b"]),
+    (["serve", "/models/b", "--api-key", "k"], "127.0.0.1:8000:8000",
+     ["serve", "--host", "0.0.0.0", "/models/b", "--api-key", "k"]),
+    (["serve", "/models/b", "--port", "9000"], "127.0.0.1:9000:9000",
+     ["serve", "--host", "0.0.0.0", "/models/b", "--port", "9000"]),
+    (["ui", "--host", "0.0.0.0", "/models/b"], "127.0.0.1:7860:7860", ["ui", "--host", "0.0.0.0", "/models/b"]),
+])
+def test_run_sh_servers_listen_inside_and_publish_on_loopback(args, published, inside):
+    argv = _dry_run(*args)
+    assert _published(argv) == [published]
+    assert argv[argv.index("vishwamai-edge:l4t") + 1:] == inside
 
 
 def test_run_sh_rejects_unknown_options():
@@ -350,7 +378,9 @@ def test_readme_device_sections_use_existing_subcommands_and_files():
     commands = _readme_cli_commands()
     used = {argv[1] for argv in commands}
     assert {"doctor", "build", "chat"} <= used
-    assert used <= CLI_SUBCOMMANDS, f"README names subcommands that do not exist: {used - CLI_SUBCOMMANDS}"
+    known = _cli_subcommands()
+    assert {"build", "chat", "demo", "doctor", "ui", "serve", "profile", "finetune", "merge"} <= known
+    assert used <= known, f"README names subcommands that do not exist: {used - known}"
     text = _device_sections()
     for path in set(re.findall(r"(?:jetson/[\w.-]+\.sh|Dockerfile\.\w+|recipes/[\w.-]+\.yaml)", text)):
         assert (REPO / path).exists(), f"README refers to {path}, which does not exist"

@@ -3,7 +3,8 @@
 Tokenizers are trained here on a small multilingual corpus, one per family
 style: Llama 3 (llama-bpe regex, BOS added), Qwen2 (its own regex; transformers
 forces the Qwen2 tokenizer class on qwen2 models) and SentencePiece with byte
-fallback (Llama 2 / Mistral / TinyLlama).
+fallback (Llama 2 / Mistral / TinyLlama), with a Gemma variant whose chat markers
+are pieces inside the SentencePiece model and one stored as tokenizer.json only.
 """
 
 from __future__ import annotations
@@ -123,6 +124,62 @@ def train_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> Path:
     return out
 
 
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA_TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
+
+
+def train_gemma_tokenizer(out: Path, tokenizer_json: bool = True, vocab_size: int = 400) -> Path:
+    """A Gemma-style SentencePiece BPE: no dummy prefix, the turn markers user-defined pieces of the model.
+
+    With `tokenizer_json`, a tokenizer.json lists the markers as special added tokens,
+    as Gemma's instruction-tuned releases do; without it HF and the converter read
+    tokenizer.model only, so the markers' type comes from the SentencePiece model.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        control_symbols=["<mask>"],  # else transformers appends a <mask> past the model's vocabulary
+        user_defined_symbols=GEMMA_TURN_MARKERS, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "chat_template": GEMMA_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_json:
+        from transformers import GemmaTokenizer
+
+        GemmaTokenizer.from_pretrained(out).save_pretrained(out)
+        tok = json.loads((out / "tokenizer.json").read_text())
+        for item in tok["added_tokens"]:
+            item["special"] = item["special"] or item["content"] in GEMMA_TURN_MARKERS
+        (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    return out
+
+
+def without_tokenizer_model(src: Path, out: Path) -> Path:
+    """A copy of a SentencePiece tokenizer folder keeping only tokenizer.json (as a GGUF source has)."""
+    import shutil
+
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("tokenizer.model"))
+    return out
+
+
 def vocab_size_of(tokenizer_dir: Path) -> int:
     if (tokenizer_dir / "tokenizer.model").is_file():
         import sentencepiece as spm
@@ -147,8 +204,14 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return cls(**common)
 
 
-def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
-    """Random weights from a config, saved as an HF folder with the given tokenizer."""
+def build_tiny_model(
+    out: Path, family: str, tokenizer_dir: Path, seed: int = 0, bias_std: float = 0.0, **overrides
+) -> Path:
+    """Random weights from a config, saved as an HF folder with the given tokenizer.
+
+    transformers initialises biases to zero, where a wrong bias layout would go
+    unseen: `bias_std` draws them at random instead.
+    """
     import shutil
 
     import torch
@@ -159,6 +222,11 @@ def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0,
     config.architectures = [type(transformers.AutoModelForCausalLM.from_config(config)).__name__]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if bias_std:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, bias_std)
     model.save_pretrained(out, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
         shutil.copy2(f, out / f.name)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import UserError
+from .runtime.backends import MIN_CTX
 
 app = typer.Typer(
     name="vishwamai-edge",
@@ -33,7 +34,7 @@ def build(
     target: Annotated[str, typer.Option("--target", "-t", help="target profile, e.g. laptop-cpu, orin-nx-16")] = "laptop-cpu",
     quant: Annotated[Optional[str], typer.Option(help="GGUF type of the bundle (q4_k_m, q5_k_m, q8_0, f16); default: the target's")] = None,
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for checks and quantization")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for checks and quantization")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: field.path=value")] = None,
 ) -> None:
     """Build a device bundle from a recipe (resumable: finished stages are skipped)."""
@@ -50,10 +51,10 @@ def chat(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="ask once, print the answer, exit")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="reply length limit")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(help="context length")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="reply length limit")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, max=2.0, help="0 = greedy")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
     stats: Annotated[bool, typer.Option(help="print time to first token and tokens/s after each reply")] = True,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /reset clears the conversation, /exit quits."""
@@ -67,7 +68,7 @@ def demo(
     recipe: Annotated[Optional[Path], typer.Option(help="recipe; default: the embedded SmolLM2-135M-Instruct")] = None,
     question: Annotated[str, typer.Option(help="the question asked")] = "What is the capital of France?",
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="then teach it a fictional place with LoRA (a few minutes) and ask both bundles")] = True,
 ) -> None:
     """Embedded model -> GGUF -> checked -> Q4_K_M bundle -> one question answered, with tokens/s;
@@ -100,10 +101,10 @@ def doctor(
 def ui(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
     host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the page to the network")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 7860,
-    n_ctx: Annotated[Optional[int], typer.Option(help="context length")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
-    max_queue: Annotated[int, typer.Option(help="chat turns allowed to wait for the model")] = 16,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port")] = 7860,
+    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="chat turns allowed to wait for the model")] = 16,
     max_file_mb: Annotated[float, typer.Option(help="upload size limit (MB)")] = 10,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
@@ -116,12 +117,12 @@ def ui(
 def serve(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
     host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the API to the network")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="VISHWAMAI_EDGE_API_KEY", show_envvar=True,
                                                    help="require 'Authorization: Bearer KEY'")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(help="context length")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
-    max_queue: Annotated[int, typer.Option(help="requests allowed to wait for the model; more get 503")] = 16,
+    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="requests allowed to wait for the model; more get 503")] = 16,
     max_request_mb: Annotated[float, typer.Option(help="request body limit (MiB)")] = 20,
     with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="also serve the web chat at /ui, same model")] = False,
 ) -> None:
@@ -136,12 +137,12 @@ def profile(
     bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) to profile and compare")],
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/profiles/latest"),
     scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, overhead; or all, short")] = None,
-    repeat: Annotated[int, typer.Option(help="measured runs per scenario")] = 3,
-    warmup: Annotated[int, typer.Option(help="unmeasured runs before them")] = 1,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: physical cores)")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(help="context length (default: the smallest that fits the scenarios)")] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="measured runs per scenario")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="unmeasured runs before them")] = 1,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: physical cores)")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length (default: the smallest that fits the scenarios)")] = None,
     target: Annotated[Optional[str], typer.Option(help="target profile of this machine, for the roofline's peak bandwidth (default: the Jetson module found, else the bundle's target)")] = None,
-    decode_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 64,
+    decode_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per run")] = 64,
 ) -> None:
     """Latency and memory of bundles on this machine: scenarios, medians, plots, one report to compare."""
     from .profile import run_profile
@@ -181,19 +182,46 @@ def merge(
     typer.echo(str(merge_command(recipe, adapter, base, out, out_root, console=err)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of every click that may be parsing: typer 0.29+ raises the
+    exceptions of its own vendored copy of click, older typer those of the click package."""
     import click
 
+    usage, aborts = [click.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        pass
+    else:
+        usage.append(ClickException)
+    if isinstance(getattr(typer, "Abort", None), type):
+        aborts.append(typer.Abort)
+    return tuple(usage), tuple(aborts)
+
+
+def _attach_usage(exc, command, argv: list[str]) -> None:
+    """Some parser errors ('--recipe' with no value) come without a context, so click would
+    print no usage line: give them the subcommand's."""
+    if getattr(exc, "ctx", True) is not None or not hasattr(exc, "ctx"):
+        return
+    root = command.context_class(command, info_name="vishwamai-edge")
+    sub = command.get_command(root, argv[0]) if argv else None
+    exc.ctx = sub.context_class(sub, info_name=argv[0], parent=root) if sub is not None else root
+
+
+def main(argv: list[str] | None = None) -> None:
+    usage_errors, aborts = _click_exceptions()
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="vishwamai-edge", standalone_mode=False)
     except UserError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.ClickException as exc:  # bad flags: click's own message, exit 2
+    except usage_errors as exc:  # bad flags or values: click's usage line and message, exit 2
+        _attach_usage(exc, command, sys.argv[1:] if argv is None else argv)
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *aborts):
         err.print("interrupted")
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -207,7 +207,8 @@ class DoctorReport:
 
     @property
     def any_llm_backend_usable(self) -> bool:
-        return any(b.usable for b in self.backends if b.kind == "llm")
+        # only a backend the runtime can drive counts: an installed engine toolkit alone runs no bundle
+        return any(b.usable and b.name in runtime_backends() for b in self.backends if b.kind == "llm")
 
     def backend(self, name: str) -> BackendStatus:
         return next(b for b in self.backends if b.name == name)
@@ -521,11 +522,20 @@ def _llamacpp_status(
     return status(True, f"llama-cpp-python {version}, CPU only (no GPU offload)")
 
 
+def runtime_backends() -> set[str]:
+    """The LLM backends the runtime has a module for (runtime/backends.BACKENDS)."""
+    from .runtime.backends import BACKENDS
+
+    return set(BACKENDS)
+
+
 def _trtllm_status(tensorrt_llm: str, tensorrt: str, has_gpu: bool) -> BackendStatus:
     # Not imported: `import tensorrt_llm` pulls in torch and initialises CUDA (seconds, GBs).
     def status(usable: bool, reason: str) -> BackendStatus:
         return BackendStatus("trtllm", "llm", usable, reason)
 
+    if "trtllm" not in runtime_backends():
+        return status(False, "this vishwamai-edge has no TensorRT-LLM runtime backend yet; bundles run on llama.cpp")
     if tensorrt_llm == NOT_INSTALLED:
         return status(False, "tensorrt_llm is not installed (see README: Jetson / x86-64 CUDA)")
     if tensorrt == NOT_INSTALLED or "no Python bindings" in tensorrt:

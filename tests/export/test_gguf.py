@@ -1,6 +1,6 @@
-"""HF -> GGUF parity: tiny random Llama (Llama 3 rope scaling), Mistral (SentencePiece),
-Qwen2 (biases, tied embeddings) and Gemma (norm offset, own head_dim) models; llama.cpp's
-logits against torch fp32.
+"""HF -> GGUF parity: tiny random Llama (Llama 3 rope scaling; and with q/k/v/o biases),
+Mistral (SentencePiece), Qwen2 (biases, tied embeddings) and Gemma (norm offset, own
+head_dim, its own tokenizer) models; llama.cpp's logits against torch fp32.
 
 Tolerances (max abs difference of last-token logits, stated per output type):
   f32  1e-2  (llama.cpp keeps its KV cache in f16: measured about 3e-3)
@@ -23,10 +23,11 @@ TOLERANCE = {"f32": 1e-2, "f16": 2e-2, "bf16": 1e-1}
 PROMPTS = DEFAULT_VERIFY_PROMPTS + ["Привет, как дела?", "x = [1, 2, 3]\nprint(sum(x))"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma-chat", "llama-bias"])
 @pytest.mark.parametrize("outtype", ["f16", "f32"])
-def test_logits_match_torch(tiny_model, tmp_path, family, outtype):
-    hf_dir = tiny_model(family)
+def test_logits_match_torch(tiny_model, tiny_variant, tmp_path, family, outtype):
+    # dashed names are tiny_variant's; llama-bias has random q/k biases, permuted for RoPE as their weights
+    hf_dir = tiny_variant(family) if "-" in family else tiny_model(family)
     out = convert_hf_to_gguf(hf_dir, tmp_path / f"{family}-{outtype}.gguf", outtype)
     check = check_gguf(TorchReference(hf_dir), out.path, PROMPTS, n_threads=2)
     assert check.max_abs_diff < TOLERANCE[outtype], check

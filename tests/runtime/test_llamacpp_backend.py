@@ -94,3 +94,102 @@ def test_truncated_gguf_is_refused(tiny_model, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="cannot load"):
         LlamaCppBackend.load(path, n_ctx=64)
+
+
+def test_abort_stops_a_prefill_and_keeps_only_the_shared_prefix(tiny):
+    from vishwamai_edge.runtime.backends import Cancelled
+
+    backend, _ = tiny
+    ids = backend.tokenize("The capital of France is Paris, and 1969 was a year. " * 3, add_special=True)
+    backend.prefill([TokenSegment(ids[:10])])
+    polls = []
+
+    def abort() -> bool:  # say stop on the third poll: inside the first or second batch
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(Cancelled):
+        backend.prefill([TokenSegment(ids[:10] + ids[10:])], abort=abort)
+    assert backend.n_past == 10  # the shared prefix only: the batches evaluated before the abort are dropped
+    # the next prefill evaluates the rest and gives the same logits as a fresh one
+    again = _logits(backend, [TokenSegment(ids)])
+    backend.reset()
+    assert np.abs(again - _logits(backend, [TokenSegment(ids)])).max() < 1e-4
+
+
+def _penalised(logits: np.ndarray, history: list[int], s: SamplingParams) -> np.ndarray:
+    """llama.cpp's penalties, written from their definition: repeat divides a positive logit and
+    multiplies a negative one; frequency subtracts count x value; presence subtracts the value once."""
+    out = logits.astype(np.float64).copy()
+    counts = np.bincount(history[-s.penalty_last_n:], minlength=len(out))
+    seen = counts > 0
+    out[seen] = np.where(out[seen] > 0, out[seen] / s.repeat_penalty, out[seen] * s.repeat_penalty)
+    return out - counts * s.frequency_penalty - seen * s.presence_penalty
+
+
+PENALTIES = [
+    dict(repeat_penalty=1.8),
+    dict(frequency_penalty=1.5),
+    dict(presence_penalty=2.0),
+    dict(repeat_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5, penalty_last_n=8),
+]
+
+
+@pytest.fixture(scope="module")
+def repetitive_prompt(tiny) -> list[int]:
+    """A prompt followed by the model's own greedy continuation: its favourite tokens are in the history."""
+    backend, _ = tiny
+    ids = backend.tokenize("Paris is the capital of France. Paris is", add_special=True)
+    backend.reset()
+    backend.prefill([TokenSegment(ids)])
+    return ids + list(backend.stream(SamplingParams(temperature=0.0), 12))
+
+
+def _greedy_after(backend, ids: list[int], s: SamplingParams) -> tuple[int, np.ndarray]:
+    backend.reset()
+    backend.prefill([TokenSegment(ids)])
+    logits = backend.logits()
+    return next(iter(backend.stream(s, 1))), logits
+
+
+@pytest.mark.parametrize("params", PENALTIES)
+def test_penalties_are_applied_as_defined(tiny, repetitive_prompt, params):
+    backend, _ = tiny
+    s = SamplingParams(temperature=0.0, **params)
+    got, logits = _greedy_after(backend, repetitive_prompt, s)
+    assert got == int(np.argmax(_penalised(logits, repetitive_prompt, s)))
+
+
+def test_the_penalties_move_the_greedy_token(tiny, repetitive_prompt):
+    # the test above must be able to fail: on this prompt the penalties really change the choice
+    backend, _ = tiny
+    plain, logits = _greedy_after(backend, repetitive_prompt, SamplingParams(temperature=0.0))
+    assert plain == int(np.argmax(logits))
+    moved = [p for p in PENALTIES if _greedy_after(backend, repetitive_prompt, SamplingParams(**p))[0] != plain]
+    assert len(moved) >= 2, moved
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(repeat_penalty=0), "repeat_penalty"), (dict(frequency_penalty=3), "frequency_penalty"),
+    (dict(presence_penalty=-2.5), "presence_penalty"), (dict(min_p=2), "min_p"), (dict(top_k=-1), "top_k"),
+])
+def test_sampling_params_refuse_out_of_range_values(bad, message):
+    from vishwamai_edge.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        SamplingParams(**bad)
+
+
+def test_tiny_context_is_refused_not_aborted(tiny):
+    from vishwamai_edge.errors import InputError
+
+    backend, _ = tiny
+    with pytest.raises(InputError, match="at least 64"):
+        LlamaCppBackend.load(backend.path, n_ctx=10)
+    small = LlamaCppBackend.load(backend.path, n_ctx=64, n_threads=1)  # n_batch shrinks to fit
+    try:
+        small.prefill([TokenSegment(small.tokenize("hello world", add_special=True))])
+        assert next(iter(small.stream(SamplingParams(), 1))) >= 0
+    finally:
+        small.close()

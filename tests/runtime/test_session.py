@@ -28,9 +28,10 @@ def test_multibyte_character_split_across_tokens():
 
 def test_cut_off_character_is_dropped():
     raw = "ok 東".encode()
-    detok = Detokenizer(BytePieces([raw[:4], raw[4:5]]))
-    assert detok.push(0) == "ok " and detok.push(1) == ""
-    assert detok.flush() == ""
+    detok = Detokenizer(BytePieces([raw[:4], raw[4:5], "é".encode()]))
+    assert detok.push(0) == "ok " and detok.push(1) == ""  # two of 東's three bytes: held back
+    detok.flush()  # the reply ends there: the partial character is dropped, not shown as U+FFFD...
+    assert detok.push(2) == "é"  # ...and does not corrupt what the next reply decodes
 
 
 def test_stop_strings_hold_back_prefixes():
@@ -38,3 +39,25 @@ def test_stop_strings_hold_back_prefixes():
     assert _split_stop("Hello world!", ["world"]) == ("Hello ", "", True)
     assert _split_stop("abc", []) == ("abc", "", False)
     assert _split_stop("say </s", ["</s>", "STOP"]) == ("say ", "</s", False)
+
+
+def test_the_earliest_stop_wins_whatever_the_list_order():
+    assert _split_stop("xAyB", ["B", "A"]) == ("x", "", True)
+    assert _split_stop("xAyB", ["A", "B"]) == ("x", "", True)
+    assert _split_stop("one. two! three", ["!", "."]) == ("one", "", True)
+
+
+def test_one_definition_of_decode_speed():
+    from vishwamai_edge.runtime.session import GenerationStats, decode_tokens_per_s
+
+    # 11 tokens, the first at t=0 and the last at t=1 s: 10 decode steps in 1 s
+    assert decode_tokens_per_s(11, 1.0) == 10.0
+    assert GenerationStats(completion_tokens=11, decode_s=1.0).decode_tokens_per_s == 10.0
+    assert decode_tokens_per_s(1, 0.0) == 0.0
+    from vishwamai_edge.profile.measure import RunTimings
+    from vishwamai_edge.profile.report import DECODE_RATE_DEFINITION
+
+    run = RunTimings(prompt_tokens=5, decode_tokens=11, tokenize_s=0, encode_s=0, prefill_s=0.1,
+                     first_token_s=0, ttft_s=0.1, decode_s=1.0)
+    assert run.decode_tps == 10.0  # the profile reports the same number as chat, ui and serve
+    assert "(generated tokens - 1)" in DECODE_RATE_DEFINITION

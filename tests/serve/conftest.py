@@ -37,10 +37,10 @@ class LiveServer:
         return self.url + "/v1"
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=60).json()
+        return httpx.get(self.url + "/health", headers=self.headers(), timeout=60).json()
 
 
 def start_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> LiveServer:
@@ -52,13 +52,17 @@ def start_server(bundle: Path, log: Path, *args: str, env: dict[str, str] | None
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
+    key = (env or {}).get("VISHWAMAI_EDGE_API_KEY", "")
+    if "--api-key" in args:
+        key = args[args.index("--api-key") + 1]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            health = httpx.get(url + "/health", timeout=5).json()
-            live = LiveServer(url, proc, health["model"], (env or {}).get("VISHWAMAI_EDGE_API_KEY", ""))
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            health = httpx.get(url + "/health", headers=headers, timeout=5).json()
+            live = LiveServer(url, proc, health["model"], key)
             if "--max-request-mb" in args:
                 live.max_request_mb = float(args[args.index("--max-request-mb") + 1])
             return live

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from vishwamai_edge.errors import RecipeError
 from vishwamai_edge.train import finetune as F
-from vishwamai_edge.train.lora import FinetuneError, qlora_quantization_config, training_dtype
+from vishwamai_edge.train.lora import FinetuneError, training_dtype
 
 QUIET = Console(stderr=True, quiet=True)
 
@@ -142,13 +142,6 @@ def test_qlora_without_cuda_suggests_lora(tiny_model, chat_jsonl, make_recipe, t
     assert "qlora needs a CUDA GPU" in msg and "--method lora" in msg and "\n" not in msg
 
 
-def test_qlora_quantization_config():
-    cfg = qlora_quantization_config(torch.bfloat16)
-    assert cfg.load_in_4bit and not cfg.load_in_8bit
-    assert cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
-    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
-
-
 def test_training_dtype_defaults(make_recipe, tiny_model, chat_jsonl):
     spec = make_recipe(tiny_model("llama"), chat_jsonl).finetune
     assert training_dtype(spec, "cpu") == torch.float32
@@ -209,13 +202,22 @@ def test_qlora_optimizer_is_paged_adamw_8bit(make_recipe, tiny_model, chat_jsonl
 
     from vishwamai_edge.train.lora import make_optimizer
 
+    # bitsandbytes' paged optimizers need CUDA: record which class the QLoRA path builds, with what
     made = {}
+
+    class PagedAdamW8bit:
+        def __init__(self, params, **kw):
+            made.update(params=list(params), **kw)
+
     bnb = types.ModuleType("bitsandbytes")
-    bnb.optim = types.SimpleNamespace(PagedAdamW8bit=lambda params, **kw: made.update(kw) or "paged")
+    bnb.optim = types.SimpleNamespace(PagedAdamW8bit=PagedAdamW8bit)
     monkeypatch.setitem(sys.modules, "bitsandbytes", bnb)
     spec = make_recipe(tiny_model("llama"), chat_jsonl, method="qlora", lr=1e-4, weight_decay=0.01).finetune
-    assert make_optimizer(spec, [torch.nn.Parameter(torch.zeros(1))]) == "paged"
-    assert made == {"lr": 1e-4, "weight_decay": 0.01}
+    trainable = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(make_optimizer(spec, trainable), PagedAdamW8bit)
+    assert made["lr"] == 1e-4 and made["weight_decay"] == 0.01 and made["params"] == trainable
+    lora = make_recipe(tiny_model("llama"), chat_jsonl, method="lora", lr=1e-4).finetune
+    assert isinstance(make_optimizer(lora, trainable), torch.optim.AdamW)  # plain LoRA: no bitsandbytes
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
     with pytest.raises(FinetuneError, match="pip install bitsandbytes"):
         make_optimizer(spec, [])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +15,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 MAX_FILE_MB = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +35,8 @@ def ui_engine(embedded_bundle):
 def ui_url(ui_engine) -> Iterator[str]:
     from vishwamai_edge.ui.app import launch_ui
 
+    from in_thread_server import free_port
+
     port = free_port()
     blocks = launch_ui(ui_engine, "127.0.0.1", port, max_file_mb=MAX_FILE_MB, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -49,19 +44,24 @@ def ui_url(ui_engine) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def chromium():
+    """Debian's Chromium, headless, driven by Playwright."""
     if not Path(CHROMIUM).exists():
-        missing("Chromium is not installed (run .ci/install-browser)")
+        missing("Chromium is not installed")
     from playwright.sync_api import sync_playwright
 
-    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh profile every session
     with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
-        yield context
-        context.close()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    """A fresh browser context (its own cookies, cache and storage, like a new profile)."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    yield context
+    context.close()
 
 
 @pytest.fixture
@@ -79,23 +79,12 @@ def page(browser, ui_url):
 @pytest.fixture(scope="module")
 def mounted_url(ui_engine) -> Iterator[str]:
     """The API server with the page mounted at /ui (`serve --ui`), on the same engine, in a thread."""
-    import threading
-
-    import uvicorn
+    from in_thread_server import serve_in_thread
 
     from vishwamai_edge.serve.app import create_app
     from vishwamai_edge.ui.app import mount_ui
 
     app = create_app(ui_engine)
     mount_ui(app, ui_engine, "/ui", max_file_mb=MAX_FILE_MB)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server thread died")
-        thread.join(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(app) as url:
+        yield url

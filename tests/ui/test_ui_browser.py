@@ -106,7 +106,8 @@ def test_broken_image_is_refused_visibly(page, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image" * 10)
     page.set_input_files("#image input[type=file]", str(bad))
     send(page, "What is this?")
-    wait_for_stats(page, "the image cannot be decoded")  # our message, not gradio's internals
+    # our message, not gradio's internals; a text-only bundle refuses images before decoding them
+    wait_for_stats(page, "no image encoder")
     assert page.locator("#chat .user-row").count() == 0
 
 
@@ -190,3 +191,44 @@ def test_ui_command_refuses_a_bad_limit(embedded_bundle):
     r = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "ui", str(embedded_bundle), "--max-file-mb", "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "upload size limit must be positive" in r.stderr
+
+
+def test_serve_with_a_key_guards_the_page_and_a_browser_logs_in(chromium, ui_engine):
+    """`serve --ui --api-key K`: the page, its queue and uploads need K; the browser's own login
+    prompt (user name anything, K as the password) lets a person in, and the chat then works."""
+    from in_thread_server import serve_in_thread
+    from playwright.sync_api import Error as PlaywrightError
+
+    from vishwamai_edge.serve.app import create_app
+    from vishwamai_edge.ui.app import mount_ui
+
+    key = "sk-page-7"
+    app = create_app(ui_engine, api_key=key)
+    mount_ui(app, ui_engine, "/ui")
+    with serve_in_thread(app) as root:
+        url = root + "/ui/"
+
+        def refused(credentials: dict | None) -> None:
+            context = chromium.new_context(http_credentials=credentials)
+            assert context.request.get(url).status == 401  # no page, no scripts, no queue without the key
+            page = context.new_page()
+            try:  # the login prompt is dismissed or the login refused: Chromium shows nothing of the UI
+                response = page.goto(url)
+            except PlaywrightError as exc:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+            else:
+                assert response.status == 401 and page.locator("#prompt").count() == 0
+            context.close()
+
+        refused(None)
+        refused({"username": "edge", "password": "sk-wrong"})
+        person = chromium.new_context(http_credentials={"username": "edge", "password": key})
+        page = person.new_page()
+        assert page.goto(url, wait_until="networkidle").status == 200
+        page.wait_for_selector("#prompt textarea")
+        send(page, "What is the capital of France?")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#chat .bot-row')].some(e => e.innerText.includes('Paris'))",
+            timeout=WAIT_MS,
+        )
+        person.close()

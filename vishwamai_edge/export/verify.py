@@ -1,7 +1,9 @@
 """Check an exported GGUF against the torch model it came from.
 
 Both get the same token ids (from the HF tokenizer), so logit differences are
-numerics only; tokenization is compared separately, prompt by prompt.
+numerics only; tokenization is compared separately, prompt by prompt, and on the
+model's chat template rendered for a short conversation: that is where the chat
+markers (special tokens) appear, which plain prompts never show.
 """
 
 from __future__ import annotations
@@ -20,10 +22,25 @@ class LogitCheck:
     max_abs_diff: float  # over all prompts and the whole vocabulary, last position
     mean_abs_diff: float
     top1_agreement: float  # fraction of prompts whose argmax token agrees
-    tokenizer_agreement: float  # fraction of prompts llama.cpp tokenizes exactly as HF
+    tokenizer_agreement: float  # fraction of prompts (and the rendered chat) llama.cpp tokenizes as HF
 
     def to_dict(self) -> dict[str, float]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+# A short conversation rendered with the model's chat template for the tokenizer check.
+CHAT_CHECK_MESSAGES = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris. It has 2,1 million inhabitants."},
+    {"role": "user", "content": "And of Germany?"},
+]
+
+
+def chat_check_prompt(tokenizer) -> str | None:
+    """CHAT_CHECK_MESSAGES rendered by the HF tokenizer's chat template; None without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.apply_chat_template(CHAT_CHECK_MESSAGES, tokenize=False, add_generation_prompt=True)
 
 
 class TorchReference:
@@ -41,6 +58,10 @@ class TorchReference:
     def token_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
+    def chat_token_ids(self, rendered: str) -> list[int]:
+        """What apply_chat_template(tokenize=True) gives: the template writes its own BOS."""
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
     def last_logits(self, prompt: str) -> np.ndarray:
         if prompt not in self._cache:
             ids = self.torch.tensor([self.token_ids(prompt)])
@@ -53,6 +74,7 @@ def check_gguf(reference: TorchReference, gguf_path: Path, prompts: list[str], n
     from ..runtime.backends import TokenSegment
     from ..runtime.backends.llamacpp import LlamaCppBackend
 
+    chat = chat_check_prompt(reference.tokenizer)
     backend = LlamaCppBackend.load(gguf_path, n_ctx=512, n_threads=n_threads)
     diffs, means, top1, tok_same = [], [], 0, 0
     try:
@@ -67,7 +89,10 @@ def check_gguf(reference: TorchReference, gguf_path: Path, prompts: list[str], n
             diffs.append(float(d.max()))
             means.append(float(d.mean()))
             top1 += int(np.argmax(got[:n]) == np.argmax(want[:n]))
+        if chat is not None:
+            got_ids = backend.tokenize(chat, add_special=False, parse_special=True)
+            tok_same += got_ids == reference.chat_token_ids(chat)
     finally:
         backend.close()
     k = len(prompts)
-    return LogitCheck(k, max(diffs), float(np.mean(means)), top1 / k, tok_same / k)
+    return LogitCheck(k, max(diffs), float(np.mean(means)), top1 / k, tok_same / (k + (chat is not None)))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.backends import LLMBackend, SamplingParams, TokenSegment
-from ..runtime.session import Pipeline
+from ..runtime.session import Pipeline, decode_tokens_per_s
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -38,7 +38,7 @@ class RunTimings:
     prefill_s: float
     first_token_s: float  # prefill done -> first token out (sampling, detokenizing)
     ttft_s: float
-    decode_s: float  # first token out -> last token evaluated
+    decode_s: float  # first generated token -> last generated token
     forced_tokens: int = 0  # tokens generated past an end-of-generation the model chose
     finish: str = "length"
 
@@ -48,8 +48,8 @@ class RunTimings:
 
     @property
     def decode_tps(self) -> float | None:
-        # every generated token, the first included, costs one forward pass inside decode_s
-        return self.decode_tokens / self.decode_s if self.decode_tokens > 0 and self.decode_s > 0 else None
+        # runtime.session.DECODE_RATE_DEFINITION: the one definition, also used by chat, ui and serve
+        return decode_tokens_per_s(self.decode_tokens, self.decode_s) or None
 
     @property
     def context_mean(self) -> float:
@@ -80,18 +80,17 @@ def run_prompt(llm: LLMBackend, ids: list[int], n_decode: int) -> RunTimings:
     llm.prefill([TokenSegment(ids)])
     t_prefill = time.perf_counter()
     produced: list[int] = []
-    t_first = None
+    t_first = t_last = None
     for tok in llm.stream(GREEDY, n_decode):
-        if t_first is None:
-            t_first = time.perf_counter()
+        t_last = time.perf_counter()
+        t_first = t_first or t_last
         produced.append(tok)
     forced = 0
     if len(produced) < n_decode:  # the model chose to end: keep going, or speeds would not compare
         forced = n_decode - len(produced)
-        t_forced = _decode_past_eog(llm, ids + produced, forced, produced)
-        t_first = t_first or t_forced
-    t_end = time.perf_counter()
-    assert t_first is not None
+        t_forced_first, t_last = _decode_past_eog(llm, ids + produced, forced, produced)
+        t_first = t_first or t_forced_first
+    assert t_first is not None and t_last is not None
     return RunTimings(
         prompt_tokens=len(ids),
         decode_tokens=len(produced),
@@ -100,25 +99,25 @@ def run_prompt(llm: LLMBackend, ids: list[int], n_decode: int) -> RunTimings:
         prefill_s=t_prefill - t0,
         first_token_s=t_first - t_prefill,
         ttft_s=t_first - t0,
-        decode_s=t_end - t_first,
+        decode_s=t_last - t_first,
         forced_tokens=forced,
         finish="length",
     )
 
 
-def _decode_past_eog(llm: LLMBackend, seq: list[int], n: int, produced: list[int]) -> float:
-    """Greedy steps that skip end-of-generation tokens; returns when the first was picked."""
-    t_first = 0.0
-    for i in range(n):
+def _decode_past_eog(llm: LLMBackend, seq: list[int], n: int, produced: list[int]) -> tuple[float, float]:
+    """Greedy steps that skip end-of-generation tokens; returns when the first and the last were picked."""
+    t_first = t_last = 0.0
+    for _ in range(n):
         logits = llm.logits()
         order = np.argsort(logits)[::-1]
         tok = next(int(t) for t in order if not llm.is_eog(int(t)))
-        if i == 0:
-            t_first = time.perf_counter()
+        t_last = time.perf_counter()
+        t_first = t_first or t_last
         produced.append(tok)
         seq.append(tok)
-        llm.prefill([TokenSegment(seq)])  # re-evaluates only the new last token
-    return t_first
+        llm.prefill([TokenSegment(seq)])  # re-evaluates only the new last token, as stream() would
+    return t_first, t_last
 
 
 def run_chat(pipeline: Pipeline, question: str, max_tokens: int) -> RunTimings:

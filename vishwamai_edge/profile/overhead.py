@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import require
 from ..runtime.backends import LLMBackend
+from ..runtime.session import decode_tokens_per_s
 from .measure import prompt_ids, run_prompt
 
 
@@ -35,17 +36,15 @@ class RawLlama:
         t_first = 0.0
         n = 0
         greedy = {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+        t_last = 0.0
         for _ in self.llm.generate(ids, reset=True, **greedy):
             n += 1
-            if n == 1:
-                t_first = time.perf_counter()
+            t_last = time.perf_counter()
+            t_first = t_first or t_last
             if n == n_decode:
                 break
-        # generate() evaluates a token when asked for the next one: the last one is sampled,
-        # not evaluated, so n - 1 forward passes follow the first token
-        t_end = time.perf_counter()
-        return {"ttft_s": t_first - t0, "decode_s": t_end - t_first, "decode_tokens": n,
-                "decode_tps": (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0}
+        return {"ttft_s": t_first - t0, "decode_s": t_last - t_first, "decode_tokens": n,
+                "decode_tps": decode_tokens_per_s(n, t_last - t_first)}
 
     def close(self) -> None:
         close = getattr(self.llm, "close", None)

@@ -31,6 +31,7 @@ from typing import Any
 from .. import __version__
 from ..errors import MissingDependencyError
 from ..fsutil import atomic_file, write_json
+from ..runtime.session import DECODE_RATE_DEFINITION
 from .roofline import APPROXIMATION
 
 SCHEMA = "vishwamai-edge/profile"
@@ -88,7 +89,7 @@ def add_summary_notes(report: dict[str, Any]) -> None:
         "and, in brackets, the interquartile range (q1-q3) of the measured runs"
     )
     notes.append(
-        "decode tokens/s = generated tokens / time from the first token out to the last token evaluated; "
+        f"{DECODE_RATE_DEFINITION}; "
         "context = prompt tokens + half the generated tokens; the KV cache is emptied before every run"
     )
     notes.append(APPROXIMATION)

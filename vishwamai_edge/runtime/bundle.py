@@ -2,8 +2,11 @@
 
 The manifest lists every file with its size and sha256; `Bundle.load` refuses a
 bundle whose files do not match, so a truncated copy or an edited file is caught
-before a model is loaded. A bare `.gguf` file also opens as a bundle (no manifest,
-no checks beyond the file's own header), for models built elsewhere.
+before a model is loaded. The runtime opens a bundle's files only through
+`Bundle.file`, which accepts a path only if the manifest lists it and it resolves
+inside the bundle folder (symlinks included): a manifest cannot make the device
+load `/tmp/x.gguf` or `../x.gguf`. A bare `.gguf` file also opens as a bundle
+(no manifest, no checks beyond the file's own header), for models built elsewhere.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from ..errors import BundleError
 from ..fsutil import sha256_file, write_json
 
@@ -20,10 +25,32 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
+class _FileEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _LLMEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    file: str
+    backend: str = "llamacpp"
+
+
+class _Manifest(BaseModel):
+    """The shape the runtime relies on; everything else in the manifest is informational."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int
+    files: dict[str, _FileEntry]
+    llm: _LLMEntry
+
+
 @dataclass
 class Bundle:
     root: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+    bare_file: str | None = None  # a bare .gguf opened as a bundle: the one file it may open
 
     @property
     def name(self) -> str:
@@ -33,15 +60,23 @@ class Bundle:
     def llm(self) -> dict[str, Any]:
         return self.manifest["llm"]
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
+    def file(self, rel: str) -> Path:
+        """The path of a file the bundle owns: listed in the manifest and inside the bundle folder."""
+        if self.bare_file is not None:
+            if rel != self.bare_file:
+                raise BundleError(f"{self.root / self.bare_file} is a bare GGUF file; it has no {rel}")
+            return self.root / rel
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.root}: {rel!r} is not listed in the manifest's files")
+        return _inside(self.root, rel)
 
     def llm_path(self) -> Path:
-        return self.path(self.llm["file"])
+        return self.file(self.llm["file"])
 
     @property
     def runtime_defaults(self) -> dict[str, Any]:
-        return self.manifest.get("runtime", {})
+        runtime = self.manifest.get("runtime", {})
+        return runtime if isinstance(runtime, dict) else {}
 
     @classmethod
     def load(cls, path: Path | str, verify: bool = True) -> Bundle:
@@ -57,9 +92,16 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{manifest_path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION or "files" not in manifest or "llm" not in manifest:
+        if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
             raise BundleError(f"{manifest_path} is not a vishwamai-edge manifest of schema {SCHEMA_VERSION}")
+        try:
+            _Manifest.model_validate(manifest)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise BundleError(f"{manifest_path}: {where}: {first['msg'].lower()}") from None
         bundle = cls(path, manifest)
+        bundle.llm_path()  # the model file must be one the manifest lists, inside the bundle
         if verify:
             bundle.verify()
         return bundle
@@ -76,12 +118,13 @@ class Bundle:
             path.parent,
             {"schema_version": SCHEMA_VERSION, "name": path.stem, "files": {},
              "llm": {"backend": "llamacpp", "format": "gguf", "file": path.name}},
+            bare_file=path.name,
         )
 
     def verify(self) -> None:
-        """Check every file listed in the manifest: present, same size, same sha256."""
+        """Check every file listed in the manifest: inside the bundle, present, same size, same sha256."""
         for rel, info in self.manifest["files"].items():
-            f = self.root / rel
+            f = _inside(self.root, rel)
             if not f.is_file():
                 raise BundleError(f"bundle {self.root}: {rel} is missing")
             if f.stat().st_size != info["size"]:
@@ -94,6 +137,16 @@ class Bundle:
                     f"bundle {self.root}: {rel} does not match its sha256 in the manifest "
                     "(corrupted or modified; rebuild or copy it again)"
                 )
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """root/rel, refused unless it is relative and resolves (through any symlink) inside root."""
+    if not rel or Path(rel).is_absolute() or "\\" in rel:
+        raise BundleError(f"bundle {root}: {rel!r} is not a path relative to the bundle folder")
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise BundleError(f"bundle {root}: {rel!r} points outside the bundle folder")
+    return root / rel
 
 
 def file_entry(root: Path, rel: str) -> dict[str, Any]:

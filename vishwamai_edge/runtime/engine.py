@@ -5,41 +5,32 @@ request at a time; every front end submits `ChatRequest`s and reads a `Generatio
 a thread-safe stream of text pieces that a thread or an asyncio task can consume
 and any thread can cancel (the stop button, a client that went away).
 
-Requests carry messages made of parts (text, image, audio) so that encoders plug in
-later: an image or audio part is decoded and checked here, then refused with a
-clear message while the bundle has no encoder for it.
+Requests carry messages made of parts (text, image, audio; decoded by `media`, within
+the budget `media_budget()` gives: only kinds this bundle has an encoder for).
+A cancelled request leaves the queue at once; a running one stops within a decode
+step, also in the middle of a long prefill. If the worker thread dies, every waiting
+reader gets an `EngineFailedError` (a 500) instead of waiting for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import numpy as np
-
-from ..errors import ContextOverflowError, InputError, UserError, require
+from ..errors import InputError, UserError
 from .backends import SamplingParams
+from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
 from .session import ChatSession, GenerationStats, Pipeline
 
 log = logging.getLogger(__name__)
-
-MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
-MAX_AUDIO_SECONDS = 600
-
-
-class UnsupportedInputError(InputError):
-    """An input kind (image, audio) the loaded bundle has no encoder for."""
 
 
 class EngineBusyError(UserError):
@@ -50,24 +41,11 @@ class EngineClosedError(UserError):
     """The engine is shutting down."""
 
 
+class EngineFailedError(RuntimeError):
+    """The worker thread died: a bug, answered as a server error, never a wait without end."""
+
+
 # -- request ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextPart:
-    text: str
-
-
-@dataclass(frozen=True)
-class ImagePart:
-    pixels: np.ndarray  # (height, width, 3) uint8 RGB
-
-
-@dataclass(frozen=True)
-class AudioPart:
-    samples: np.ndarray  # (n,) float32 mono in [-1, 1]
-    sample_rate: int
-
-
-Part = Union[TextPart, ImagePart, AudioPart]
 Role = Literal["system", "user", "assistant"]
 
 
@@ -87,88 +65,9 @@ class ChatRequest:
     max_tokens: int = 256
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
-
-
-def image_part(data: bytes) -> ImagePart:
-    """Decode an encoded image (PNG, JPEG, WebP, ...) into RGB pixels, or raise InputError."""
-    pil = require("PIL.Image", "ui")
-    try:
-        with pil.open(io.BytesIO(data)) as img:
-            # the header alone gives the size: refuse huge images before decoding them
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise InputError(
-                    f"the image is {img.width}x{img.height} pixels; the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels"
-                )
-            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except InputError:
-        raise
-    except pil.UnidentifiedImageError:
-        raise InputError("the data is not an image in a format Pillow reads (PNG, JPEG, WebP, GIF, BMP, ...)") from None
-    except Exception as exc:  # PIL raises many kinds for truncated or corrupt data
-        raise InputError(f"the image cannot be decoded (truncated or corrupt: {exc})") from None
-    return ImagePart(pixels)
-
-
-def audio_part(data: bytes) -> AudioPart:
-    """Decode WAV audio (or anything soundfile reads, when installed) into mono float32."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        samples, rate = _read_wav(data)
-    else:
-        try:
-            import soundfile
-        except ImportError:
-            raise InputError("the audio is not a WAV file (other formats need the soundfile package)") from None
-        try:
-            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as exc:
-            raise InputError(f"the audio cannot be read ({exc})") from None
-        samples = samples.mean(axis=1)
-    if samples.size == 0:
-        raise InputError("the audio is empty")
-    if samples.size / rate > MAX_AUDIO_SECONDS:
-        raise InputError(f"the audio is {samples.size / rate:.0f} s long; the limit is {MAX_AUDIO_SECONDS} s")
-    return AudioPart(np.ascontiguousarray(samples, dtype=np.float32), int(rate))
-
-
-def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    import wave
-
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as exc:
-        raise InputError(f"the WAV audio cannot be read ({exc})") from None
-    if width == 1:
-        x = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128) / 128
-    elif width == 2:
-        x = np.frombuffer(frames, "<i2").astype(np.float32) / 32768
-    elif width == 4:
-        x = np.frombuffer(frames, "<i4").astype(np.float32) / 2147483648
-    else:
-        raise InputError(f"WAV audio of {width * 8}-bit samples is not supported (use 8, 16 or 32-bit PCM)")
-    usable = len(x) - len(x) % channels
-    return x[:usable].reshape(-1, channels).mean(axis=1), rate
-
-
-def decode_data_url(url: str, kind: Literal["image", "audio"]) -> bytes:
-    """`data:<mime>;base64,<payload>` -> bytes. The server never fetches http(s) URLs: it is offline."""
-    if not url.startswith("data:"):
-        raise InputError(f"only data: URLs are accepted for {kind}s (base64-encoded); this server fetches nothing")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise InputError(f"the {kind} data URL must look like data:{kind}/...;base64,<data>")
-    mime = header[len("data:") : -len(";base64")]
-    if mime and not mime.startswith(f"{kind}/"):
-        raise InputError(f"the data URL holds {mime!r}, not an {kind}")
-    return decode_base64(payload, kind)
-
-
-def decode_base64(payload: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"the {what} data is not valid base64") from None
+    # Drop the oldest exchanges when the conversation outgrows the context (a chat page's
+    # history); off for the API, where the client owns the history and gets a 400 instead.
+    trim_history: bool = False
 
 
 # -- stream -------------------------------------------------------------------------------
@@ -201,6 +100,7 @@ class Generation:
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._cancel = threading.Event()
         self._finished = False
+        self._on_cancel: Callable[[Generation], None] | None = None  # the engine drops it from its queue
 
     # worker side
     def _push(self, kind: str, value: Any) -> None:
@@ -219,8 +119,12 @@ class Generation:
 
     # reader side
     def cancel(self) -> None:
-        """Stop generating (idempotent; a queued request is dropped before it starts)."""
+        """Stop generating (idempotent); a queued request leaves the queue at once."""
+        if self._cancel.is_set():
+            return
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -298,6 +202,7 @@ class Engine:
         self._cond = threading.Condition()
         self._running: Generation | None = None
         self._closed = False
+        self._failure: BaseException | None = None  # why the worker died, if it did
         self.served = 0  # requests finished (answered, cancelled or failed)
         self.cancelled = 0
         self._worker = threading.Thread(target=self._work, name="vishwamai-engine", daemon=True)
@@ -318,20 +223,39 @@ class Engine:
         # Filled by multimodal bundles (kind -> encoder); text-only bundles have none.
         return getattr(self.pipeline, "encoders", None) or {}
 
+    def media_budget(self) -> MediaBudget:
+        """A fresh budget for decoding one request's media: only kinds this bundle can encode."""
+        return MediaBudget(accepts=frozenset(self.encoders))
+
     def submit(self, request: ChatRequest) -> Generation:
         """Check the request and queue it; raises InputError / EngineBusyError at once."""
         self._check(request)
         gen = Generation(request)
         with self._cond:
+            if self._failure is not None:
+                raise EngineFailedError(f"the model worker has stopped ({type(self._failure).__name__})")
             if self._closed:
                 raise EngineClosedError("the model server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise EngineBusyError(
                     f"the model is busy: {len(self._pending)} requests are already waiting; retry shortly"
                 )
+            gen._on_cancel = self._drop
             self._pending.append(gen)
             self._cond.notify()
         return gen
+
+    def _drop(self, gen: Generation) -> None:
+        """A cancelled request that has not started frees its place in the queue now."""
+        with self._cond:
+            try:
+                self._pending.remove(gen)
+            except ValueError:
+                return  # running or finished: the worker sees the flag
+            self.served += 1
+            self.cancelled += 1
+        gen._push(_DONE, RequestStats(GenerationStats(finish_reason="cancelled"), cancelled=True,
+                                      queue_wait_s=time.perf_counter() - gen.submitted_at))
 
     def status(self) -> dict[str, Any]:
         with self._cond:
@@ -355,15 +279,17 @@ class Engine:
             raise InputError("the conversation has no messages")
         if request.max_tokens < 1:
             raise InputError("max_tokens must be at least 1")
+        budget = self.media_budget()
         for msg in request.messages:
             if msg.role not in ("system", "user", "assistant"):
                 raise InputError(f"unknown message role {msg.role!r} (system, user or assistant)")
             for part in msg.parts:
-                kind = "image" if isinstance(part, ImagePart) else "audio" if isinstance(part, AudioPart) else None
-                if kind and kind not in self.encoders:
-                    raise UnsupportedInputError(
-                        f"this bundle has no {kind} encoder; send text only, or build a bundle from a multimodal recipe"
-                    )
+                if isinstance(part, ImagePart):
+                    budget.require("image")
+                    budget.charge_pixels(part.pixels.shape[1], part.pixels.shape[0])
+                elif isinstance(part, AudioPart):
+                    budget.require("audio")
+                    budget.charge_seconds(part.samples.size / part.sample_rate)
 
     def _session_messages(self, request: ChatRequest) -> list[dict[str, Any]]:
         # Text-only until encoders land: their parts become embedding segments in the prompt.
@@ -374,22 +300,36 @@ class Engine:
 
     # worker side
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                gen = self._pending.popleft()
-                self._running = gen
-            cancelled = False
-            try:
+        gen: Generation | None = None
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    gen = self._pending.popleft()
+                    self._running = gen
                 cancelled = self._run(gen)
-            finally:
                 with self._cond:
                     self._running = None
                     self.served += 1
                     self.cancelled += cancelled
+                gen = None
+        except BaseException as exc:  # the worker is dying: nobody may wait for it
+            log.exception("the engine's worker thread died")
+            self._fail_all(exc, gen)
+            raise
+
+    def _fail_all(self, exc: BaseException, running: Generation | None) -> None:
+        with self._cond:
+            self._failure = exc
+            self._running = None
+            waiting, self._pending = list(self._pending), deque()
+        error = EngineFailedError(f"the model worker has stopped ({type(exc).__name__})")
+        for gen in [running, *waiting]:
+            if gen is not None:
+                gen._push(_ERROR, error)
 
     def _run(self, gen: Generation) -> bool:
         """Generate one reply into `gen`; True if it was cancelled."""
@@ -401,17 +341,14 @@ class Engine:
                              model_bytes=self._model_bytes)
         try:
             if not gen.cancelled:
-                first_at = last_at = 0.0
-                with closing(session.generate(self._session_messages(req))) as pieces:
+                messages, dropped = self._session_messages(req), 0
+                if req.trim_history:
+                    messages, dropped = session.fit_history(messages)
+                with closing(session.generate(messages, cancelled=lambda: gen.cancelled)) as pieces:
                     for piece in pieces:
-                        if gen.cancelled:
-                            break
                         gen._push(_TEXT, piece)
-                        last_at = time.perf_counter()
-                        first_at = first_at or last_at
-                stats.generation = g = session.last_stats
-                if gen.cancelled and not g.decode_s:  # a closed generator never timed its decode
-                    g.decode_s = last_at - first_at
+                stats.generation = session.last_stats
+                stats.generation.dropped_messages = dropped
         except UserError as exc:  # context overflow, a template that refuses the conversation
             gen._push(_ERROR, exc)
             return False
@@ -426,7 +363,6 @@ class Engine:
 
 
 __all__ = [
-    "AudioPart", "ChatRequest", "ContextOverflowError", "Engine", "EngineBusyError", "EngineClosedError",
-    "Generation", "ImagePart", "Message", "Part", "RequestStats", "TextPart", "UnsupportedInputError",
-    "audio_part", "decode_base64", "decode_data_url", "image_part",
+    "ChatRequest", "Engine", "EngineBusyError", "EngineClosedError", "EngineFailedError",
+    "Generation", "Message", "RequestStats",
 ]

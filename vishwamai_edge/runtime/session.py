@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .backends import LLMBackend, SamplingParams, Segment, TokenSegment, load_backend
+from .backends import Cancelled, LLMBackend, SamplingParams, Segment, TokenSegment, load_backend
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE, render_chat
+
+
+DECODE_RATE_DEFINITION = (
+    "decode tokens/s = (generated tokens - 1) / (time of the last generated token - time of the first): "
+    "the first token comes from the prompt's logits, each later one costs one decode step"
+)
+
+
+def decode_tokens_per_s(tokens: int, first_to_last_s: float) -> float:
+    """The one definition of decode speed used everywhere (see DECODE_RATE_DEFINITION)."""
+    return (tokens - 1) / first_to_last_s if tokens > 1 and first_to_last_s > 0 else 0.0
 
 
 @dataclass
@@ -21,14 +32,13 @@ class GenerationStats:
     completion_tokens: int = 0
     prefill_s: float = 0.0  # prompt evaluation, including the first sampled token's logits
     ttft_s: float = 0.0  # request start -> first text out
-    decode_s: float = 0.0
-    finish_reason: str = "stop"  # stop | length
+    decode_s: float = 0.0  # first generated token -> last generated token
+    finish_reason: str = "stop"  # stop | length | cancelled
+    dropped_messages: int = 0  # oldest turns left out so that the conversation fits the context
 
     @property
     def decode_tokens_per_s(self) -> float:
-        # the first token comes from the prefill's logits; the rest each cost one decode
-        n = self.completion_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+        return decode_tokens_per_s(self.completion_tokens, self.decode_s)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -115,7 +125,7 @@ class ChatSession:
         if not text.strip():
             raise InputError("the message is empty")
         self.messages.append({"role": "user", "content": text})
-        self._fit_history()
+        self.messages, _ = self.fit_history(self.messages)
         reply: list[str] = []
         try:
             for piece in self.generate(self.messages):
@@ -126,19 +136,24 @@ class ChatSession:
             raise
         self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-    def _fit_history(self, reserve: int = 64) -> None:
-        """Drop the oldest exchanges until the prompt leaves `reserve` tokens for the reply.
+    def fit_history(self, messages: list[dict[str, Any]], reserve: int = 64) -> tuple[list[dict[str, Any]], int]:
+        """Drop the oldest exchanges until the prompt leaves `reserve` tokens for the reply;
+        returns the kept messages and how many were dropped. System messages always stay.
 
         A single message that does not fit is left alone: prefill reports it clearly.
         """
-        while len(self.prompt_tokens(self.messages)) + reserve > self.llm.n_ctx:
-            turns = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
+        messages = list(messages)
+        dropped = 0
+        while len(self.prompt_tokens(messages)) + reserve > self.llm.n_ctx:
+            turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
             if len(turns) <= 1:
-                return
+                break
             first = turns[0]
             # an exchange is a user turn and the replies up to the next user turn
-            end = next((i for i in turns[1:] if self.messages[i]["role"] == "user"), turns[-1])
-            del self.messages[first:end]
+            end = next((i for i in turns[1:] if messages[i]["role"] == "user"), turns[-1])
+            dropped += end - first
+            del messages[first:end]
+        return messages, dropped
 
     def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         prompt = render_chat(
@@ -153,25 +168,39 @@ class ChatSession:
             tokens = tokens[1:]  # the template wrote BOS and the tokenizer added another
         return tokens
 
-    def generate(self, messages: list[dict[str, Any]]) -> Iterator[str]:
-        """Stream the assistant's reply to `messages` (not recorded in the session)."""
+    def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` (not recorded in the session).
+
+        `cancelled` is polled during the prefill and after every token, also while text is
+        held back as a possible stop string: when it turns true the reply ends
+        (finish_reason "cancelled") without waiting for the next piece of text.
+        """
+        cancelled = cancelled or (lambda: False)
         start = time.perf_counter()
         tokens = self.prompt_tokens(messages)
         segments: list[Segment] = [TokenSegment(tokens)]
         stats = GenerationStats(prompt_tokens=len(tokens))
         self.last_stats = stats
-        self.llm.prefill(segments)
+        try:
+            self.llm.prefill(segments, abort=cancelled)
+        except Cancelled:
+            stats.finish_reason = "cancelled"
+            return
         stats.prefill_s = time.perf_counter() - start
 
         detok = Detokenizer(self.llm)
         held = ""  # text that might be the start of a stop string
         budget = min(self.max_tokens, self.llm.n_ctx - len(tokens))
-        first_token_at = None
+        first_token_at = last_token_at = None
         stats.finish_reason = "length"
         for tok in self.llm.stream(self.sampling, budget):
             stats.completion_tokens += 1
+            last_token_at = time.perf_counter()
             if first_token_at is None:
-                first_token_at = time.perf_counter()
+                first_token_at = last_token_at
+            if cancelled():
+                stats.finish_reason = "cancelled"
+                break
             held += detok.push(tok)
             out, held, stopped = _split_stop(held, self.stop)
             if out:
@@ -187,20 +216,19 @@ class ChatSession:
             held += detok.flush()
             if held:
                 yield held
-        if first_token_at is not None:
-            stats.decode_s = time.perf_counter() - first_token_at
+        if first_token_at is not None and last_token_at is not None:
+            stats.decode_s = last_token_at - first_token_at
         if stats.ttft_s == 0.0:
             stats.ttft_s = time.perf_counter() - start
 
 
 def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
-    """Split `text` into (safe to emit, held back, stop found)."""
+    """Split `text` into (safe to emit, held back, stop found); the earliest stop in the text wins."""
     if not stops:
         return text, "", False
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            return text[:i], "", True
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if found:
+        return text[: min(found)], "", True
     keep = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):

@@ -1,25 +1,28 @@
 """The OpenAI-compatible HTTP API on one shared `Engine`.
 
 Routes: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
+With an API key, every route (and anything mounted later, such as the web UI) needs it.
 A request's status is decided before any byte is sent: the handler waits for the
 first piece of the reply, so a prompt over the context is a 400, not a broken stream.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import UserError
+
 from ..runtime.engine import Engine, Generation
+from .auth import APIKeyMiddleware
 from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")
@@ -33,6 +36,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     # No /docs: FastAPI's docs page loads its scripts from a CDN, and this server is offline.
     app = FastAPI(title="vishwamai-edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    if api_key is not None:
+        if not api_key.strip():
+            raise UserError("the API key is empty; give a non-empty --api-key or unset it")
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -53,17 +60,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_id, "n_ctx": engine.n_ctx, "queue": engine.status()}
 
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "no API key given: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1")
 
     def model_card() -> dict[str, Any]:
         return {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
@@ -88,7 +85,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         req = parse_request(data)
         if req.model != engine.model_id:
             raise _unknown_model(req.model, engine)
-        chat = await run_in_threadpool(to_chat_request, req, engine.defaults)
+        chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
         try:
             gen = engine.submit(chat)
         except Exception as exc:

@@ -15,11 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ContextOverflowError, InputError, UserError
 from ..runtime.backends import SamplingParams
-from ..runtime.engine import (
-    ChatRequest,
-    EngineBusyError,
-    EngineClosedError,
-    Message,
+from ..runtime.engine import ChatRequest, EngineBusyError, EngineClosedError, EngineFailedError, Message
+from ..runtime.media import (
+    MediaBudget,
     Part,
     TextPart,
     UnsupportedInputError,
@@ -54,6 +52,8 @@ def api_error_for(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param="messages")
     if isinstance(exc, (EngineBusyError, EngineClosedError)):
         return APIError(503, str(exc), type_="server_error", code="overloaded")
+    if isinstance(exc, EngineFailedError):
+        return APIError(500, f"{exc}; restart the server (see its log)", type_="server_error")
     if isinstance(exc, UserError):
         return APIError(400, str(exc))
     return APIError(500, f"internal error ({type(exc).__name__}); see the server log", type_="server_error")
@@ -116,6 +116,10 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    # llama.cpp's multiplicative penalty, an extension that llama.cpp's own server also accepts
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     n: int = 1
@@ -144,18 +148,23 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     return req
 
 
-def to_chat_request(req: ChatCompletionRequest, defaults: dict[str, Any]) -> ChatRequest:
-    """Decode every part (images and audio too, so bad data is a 400); may block: run it off the event loop."""
+def to_chat_request(req: ChatCompletionRequest, defaults: dict[str, Any], budget: MediaBudget) -> ChatRequest:
+    """Decode every part (images and audio too, so bad data is a 400) within the request's media
+    budget, which also refuses kinds the bundle cannot encode before decoding them; may block:
+    run it off the event loop."""
     messages = []
     for i, msg in enumerate(req.messages):
         role = "system" if msg.role == "developer" else msg.role
-        parts = tuple(_parts(msg.content, f"messages.{i}.content"))
+        parts = tuple(_parts(msg.content, f"messages.{i}.content", budget))
         messages.append(Message(role, parts))
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 0.0)
     base = SamplingParams()
     sampling = SamplingParams(
         temperature=temperature,
         top_p=req.top_p if req.top_p is not None else base.top_p,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        repeat_penalty=req.repeat_penalty if req.repeat_penalty is not None else base.repeat_penalty,
         # like OpenAI: without a seed, sampled answers vary from request to request
         seed=req.seed if req.seed is not None else secrets.randbits(32),
     )
@@ -167,7 +176,7 @@ def to_chat_request(req: ChatCompletionRequest, defaults: dict[str, Any]) -> Cha
     )
 
 
-def _parts(content: str | list[Any] | None, where: str) -> list[Part]:
+def _parts(content: str | list[Any] | None, where: str, budget: MediaBudget) -> list[Part]:
     if content is None:
         return []
     if isinstance(content, str):
@@ -179,12 +188,16 @@ def _parts(content: str | list[Any] | None, where: str) -> list[Part]:
             if isinstance(item, TextContent):
                 parts.append(TextPart(item.text))
             elif isinstance(item, ImageContent):
-                parts.append(image_part(decode_data_url(item.image_url.url, "image")))
+                budget.require("image")
+                parts.append(image_part(decode_data_url(item.image_url.url, "image"), budget))
             else:
+                budget.require("audio")
                 fmt = item.input_audio.format.lower()
                 if fmt not in ("wav", "mp3", "flac", "ogg"):
                     raise InputError(f"audio format {fmt!r} is not supported (wav, mp3, flac, ogg)")
-                parts.append(audio_part(decode_base64(item.input_audio.data, "audio")))
+                parts.append(audio_part(decode_base64(item.input_audio.data, "audio"), budget))
+        except UnsupportedInputError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param, code="unsupported_input") from None
         except InputError as exc:
             code = {"image_url": "invalid_image", "input_audio": "invalid_audio"}.get(item.type)
             raise APIError(400, f"{param}: {exc}", param=param, code=code) from None

@@ -16,18 +16,8 @@ from typing import Any
 
 from ..errors import UserError, require
 from ..runtime.backends import SamplingParams
-from ..runtime.engine import (
-    ChatRequest,
-    Engine,
-    Generation,
-    Message,
-    Part,
-    RequestStats,
-    TextPart,
-    audio_part,
-    decode_data_url,
-    image_part,
-)
+from ..runtime.engine import ChatRequest, Engine, Generation, Message, RequestStats
+from ..runtime.media import MediaBudget, Part, TextPart, audio_part, decode_data_url, image_part
 
 DEFAULT_MAX_FILE_MB = 10
 UPDATE_EVERY_S = 0.05  # batch streamed pieces: one browser update per 50 ms, not one per token
@@ -50,6 +40,8 @@ def format_stats(stats: RequestStats) -> str:
     )
     if stats.queue_wait_s >= 0.01:
         line += f" · waited {stats.queue_wait_s:.2f} s in the queue"
+    if g.dropped_messages:
+        line += f" · the {g.dropped_messages} oldest messages were left out to fit the context"
     if stats.finish_reason == "cancelled":
         line += " · stopped"
     elif stats.finish_reason == "length":
@@ -77,13 +69,15 @@ def _history_messages(history: list[dict[str, Any]]) -> list[Message]:
     return out
 
 
-def _user_parts(text: str, image: str | None, audio: str | None) -> list[Part]:
+def _user_parts(text: str, image: str | None, audio: str | None, budget: MediaBudget) -> list[Part]:
     parts: list[Part] = []
     if image:
+        budget.require("image")  # before reading the file: a text-only bundle never decodes it
         data = decode_data_url(image, "image") if image.startswith("data:") else Path(image).read_bytes()
-        parts.append(image_part(data))
+        parts.append(image_part(data, budget))
     if audio:
-        parts.append(audio_part(Path(audio).read_bytes()))
+        budget.require("audio")
+        parts.append(audio_part(Path(audio).read_bytes(), budget))
     if text.strip():
         parts.append(TextPart(text))
     if not parts:
@@ -108,13 +102,14 @@ def build_ui(engine: Engine):
         history = list(history or [])
         key = request.session_hash or ""
         try:
-            parts = _user_parts(text or "", image, audio)
+            parts = _user_parts(text or "", image, audio, engine.media_budget())
             messages = ([Message.text("system", system)] if system and system.strip() else [])
             messages += _history_messages(history) + [Message("user", tuple(parts))]
             gen = engine.submit(ChatRequest(
                 messages=tuple(messages),
                 max_tokens=int(max_tokens),
                 sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0)),
+                trim_history=True,  # a long chat keeps going: the oldest turns make room
             ))
         except UserError as exc:
             # Shown, not added to the conversation: the inputs stay so the user can fix and resend.

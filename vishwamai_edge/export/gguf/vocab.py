@@ -8,6 +8,8 @@ pre-tokenizer, which must match the HF one or the two tokenize text differently.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, pre: str |
         if model.get("type") != "BPE":
             raise ExportError(f"{hf_dir}/tokenizer.json: model type {model.get('type')} is not supported")
         if model.get("byte_fallback"):
-            _add_hf_sentencepiece(writer, hf_dir)  # SentencePiece converted to tokenizer.json
+            _add_hf_sentencepiece(writer, hf_dir, tok, vocab_size)  # SentencePiece as tokenizer.json
             kind = "llama"
         else:
             _add_bpe(writer, tok, vocab_size, pre or detect_bpe_pre(tok, hf_dir))
@@ -116,72 +118,137 @@ def _add_bpe(writer: gguf.GGUFWriter, tok: dict[str, Any], vocab_size: int, pre:
     writer.add_token_types(types)
 
 
+@dataclass
+class _SpmVocab:
+    """A llama.cpp `llama` vocabulary being assembled: one entry per token id."""
+
+    tokens: list[bytes] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)
+
+    def append(self, text: bytes, score: float, ttype: int) -> None:
+        self.tokens.append(text)
+        self.scores.append(score)
+        self.types.append(ttype)
+
+    def pad_to(self, size: int) -> None:
+        """Fill ids up to `size` (embedding rows past the tokenizer) with unused placeholders."""
+        while len(self.tokens) < size:
+            self.append(f"[PAD{len(self.tokens)}]".encode(), -1000.0, gguf.TokenType.UNUSED)
+
+
 def _add_sentencepiece(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> None:
-    from sentencepiece import SentencePieceProcessor
+    proto = _sp_proto(hf_dir)
+    vocab = _SpmVocab()
+    for piece in proto.pieces:
+        # the proto's piece types and llama.cpp's token types share their numbering
+        vocab.append(piece.piece.encode("utf-8"), piece.score, gguf.TokenType(piece.type))
+    _apply_added_tokens(vocab, _added_tokens(hf_dir))
+    vocab.pad_to(vocab_size)
+    _write_spm(writer, vocab, bool(proto.normalizer_spec.add_dummy_prefix))
+
+
+def _add_hf_sentencepiece(
+    writer: gguf.GGUFWriter, hf_dir: Path, tok: dict[str, Any], vocab_size: int
+) -> None:
+    """A SentencePiece BPE stored only as tokenizer.json (byte fallback), e.g. a GGUF source's folder.
+
+    llama.cpp merges the adjacent pair whose result scores highest; HF applies the
+    merge of lowest rank. Scoring each token by minus the rank of the first merge
+    that makes it gives llama.cpp the same order.
+    """
+    model = tok["model"]
+    by_id = {i: t for t, i in model["vocab"].items()}
+    ranks = _merge_ranks(model.get("merges", []))
+    unk = model.get("unk_token")
+    vocab = _SpmVocab()
+    for i in range(max(by_id, default=-1) + 1):
+        text = by_id.get(i)
+        if text is None:
+            vocab.pad_to(i + 1)
+        elif text == unk:
+            vocab.append(text.encode("utf-8"), 0.0, gguf.TokenType.UNKNOWN)
+        elif _BYTE_PIECE.fullmatch(text):
+            vocab.append(text.encode("utf-8"), 0.0, gguf.TokenType.BYTE)
+        else:
+            vocab.append(text.encode("utf-8"), -float(ranks.get(text, 0)), gguf.TokenType.NORMAL)
+    _apply_added_tokens(vocab, tok.get("added_tokens", []))
+    vocab.pad_to(vocab_size)
+    _write_spm(writer, vocab, _hf_adds_space_prefix(tok))
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _merge_ranks(merges: list[Any]) -> dict[str, int]:
+    """Token -> rank of the first merge producing it (merges are "a b" strings or [a, b] pairs)."""
+    ranks: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        ranks.setdefault(left + right, rank + 1)  # 1-based: rank 0 is for tokens no merge makes
+    return ranks
+
+
+def _hf_adds_space_prefix(tok: dict[str, Any]) -> bool:
+    """Whether tokenizer.json prepends "▁" to the text, as SentencePiece's add_dummy_prefix does."""
+    for step in _steps(tok.get("normalizer")):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+    for step in _steps(tok.get("pre_tokenizer")):
+        if step.get("type") == "Metaspace":
+            # "first" only prefixes the start of the text, llama.cpp also after each special
+            # token: the tokenizer check reports any prompt where that matters.
+            scheme = step.get("prepend_scheme", "always")
+            return scheme != "never" and bool(step.get("add_prefix_space", True))
+    return False
+
+
+def _steps(component: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not component:
+        return []
+    for key in ("normalizers", "pretokenizers"):
+        if component.get("type") == "Sequence" and key in component:
+            return component[key]
+    return [component]
+
+
+def _apply_added_tokens(vocab: _SpmVocab, added: list[dict[str, Any]]) -> None:
+    """Added tokens (chat markers, often re-used unused pieces) take their id's text and type.
+
+    llama.cpp splits CONTROL and USER_DEFINED tokens out of the text before
+    SentencePiece runs, as HF splits its added tokens; a piece left NORMAL would be
+    spelled out character by character instead.
+    """
+    for item in sorted(added, key=lambda t: t["id"]):
+        i = item["id"]
+        ttype = gguf.TokenType.CONTROL if item.get("special") else gguf.TokenType.USER_DEFINED
+        text = item["content"].encode("utf-8")
+        if i >= len(vocab.tokens):
+            vocab.pad_to(i)
+            vocab.append(text, -1000.0, ttype)
+        elif vocab.types[i] not in (gguf.TokenType.UNKNOWN, gguf.TokenType.BYTE):  # keep their meaning
+            vocab.tokens[i] = text
+            vocab.types[i] = ttype
+
+
+def _write_spm(writer: gguf.GGUFWriter, vocab: _SpmVocab, add_space_prefix: bool) -> None:
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_add_space_prefix(add_space_prefix)
+
+
+def _sp_proto(hf_dir: Path) -> Any:
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
     sp = SentencePieceProcessor()
     if not sp.Load(str(hf_dir / "tokenizer.model")):
         raise ExportError(f"{hf_dir}/tokenizer.model is not a SentencePiece model")
-    tokens: list[bytes] = []
-    scores: list[float] = []
-    types: list[int] = []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i).encode("utf-8"))
-        scores.append(sp.get_score(i))
-        if sp.is_unknown(i):
-            types.append(gguf.TokenType.UNKNOWN)
-        elif sp.is_control(i):
-            types.append(gguf.TokenType.CONTROL)
-        elif sp.is_unused(i):
-            types.append(gguf.TokenType.UNUSED)
-        elif sp.is_byte(i):
-            types.append(gguf.TokenType.BYTE)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    # Tokens added on top of the SentencePiece model (e.g. chat markers).
-    for item in _added_tokens(hf_dir):
-        i = item["id"]
-        if i < len(tokens):
-            continue
-        while len(tokens) < i:
-            tokens.append(f"[PAD{len(tokens)}]".encode())
-            scores.append(-1000.0)
-            types.append(gguf.TokenType.UNUSED)
-        tokens.append(item["content"].encode("utf-8"))
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.CONTROL if item.get("special") else gguf.TokenType.USER_DEFINED)
-    while len(tokens) < vocab_size:
-        tokens.append(f"[PAD{len(tokens)}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_add_space_prefix(_sp_adds_dummy_prefix(sp))
-
-
-def _add_hf_sentencepiece(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
-    vocab = gguf.LlamaHfVocab(hf_dir)
-    tokens, scores, types = [], [], []
-    for text, score, ttype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(ttype)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-
-
-def _sp_adds_dummy_prefix(sp: Any) -> bool:
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+    return proto
 
 
 def _added_tokens(hf_dir: Path) -> list[dict[str, Any]]:

@@ -8,13 +8,20 @@ Adding a backend is one module plus one line in `BACKENDS`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import InputError, UserError
+
+
+MIN_CTX = 64  # smaller contexts are refused: llama.cpp aborts the process on some, and nothing useful fits
+
+
+class Cancelled(Exception):
+    """A prefill stopped because its caller asked (the stop button, a client that left)."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,35 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    # Penalties on tokens among the last `penalty_last_n` of the sequence (prompt and reply), as
+    # llama.cpp applies them: repeat divides a positive logit (multiplies a negative one);
+    # frequency subtracts count x value, presence subtracts the value once (OpenAI's semantics).
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
+            (self.top_k >= 0, "top_k must be 0 (off) or more"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be positive (1 = off)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (self.penalty_last_n >= 0, "penalty_last_n must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.penalty_last_n != 0 and (
+            self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True)
@@ -60,8 +94,11 @@ class LLMBackend(Protocol):
     n_embd: int
     n_vocab: int
 
-    def prefill(self, segments: Sequence[Segment]) -> None:
-        """Evaluate a prompt, replacing the current sequence (a shared token prefix may be kept)."""
+    def prefill(self, segments: Sequence[Segment], abort: Callable[[], bool] | None = None) -> None:
+        """Evaluate a prompt, replacing the current sequence (a shared token prefix may be kept).
+
+        `abort` is polled while evaluating; when it returns True the prefill stops and raises
+        `Cancelled`, leaving only the shared prefix evaluated."""
 
     def stream(self, sampling: SamplingParams, max_tokens: int) -> Iterator[int]:
         """Sample and yield tokens one at a time, stopping at an end-of-generation token."""

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ...errors import BundleError, ContextOverflowError, require
-from . import EmbeddingSegment, MemoryUse, SamplingParams, Segment, TokenSegment
+from ...errors import BundleError, ContextOverflowError, InputError, require
+from . import MIN_CTX, Cancelled, EmbeddingSegment, MemoryUse, SamplingParams, Segment, TokenSegment
 
 _EMBEDDING_KEY = -1  # positions filled from embeddings never match a cached prefix
+_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
 
 _log_state: dict = {"callback": None, "errors": [], "last_level": 0}
 
@@ -68,6 +69,17 @@ class LlamaCppBackend:
         self.n_batch = n_batch
         self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._evaluated: list[int] = []  # token id per KV position (_EMBEDDING_KEY for embeddings)
+        self._abort: Callable[[], bool] | None = None
+
+        # Polled by ggml between graph nodes while a batch is evaluated: a long prefill stops
+        # within milliseconds of a cancel. Installed once; it asks nothing unless a prefill is running.
+        @lib.ggml_abort_callback
+        def abort_callback(_data) -> bool:
+            check = self._abort
+            return bool(check is not None and check())
+
+        self._abort_callback = abort_callback  # C holds only the pointer
+        lib.llama_set_abort_callback(ctx, abort_callback, None)
 
     @classmethod
     def load(
@@ -83,6 +95,11 @@ class LlamaCppBackend:
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"model file {path} does not exist")
+        if n_ctx < MIN_CTX:
+            raise InputError(f"the context length must be at least {MIN_CTX} tokens, got {n_ctx}")
+        if n_threads is not None and n_threads < 1:
+            raise InputError(f"the thread count must be at least 1, got {n_threads}")
+        n_batch = min(n_batch, n_ctx)
         mparams = lib.llama_model_default_params()
         if n_gpu_layers is None:  # a CUDA/Metal build offloads every layer; a CPU build ignores it
             n_gpu_layers = -1 if lib.llama_supports_gpu_offload() else 0
@@ -141,7 +158,7 @@ class LlamaCppBackend:
         return tmpl.decode("utf-8") if tmpl else None
 
     # -- evaluation --------------------------------------------------------------------
-    def prefill(self, segments: Sequence[Segment]) -> None:
+    def prefill(self, segments: Sequence[Segment], abort: Callable[[], bool] | None = None) -> None:
         keys: list[int] = []
         for seg in segments:
             keys.extend(seg.tokens if isinstance(seg, TokenSegment) else [_EMBEDDING_KEY] * len(seg))
@@ -156,16 +173,23 @@ class LlamaCppBackend:
         keep = min(keep, len(keys) - 1)  # re-evaluate at least the last position for fresh logits
         self._truncate(keep)
         pos = 0
-        for seg in segments:
-            n = len(seg)
-            lo = max(0, keep - pos)
-            if lo < n:
-                last = pos + n == len(keys)
-                if isinstance(seg, TokenSegment):
-                    self._decode_tokens(list(seg.tokens)[lo:], pos + lo, last)
-                else:
-                    self._decode_embeddings(seg.embeddings[lo:], pos + lo, last)
-            pos += n
+        self._abort = abort
+        try:
+            for seg in segments:
+                n = len(seg)
+                lo = max(0, keep - pos)
+                if lo < n:
+                    last = pos + n == len(keys)
+                    if isinstance(seg, TokenSegment):
+                        self._decode_tokens(list(seg.tokens)[lo:], pos + lo, last)
+                    else:
+                        self._decode_embeddings(seg.embeddings[lo:], pos + lo, last)
+                pos += n
+        except Cancelled:
+            self._truncate(keep)  # batches evaluated before the abort stay in memory: drop them
+            raise
+        finally:
+            self._abort = None
         self._evaluated = keys
 
     def _common_prefix(self, keys: list[int]) -> int:
@@ -225,7 +249,11 @@ class LlamaCppBackend:
             self._lib.llama_batch_free(batch)
 
     def _decode(self, batch) -> None:
+        if self._abort is not None and self._abort():
+            raise Cancelled()
         rc = self._lib.llama_decode(self._ctx, batch)
+        if rc == _DECODE_ABORTED and self._abort is not None:
+            raise Cancelled()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
@@ -251,6 +279,16 @@ class LlamaCppBackend:
     def _make_sampler(self, s: SamplingParams):
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if s.has_penalties:
+            # first in the chain, as llama.cpp's own samplers do; it counts the tokens it is shown,
+            # so show it the sequence so far (the sampler then sees each new token as it is picked)
+            # this llama.cpp (vendored by llama-cpp-python 0.3.x) takes n_vocab first; see its llama.h
+            penalties = lib.llama_sampler_init_penalties(
+                self.n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+            history = [t for t in self._evaluated if t != _EMBEDDING_KEY]
+            for tok in history[-s.penalty_last_n:] if s.penalty_last_n > 0 else history:
+                lib.llama_sampler_accept(penalties, tok)
+            lib.llama_sampler_chain_add(chain, penalties)
         if s.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain

@@ -1,0 +1,389 @@
+"""Vision tower + projector -> one ONNX graph: the family registry, the graph, its check.
+
+A family registers a small `VisionFamily` subclass (`@register("clip")`) that says
+which vision towers it covers and how its pixels are prepared; the graph itself is
+shared: hidden state(s) of the chosen layer(s), CLS dropped or kept as the LLaVA
+config says, then the projector, exactly as transformers 5's
+`LlavaModel.get_image_features` computes them (tests check it against that method).
+
+Graph contract (what `runtime.encoders.VisionEncoder` relies on):
+  input  `pixel_values` float32 (batch, 3, H, W), batch dynamic, H and W fixed
+  output `image_embeds` float32 (batch, tokens, llm_hidden)
+I/O stays float32 for every dtype; fp16 and int8 are inside the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ...errors import ExportError, quiet_transformers, require
+from ...runtime.encoders import INPUT, OUTPUT
+from ...runtime.preprocess import ImageProcessorSpec, spec_from_preprocessor_config
+
+_REGISTRY: dict[str, type[VisionFamily]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[VisionFamily]) -> type[VisionFamily]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def supported_families() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def family_for(config: Any) -> VisionFamily:
+    """The family whose towers include this LLaVA config's vision_config."""
+    model_type = getattr(config.vision_config, "model_type", None)
+    for cls in _REGISTRY.values():
+        if model_type in cls.model_types:
+            return cls(config)
+    known = sorted(t for c in _REGISTRY.values() for t in c.model_types)
+    raise ExportError(f"vision tower {model_type!r} has no ONNX exporter; supported: {', '.join(known)}")
+
+
+class VisionFamily:
+    """One encoder family; subclasses override only what differs."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # vision_config.model_type values covered
+    has_cls: ClassVar[bool]
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.vision = config.vision_config
+        self.layers: int | list[int] = config.vision_feature_layer
+        self.strategy: str = config.vision_feature_select_strategy
+        if self.strategy not in ("default", "full"):
+            raise ExportError(
+                f"vision_feature_select_strategy {self.strategy!r} is not supported (default or full)"
+            )
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.vision.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def default_spec(self) -> ImageProcessorSpec:
+        """Preprocessing when the model comes without a preprocessor_config.json."""
+        raise NotImplementedError
+
+    def graph(self, tower: Any, projector: Any) -> Any:
+        return _tower_and_projector(tower, projector, self.layers, drop_first=self.strategy == "default")
+
+
+def _tower_and_projector(tower: Any, projector: Any, layers: int | list[int], drop_first: bool) -> Any:
+    """The image half of LLaVA as one torch module: the thing exported and checked."""
+    torch = require("torch", "build")
+    selected = [layers] if isinstance(layers, int) else list(layers)
+
+    class TowerAndProjector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = tower
+            self.projector = projector
+
+        def forward(self, pixel_values):
+            # All hidden states come back; layers past the last one used are dead code,
+            # which the ONNX exporter drops.
+            out = self.tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+            # "default" drops the first token (CLIP's CLS), as LlavaModel.get_image_features does
+            picked = [out.hidden_states[i][:, 1:] if drop_first else out.hidden_states[i] for i in selected]
+            features = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+            return self.projector(features)
+
+    return TowerAndProjector()
+
+
+# -- loading the vision half of a LLaVA folder --------------------------------------------
+
+
+@dataclass
+class VisionSource:
+    config: Any  # a transformers LlavaConfig
+    tower: Any
+    projector: Any
+    spec: ImageProcessorSpec | None  # from preprocessor_config.json, when the folder has one
+
+
+def load_vision_source(source: Path | str | Any) -> VisionSource:
+    """The vision tower and projector (fp32) of a LLaVA folder or an already loaded LLaVA model.
+
+    From a folder only their tensors are read, so a 7B checkpoint costs its ~0.6 GB of
+    vision weights, not the language model's.
+    """
+    torch = require("torch", "build")
+    if not isinstance(source, (str, Path)):
+        inner = getattr(source, "model", source)  # LlavaForConditionalGeneration or LlavaModel
+        if not hasattr(inner, "vision_tower") or not hasattr(inner, "multi_modal_projector"):
+            raise ExportError(
+                f"{type(source).__name__} has no vision_tower / multi_modal_projector (not a LLaVA model)"
+            )
+        # copies: converting to fp32 must not change the caller's model
+        return VisionSource(source.config, copy.deepcopy(inner.vision_tower).float().eval(),
+                            copy.deepcopy(inner.multi_modal_projector).float().eval(), None)
+
+    hf_dir = Path(source)
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(f"{hf_dir} is not a model folder (no config.json)")
+    transformers = quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    if getattr(config, "model_type", None) != "llava":
+        raise ExportError(f"{hf_dir}: model type {config.model_type!r} is not LLaVA; the vision export reads "
+                          f"LlavaForConditionalGeneration folders")
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    tower = transformers.AutoModel.from_config(config.vision_config, dtype=torch.float32)
+    projector = LlavaMultiModalProjector(config).float()
+    tower_sd, projector_sd = _vision_state_dicts(hf_dir)
+    for name, module, sd in (("vision tower", tower, tower_sd), ("projector", projector, projector_sd)):
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ExportError(f"{hf_dir}: the {name}'s weights do not match its config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    spec = None
+    pre = hf_dir / "preprocessor_config.json"
+    if pre.is_file():
+        spec = spec_from_preprocessor_config(json.loads(pre.read_text()))
+    return VisionSource(config, tower.eval(), projector.eval(), spec)
+
+
+def _vision_state_dicts(hf_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tower and projector tensors, from either llava-hf layout.
+
+    Hub checkpoints say `vision_tower.vision_model.X` and `multi_modal_projector.X`;
+    transformers 5 saves `model.vision_tower.X` (it drops CLIP's `vision_model.`
+    prefix and nests everything under `model.`).
+    """
+    from safetensors import safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{hf_dir} has no *.safetensors weights")
+    tower: dict[str, Any] = {}
+    projector: dict[str, Any] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():  # noqa: SIM118  (safe_open is not iterable)
+                name = key.removeprefix("model.")
+                if name.startswith("vision_tower."):
+                    short = name.removeprefix("vision_tower.").removeprefix("vision_model.")
+                    tower[short] = h.get_tensor(key).float()
+                elif name.startswith("multi_modal_projector."):
+                    projector[name.removeprefix("multi_modal_projector.")] = h.get_tensor(key).float()
+    if not tower or not projector:
+        raise ExportError(f"{hf_dir}: no vision_tower / multi_modal_projector tensors in its safetensors")
+    return tower, projector
+
+
+# -- export and check -------------------------------------------------------------------------
+
+OPSET = 17  # LayerNormalization is an op from 17; ONNX Runtime >= 1.17 and TensorRT 8.6+ read it
+DTYPES = ("fp32", "fp16", "int8")
+# Per dtype: the largest allowed max |onnx - torch| / max |torch| and the smallest allowed
+# cosine of any output token against torch's. Measured (random weights) on the tiny test
+# models and at CLIP ViT-L/14-336 + 4096 projector (benchmarks/vision_encoder.py):
+#   fp32  4e-7 .. 1e-6 relative, cosine 1.0
+#   fp16  5e-4 .. 9e-4 relative, cosine 0.999999
+#   int8  2e-2 .. 5e-2 relative, cosine 0.998 .. 0.9996
+TOLERANCE: dict[str, dict[str, float]] = {
+    "fp32": {"max_rel_diff": 1e-4, "min_cosine": 0.99999},
+    "fp16": {"max_rel_diff": 1e-2, "min_cosine": 0.999},
+    "int8": {"max_rel_diff": 0.1, "min_cosine": 0.99},
+}
+
+
+@dataclass
+class VisionExportInfo:
+    path: Path
+    family: str
+    dtype: str
+    opset: int
+    image_size: tuple[int, int]
+    n_tokens: int
+    hidden: int  # the language model's width: image_embeds' last axis
+    vision_hidden: int
+    feature_layer: int | list[int]
+    select_strategy: str
+    preprocess: dict[str, Any]  # ImageProcessorSpec.to_dict()
+    check: dict[str, Any] = field(default_factory=dict)
+    io_dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.path.name, "family": self.family, "dtype": self.dtype, "io_dtype": self.io_dtype,
+            "opset": self.opset, "input": INPUT, "output": OUTPUT, "image_size": list(self.image_size),
+            "n_tokens": self.n_tokens, "hidden": self.hidden, "vision_hidden": self.vision_hidden,
+            "feature_layer": self.feature_layer, "select_strategy": self.select_strategy,
+            "preprocess": self.preprocess, "check": self.check,
+        }
+
+
+def export_vision(
+    source: Path | str | Any,
+    out_path: Path | str,
+    dtype: str = "fp32",
+    *,
+    opset: int = OPSET,
+    spec: ImageProcessorSpec | None = None,
+    check_images: list[np.ndarray] | None = None,
+    tolerance: dict[str, float] | None = None,
+    threads: int | None = None,
+) -> VisionExportInfo:
+    """Export a LLaVA model's vision tower + projector to `out_path` and check it against torch.
+
+    `source` is a LLaVA folder or model. `spec` overrides the folder's preprocessing
+    (e.g. `pad_to_square`); `check_images` are (H, W, 3) uint8 photos for the check,
+    on top of two random images. Raises ExportError when ONNX Runtime's output is
+    outside `tolerance` (default: TOLERANCE[dtype]); nothing is left at `out_path` then.
+    """
+    from ...fsutil import atomic_file
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown vision export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    src = load_vision_source(source)
+    family = family_for(src.config)
+    spec = spec or src.spec or family.default_spec()
+    graph = family.graph(src.tower, src.projector).eval()
+    h, w = family.image_size
+    if spec.output_size != (h, w):
+        got = "images of varying size" if spec.output_size is None else f"{spec.output_size} images"
+        raise ExportError(f"the preprocessing gives {got} but the vision tower takes {h}x{w}")
+
+    out_path = Path(out_path)
+    with atomic_file(out_path) as tmp:
+        fp32 = tmp.with_name(tmp.name + ".fp32") if dtype != "fp32" else tmp
+        try:
+            _torch_export(graph, fp32, (h, w), opset)
+            if dtype == "fp16":
+                _to_fp16(fp32, tmp)
+            elif dtype == "int8":
+                _to_int8(fp32, tmp)
+        finally:
+            if fp32 != tmp:
+                fp32.unlink(missing_ok=True)
+        pixels = _check_inputs(spec, check_images)
+        check = check_against_torch(graph, tmp, pixels, threads=threads)
+        limits = tolerance or TOLERANCE[dtype]
+        check["tolerance"] = dict(limits)
+        if check["max_rel_diff"] > limits["max_rel_diff"] or check["min_cosine"] < limits["min_cosine"]:
+            raise ExportError(
+                f"the {dtype} vision encoder differs from torch beyond tolerance: max rel diff "
+                f"{check['max_rel_diff']:.3g} (allowed {limits['max_rel_diff']:.3g}), min cosine "
+                f"{check['min_cosine']:.6f} (allowed {limits['min_cosine']})"
+            )
+    return VisionExportInfo(
+        path=out_path, family=family.name, dtype=dtype, opset=opset, image_size=(h, w),
+        n_tokens=check["n_tokens"], hidden=check["hidden"], vision_hidden=int(family.vision.hidden_size),
+        feature_layer=family.layers, select_strategy=family.strategy, preprocess=spec.to_dict(), check=check,
+    )
+
+
+def _torch_export(graph: Any, path: Path, image_size: tuple[int, int], opset: int) -> None:
+    import warnings
+
+    torch = require("torch", "build")
+    example = torch.zeros(2, 3, *image_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation notices about code we do not own
+        # The TorchScript exporter: it needs no onnxscript and gives plain opset-17 graphs.
+        torch.onnx.export(
+            graph, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT], output_names=[OUTPUT],
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            do_constant_folding=True,
+        )
+
+
+def _to_fp16(src: Path, dst: Path) -> None:
+    onnx = require("onnx", "build")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: the graph still takes and returns float32, Casts sit at its edges
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def _to_int8(src: Path, dst: Path) -> None:
+    import logging
+
+    require("onnxruntime", "build")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Dynamic quantisation: int8 weights per output channel, activations quantised per
+    # batch at run time (MatMulInteger); needs no calibration images.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" advice on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+
+
+def _check_inputs(spec: ImageProcessorSpec, photos: list[np.ndarray] | None) -> np.ndarray:
+    from ...runtime.preprocess import preprocess
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((97, 131, 3), (64, 64, 3))]
+    images += list(photos) if photos else [_structured_image()]
+    return np.stack([preprocess(im, spec) for im in images])
+
+
+def _structured_image(h: int = 240, w: int = 320) -> np.ndarray:
+    """A stand-in photo (smooth gradients, edges, flat regions) when the caller gives none."""
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    r = 255 * (0.5 + 0.5 * np.sin(6 * x + 2 * y))
+    g = 255 * ((x - 0.3) ** 2 + (y - 0.6) ** 2 < 0.05)
+    b = 255 * np.clip(y * 1.2 - 0.1, 0, 1)
+    return np.stack([r, np.maximum(g, 40 * x), b], axis=-1).astype(np.uint8)
+
+
+def check_against_torch(
+    graph: Any, onnx_path: Path, pixels: np.ndarray, threads: int | None = None
+) -> dict[str, Any]:
+    """ONNX Runtime (CPU) vs the torch module on `pixels`, as one batch and one image alone."""
+    torch = require("torch", "build")
+    from ...runtime.encoders import VisionEncoder
+
+    with torch.no_grad():
+        want = graph(torch.from_numpy(pixels)).float().numpy()
+    encoder = VisionEncoder.load(onnx_path, providers=["CPUExecutionProvider"], threads=threads)
+    try:
+        got = encoder.encode(pixels)
+        single = encoder.encode(pixels[:1])  # batch 1 on the same graph: the batch axis is dynamic
+    finally:
+        encoder.close()
+    if got.shape != want.shape:
+        raise ExportError(f"ONNX output shape {got.shape} differs from torch's {want.shape}")
+    got = np.concatenate([got, single])
+    want = np.concatenate([want, want[:1]])
+    diff = np.abs(got - want)
+    cos = _cosine(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
+    return {
+        "images": int(pixels.shape[0]),
+        "n_tokens": int(want.shape[1]),
+        "hidden": int(want.shape[2]),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_rel_diff": float(diff.max() / max(float(np.abs(want).max()), 1e-12)),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    num = (a64 * b64).sum(-1)
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return num / np.maximum(den, 1e-30)

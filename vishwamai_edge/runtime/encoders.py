@@ -1,0 +1,100 @@
+"""Encoders on the device: ONNX Runtime sessions over the graphs `export/onnx` writes.
+
+A vision graph takes `pixel_values` (batch, 3, H, W) float32 and returns `image_embeds`
+(batch, tokens, llm_hidden), already in the language model's width, so its rows can
+be spliced into the prompt as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import BundleError, InputError, require
+
+# TensorRT is left out of the default on purpose: its first session builds an engine,
+# minutes on a Jetson; ask for it by name when the bundle's target wants it.
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+INPUT, OUTPUT = "pixel_values", "image_embeds"
+
+Provider = str | tuple[str, dict[str, Any]]  # a name, or (name, provider options)
+
+
+class Encoder(Protocol):
+    """What the pipeline needs from any encoder (vision now, audio later)."""
+
+    providers: list[str]
+
+    def encode(self, features: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def choose_providers(preferred: Sequence[Provider] | None, available: Sequence[str]) -> list[Provider]:
+    """The preferred providers this onnxruntime build has, in the preferred order."""
+    wanted = list(preferred) if preferred is not None else list(DEFAULT_PROVIDERS)
+    chosen = [p for p in wanted if (p if isinstance(p, str) else p[0]) in available]
+    if not chosen:
+        names = [p if isinstance(p, str) else p[0] for p in wanted]
+        raise BundleError(
+            f"none of the execution providers {', '.join(names)} is in this onnxruntime "
+            f"(it has {', '.join(available)})"
+        )
+    return chosen
+
+
+class VisionEncoder:
+    """One vision tower + projector graph in an ONNX Runtime session."""
+
+    def __init__(self, session: Any, path: Path):
+        self.session = session
+        self.path = path
+        self.providers: list[str] = list(session.get_providers())  # what ORT really uses
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        if INPUT not in inputs or OUTPUT not in outputs:
+            raise BundleError(
+                f"{path} is not a vision encoder graph (needs input {INPUT!r} and output {OUTPUT!r})"
+            )
+        shape = inputs[INPUT].shape  # [batch, 3, H, W]; H, W fixed at export
+        self.image_size: tuple[int, int] | None = (
+            (shape[2], shape[3]) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
+        )
+        out_shape = outputs[OUTPUT].shape  # [batch, tokens, hidden]
+        self.n_tokens: int | None = out_shape[1] if isinstance(out_shape[1], int) else None
+        self.hidden: int | None = out_shape[2] if isinstance(out_shape[2], int) else None
+
+    @classmethod
+    def load(cls, path: Path | str, providers: Sequence[Provider] | None = None,
+             threads: int | None = None) -> VisionEncoder:
+        ort = require("onnxruntime", "runtime")
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"vision encoder {path} does not exist")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        chosen = choose_providers(providers, ort.get_available_providers())
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        except Exception as exc:  # ORT raises its own exception types for a bad or truncated file
+            raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        return cls(session, path)
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(n, 3, H, W) float32 -> (n, tokens, hidden) float32."""
+        x = np.asarray(pixel_values)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"pixel values must be (n, 3, H, W), got shape {x.shape}")
+        if self.image_size and tuple(x.shape[2:]) != self.image_size:
+            raise InputError(f"this encoder takes {self.image_size[0]}x{self.image_size[1]} images, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        out = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None
