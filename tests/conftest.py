@@ -52,6 +52,7 @@ TOKENIZER_VARIANTS = {
     "gemma": lambda out, dirs: tiny_models.train_gemma_tokenizer(out),
     "gemma-spm-only": lambda out, dirs: tiny_models.train_gemma_tokenizer(out, tokenizer_json=False),
     "spm-json-only": lambda out, dirs: tiny_models.without_tokenizer_model(dirs["spm"], out),
+    "llama2-spm-only": lambda out, dirs: tiny_models.train_llama2_spm_only_tokenizer(out),
 }
 
 VARIANTS = {
@@ -62,6 +63,8 @@ VARIANTS = {
     "gemma-spm-only": ("gemma", "gemma-spm-only", {"tie_word_embeddings": True, "head_dim": 32}),
     # SentencePiece stored as tokenizer.json only (byte fallback), as a GGUF source's folder has it
     "mistral-json-only": ("mistral", "spm-json-only", {}),
+    # an older Llama 2 / Vicuna folder: tokenizer.model only (no tokenizer.json), Llama 2 chat template
+    "llama2-spm-only": ("llama", "llama2-spm-only", {}),
 }
 
 

@@ -231,3 +231,42 @@ def build_tiny_model(
     for f in tokenizer_dir.iterdir():
         shutil.copy2(f, out / f.name)
     return out
+
+
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + m['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+# Llama 2 chat turns and Markdown lists: pieces such as "▁[", "▁*" and "▁▁" on which the
+# tokenizer transformers builds from tokenizer.model alone and SentencePiece part ways.
+LLAMA2_CORPUS = CORPUS + [
+    "[INST] What is the capital of France? [/INST] Paris.</s>",
+    "[INST] And of Germany? [/INST] Berlin.",
+    "x  * a list  * item   ** bold **",
+    "  * first\n  * second\n    * nested",
+] * 20
+
+
+def train_llama2_spm_only_tokenizer(out: Path, vocab_size: int = 500) -> Path:
+    """An older Llama 2 / Vicuna style folder: tokenizer.model and tokenizer_config.json only,
+    no tokenizer.json, with the Llama 2 chat template ("<s>[INST] ... [/INST] ... </s>")."""
+    import io
+
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LLAMA2_CORPUS), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": True, "chat_template": LLAMA2_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out

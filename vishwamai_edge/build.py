@@ -6,9 +6,12 @@ stamp matches, so an interrupted build resumes where it stopped and a finished
 one costs seconds.
 
     build/<recipe>/source/                 HF folder (only for GGUF sources)
+    build/<recipe>/llm-hf/                 a vision-language model's language model, split out
     build/<recipe>/export/model-f16.gguf   converted + checked against torch
     build/<recipe>/export/model-q4_k_m.gguf
-    build/<recipe>/<target>/               the bundle: llm/..., manifest.json
+    build/<recipe>/export/vision-fp16.onnx vision tower + projector (VLMs), checked against torch
+    build/<recipe>/export/mmproj-f16.gguf  the same for stock llama.cpp (CLIP towers)
+    build/<recipe>/<target>/               the bundle: llm/..., encoders/..., manifest.json
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rich.console import Console
 from . import __version__
 from .errors import ExportError, SourceError
 from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, write_json
+from .export.llava import is_llava
 from .recipe import Recipe
 from .runtime.bundle import write_manifest
 from .targets import TargetProfile
@@ -168,6 +172,66 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # set by accelerate / torchrun for each process
 
 
+def stage_split_llm(ctx: BuildContext, hf_dir: Path) -> Path:
+    """A LLaVA folder's language model as a plain HF folder, for the GGUF export and its check."""
+    from .export.llava import split_language_model
+
+    out = ctx.root / "llm-hf"
+    inputs = sha256_json(["split", __version__, folder_fingerprint(hf_dir)])
+    if up_to_date(ctx, out, inputs, "llm-hf") is not None:
+        return out
+    with ctx.console.status("splitting out the language model"), atomic_dir(out) as tmp:
+        split_language_model(hf_dir, tmp)
+    mark_done(out, inputs, {})
+    return out
+
+
+def stage_vision(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Vision tower + projector -> ONNX at the recipe's dtype, checked against torch."""
+    from .export.onnx import export_vision
+    from .runtime.preprocess import spec_from_preprocessor_config
+
+    spec = ctx.recipe.export.vision
+    out = ctx.root / "export" / f"vision-{spec.dtype}.onnx"
+    inputs = sha256_json(["vision", __version__, folder_fingerprint(hf_dir), spec.model_dump()])
+    if (cached := up_to_date(ctx, out, inputs, out.name)) is not None:
+        return out, cached
+    processor = None
+    if spec.pad_to_square is not None:
+        config = json.loads((hf_dir / "preprocessor_config.json").read_text())
+        processor = spec_from_preprocessor_config(config, pad_to_square=spec.pad_to_square)
+    with ctx.console.status(f"exporting the vision encoder to {out.name} and checking it against torch"):
+        info = export_vision(hf_dir, out, spec.dtype, spec=processor, threads=ctx.n_threads)
+    result = info.to_dict()
+    result["file"] = out.name
+    mark_done(out, inputs, result)
+    c = result["check"]
+    ctx.console.print(f"[green]✓[/] {out.name}: {info.n_tokens} tokens x {info.hidden} per image, "
+                      f"max rel diff {c['max_rel_diff']:.3g}, min cosine {c['min_cosine']:.6f}")
+    return out, result
+
+
+def stage_mmproj(ctx: BuildContext, hf_dir: Path) -> Path | None:
+    """The vision side as an mmproj GGUF, so the bundle also runs in stock llama.cpp (CLIP towers only)."""
+    from .export.gguf.mmproj import write_mmproj
+    from .export.llava import read_config
+
+    if not ctx.recipe.export.vision.mmproj:
+        return None
+    if (read_config(hf_dir).get("vision_config") or {}).get("model_type") != "clip_vision_model":
+        ctx.console.print("[yellow]-[/] no mmproj: llama.cpp's LLaVA projector takes CLIP towers only")
+        return None
+    outtype = "f32" if ctx.recipe.export.gguf.outtype == "f32" else "f16"
+    out = ctx.root / "export" / f"mmproj-{outtype}.gguf"
+    inputs = sha256_json(["mmproj", __version__, folder_fingerprint(hf_dir), outtype])
+    if up_to_date(ctx, out, inputs, out.name) is not None:
+        return out
+    with ctx.console.status(f"writing {out.name}"):
+        write_mmproj(hf_dir, out, outtype)
+    mark_done(out, inputs, {})
+    return out
+
+
 def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]:
     """HF folder -> unquantized GGUF, checked against torch; fails when out of tolerance."""
     from .export.gguf import convert_hf_to_gguf
@@ -200,10 +264,16 @@ def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, 
         )
     if check["tokenizer_agreement"] < 1.0:
         out.unlink()
-        raise ExportError(
-            f"{out.name}: llama.cpp tokenizes {1 - check['tokenizer_agreement']:.0%} of the check prompts "
-            "differently from the HF tokenizer; set export.gguf.tokenizer_pre in the recipe"
-        )
+        share = f"{out.name}: llama.cpp tokenizes {1 - check['tokenizer_agreement']:.0%} of the check prompts"
+        if check.get("tokenizer_reference") == "sentencepiece":
+            cause = (" differently from SentencePiece (tokenizer.model): the GGUF's special-token types "
+                     "or normalisation (dummy prefix) differ from the model's; please report a bug")
+        elif check.get("tokenizer_kind") == "sentencepiece":
+            cause = (" differently from the HF tokenizer: the GGUF's special-token types or normalisation "
+                     "(space prefix) differ from tokenizer.json's; please report a bug")
+        else:
+            cause = " differently from the HF tokenizer; set export.gguf.tokenizer_pre in the recipe"
+        raise ExportError(share + cause)
     mark_done(out, inputs, result)
     _report(ctx, out, check)
     return out, result
@@ -268,14 +338,40 @@ def _report(ctx: BuildContext, path: Path, check: dict[str, Any]) -> None:
         f"top-1 agreement {check['top1_agreement']:.0%}, tokenizer agreement {check['tokenizer_agreement']:.0%}"
     )
 
+@dataclass
+class VisionParts:
+    """What a vision-language build adds to its bundle."""
+
+    encoder: Path
+    entry: dict[str, Any]  # the manifest's encoders.image
+    image_token: dict[str, Any]
+    chat_template: str | None
+    mmproj: Path | None = None
+
+
 def stage_package(
-    ctx: BuildContext, gguf_path: Path, quant: str, checks: dict[str, Any], out_dir: Path
+    ctx: BuildContext, gguf_path: Path, quant: str, checks: dict[str, Any], out_dir: Path,
+    vision: VisionParts | None = None,
 ) -> dict[str, Any]:
     """Assemble the bundle folder; the manifest is written last, then the folder renamed."""
     rel = f"llm/{gguf_path.name}"
+    files = [rel]
     with atomic_dir(out_dir) as tmp:
         (tmp / "llm").mkdir()
         _link_or_copy(gguf_path, tmp / rel)
+        extra: dict[str, Any] = {}
+        if vision is not None:
+            (tmp / "encoders").mkdir()
+            enc_rel = f"encoders/{vision.encoder.name}"
+            _link_or_copy(vision.encoder, tmp / enc_rel)
+            files.append(enc_rel)
+            entry = {**vision.entry, "file": enc_rel, "providers": list(_encoder_providers(ctx.target))}
+            extra["encoders"] = {"image": entry}
+            if vision.mmproj is not None:
+                mm_rel = f"llm/{vision.mmproj.name}"
+                _link_or_copy(vision.mmproj, tmp / mm_rel)
+                files.append(mm_rel)
+                extra["mmproj"] = {"file": mm_rel, "note": "for stock llama.cpp (llama-mtmd-cli, Ollama)"}
         manifest = {
             "name": f"{ctx.recipe.name}-{ctx.target.name}-{quant}",
             "recipe": ctx.recipe.name,
@@ -286,7 +382,7 @@ def stage_package(
                 "memory_bandwidth_gbs": ctx.target.memory_bandwidth_gbs,
                 "cuda_arch": ctx.target.cuda_arch,
             },
-            "backends": ["llamacpp"],
+            "backends": ["llamacpp"] + (["onnxruntime"] if vision is not None else []),
             "llm": {"backend": "llamacpp", "format": "gguf", "quant": quant, "file": rel,
                     "tensor_types": checks[quant]["tensor_types"]},
             "checks": {name: c["check"] for name, c in checks.items()},
@@ -294,10 +390,23 @@ def stage_package(
             "source": {"kind": ctx.recipe.source.kind,
                        "path": str(ctx.recipe.source.path) if ctx.recipe.source.path else None},
             "versions": _versions(),
+            **extra,
         }
-        write_manifest(tmp, manifest, [rel])
+        if vision is not None:
+            manifest["llm"]["image_token"] = vision.image_token
+            if vision.chat_template:
+                manifest["llm"]["chat_template"] = vision.chat_template
+            manifest["checks"]["vision"] = vision.entry["check"]
+        write_manifest(tmp, manifest, files)
         manifest = json.loads((tmp / "manifest.json").read_text())
     return manifest
+
+def _encoder_providers(target: TargetProfile) -> tuple[str, ...]:
+    # CUDA where the target has an NVIDIA GPU; ONNX Runtime drops what its build lacks
+    if target.cuda_arch:
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
+
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
@@ -335,6 +444,14 @@ def build(
     if recipe.finetune is not None:
         hf_dir = stage_merge(ctx, hf_dir, stage_finetune(ctx, hf_dir))
         checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
+    vision = None
+    if is_llava(hf_dir):
+        from .export.llava import chat_template, image_token
+
+        encoder, entry = stage_vision(ctx, hf_dir)
+        vision = VisionParts(encoder, entry, image_token(hf_dir).to_dict(), chat_template(hf_dir),
+                             stage_mmproj(ctx, hf_dir))
+        hf_dir = stage_split_llm(ctx, hf_dir)
     base, base_result = stage_export_gguf(ctx, hf_dir)
     checks[recipe.export.gguf.outtype] = base_result
     quants = list(dict.fromkeys([*recipe.export.gguf.quants, quant]))
@@ -345,6 +462,6 @@ def build(
     bundle_gguf = base if quant == recipe.export.gguf.outtype else base.with_name(f"model-{quant}.gguf")
     name = target.name if quant == target.gguf_quant else f"{target.name}-{quant}"
     out_dir = root / name
-    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir)
+    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, vision)
     console.print(f"[bold green]bundle ready:[/] {out_dir}")
     return BuildResult(out_dir, manifest, ctx.skipped)

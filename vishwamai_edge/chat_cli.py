@@ -1,4 +1,4 @@
-"""Terminal chat: stream replies from a bundle, one conversation."""
+"""Terminal chat: stream replies from a bundle, one conversation; images with --image or /image."""
 
 from __future__ import annotations
 
@@ -7,20 +7,36 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .errors import InputError
 from .runtime.backends import SamplingParams
+from .runtime.media import MediaBudget, image_part
 from .runtime.session import ChatSession, GenerationStats, Pipeline
 
 
 def format_stats(s: GenerationStats) -> str:
+    images = f", {s.images} image(s) encoded in {s.encode_s * 1000:.0f} ms" if s.images else ""
     return (
-        f"{s.prompt_tokens} prompt tokens, {s.completion_tokens} generated, "
+        f"{s.prompt_tokens} prompt tokens{images}, {s.completion_tokens} generated, "
         f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s"
         + (" (stopped: length limit)" if s.finish_reason == "length" else "")
     )
 
 
-def stream_reply(session: ChatSession, text: str, out=sys.stdout) -> GenerationStats:
-    for piece in session.ask(text):
+def read_image(path: Path, pipeline: Pipeline, budget: MediaBudget | None = None):
+    """An image file as (H, W, 3) uint8 pixels, refused in one line when it is not one."""
+    budget = budget or MediaBudget(accepts=frozenset(pipeline.encoders))
+    budget.require("image")  # a text-only bundle: say so before reading the file
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image file {path} does not exist")
+    try:
+        return image_part(path.read_bytes(), budget).pixels
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def stream_reply(session: ChatSession, text: str, out=sys.stdout, images=()) -> GenerationStats:
+    for piece in session.ask(text, images=images):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -36,6 +52,7 @@ def run_chat(
     n_ctx: int | None,
     threads: int | None,
     show_stats: bool,
+    images: list[Path] | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
@@ -47,18 +64,25 @@ def run_chat(
         max_tokens=max_tokens or defaults.get("max_tokens", 512),
     )
 
+    pending = []  # images for the next turn
+
     def one_turn(text: str) -> None:
-        stats = stream_reply(session, text)
+        stats = stream_reply(session, text, images=tuple(pending))
+        pending.clear()
         if show_stats:
             err.print(f"[dim]{format_stats(stats)}[/]")
 
     try:
+        budget = MediaBudget(accepts=frozenset(pipeline.encoders))
+        pending.extend(read_image(p, pipeline, budget) for p in images or [])
         if prompt is not None:
             one_turn(prompt)
             return
         interactive = sys.stdin.isatty()
         if interactive:
-            err.print(f"[bold]{pipeline.bundle.name}[/] — /reset clears the conversation, /exit or Ctrl-D quits")
+            images_hint = ", /image FILE attaches an image" if "image" in pipeline.encoders else ""
+            err.print(f"[bold]{pipeline.bundle.name}[/] — /reset clears the conversation{images_hint}, "
+                      "/exit or Ctrl-D quits")
         while True:
             if interactive:
                 err.print("[bold cyan]you>[/] ", end="")
@@ -74,6 +98,16 @@ def run_chat(
                 session.reset()
                 err.print("[dim]conversation cleared[/]")
                 continue
-            one_turn(text)
+            if text.startswith("/image "):
+                try:
+                    pending.append(read_image(Path(text[len("/image "):].strip()), pipeline))
+                    err.print("[dim]image attached to your next message[/]")
+                except InputError as exc:
+                    err.print(f"[red]error:[/] {exc}")
+                continue
+            try:
+                one_turn(text)
+            except InputError as exc:  # the conversation goes on after a bad turn
+                err.print(f"[red]error:[/] {exc}")
     finally:
         pipeline.close()

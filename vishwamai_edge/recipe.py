@@ -50,9 +50,18 @@ class VerifySpec(Strict):
     quant_min_top1_agreement: float = Field(0.5, ge=0, le=1, description="quantized exports vs torch")
 
 
+class VisionSpec(Strict):
+    """The vision side of a vision-language model (ignored for text-only models)."""
+
+    dtype: Literal["fp32", "fp16", "int8"] = Field("fp16", description="the ONNX encoder the bundle carries")
+    mmproj: bool = Field(True, description="also write an mmproj GGUF for stock llama.cpp (CLIP towers)")
+    pad_to_square: bool | None = Field(None, description="LLaVA-1.5's `image_aspect_ratio: pad`; default: the folder's")
+
+
 class ExportSpec(Strict):
     gguf: GGUFSpec = Field(default_factory=GGUFSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
+    vision: VisionSpec = Field(default_factory=VisionSpec)
 
 
 class RuntimeSpec(Strict):

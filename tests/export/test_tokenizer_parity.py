@@ -15,7 +15,7 @@ from tiny_models import GEMMA_TURN_MARKERS
 
 from vishwamai_edge.errors import quiet_transformers
 from vishwamai_edge.export.gguf import convert_hf_to_gguf
-from vishwamai_edge.export.verify import chat_check_prompt
+from vishwamai_edge.export.verify import SentencePieceReference, chat_check_prompt
 from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
 from vishwamai_edge.sources import hf_dir_from_gguf
 
@@ -75,6 +75,25 @@ def test_sentencepiece_variants(tiny_variant, tmp_path, variant):
     gguf_path = convert_hf_to_gguf(hf_dir, tmp_path / "t.gguf", "f16").path
     texts = TEXTS + [f"{FAMILY_SPECIALS[variant]}inline special", "text<start_of_turn>user\nhi<end_of_turn>"]
     assert compare(hf_dir, gguf_path, texts) == []
+
+
+@pytest.mark.parametrize("variant", ["llama2-spm-only", "gemma-spm-only"])
+def test_sentencepiece_only_follows_sentencepiece(tiny_variant, tmp_path, variant):
+    """A folder with tokenizer.model only: llama.cpp tokenizes as SentencePiece itself (specials
+    split out first, dummy prefix per piece of text), whatever transformers' own tokenizer does."""
+    hf_dir = tiny_variant(variant)
+    ref = SentencePieceReference(hf_dir)
+    chat = chat_check_prompt(quiet_transformers().AutoTokenizer.from_pretrained(hf_dir))
+    texts = TEXTS + ["x  * a list  * item", "  * first\n  * second", "text</s><s>[INST] hi [/INST]",
+                     "text<start_of_turn>user\nhi<end_of_turn>"]
+    gguf_path = convert_hf_to_gguf(hf_dir, tmp_path / "t.gguf", "f16").path
+    backend = LlamaCppBackend.load(gguf_path, n_ctx=256, n_threads=1)
+    try:
+        cases = [(t, True) for t in texts] + [(chat, False)]
+        assert [t for t, special in cases if backend.tokenize(t, add_special=special, parse_special=True)
+                != ref.encode(t, add_special=special)] == []
+    finally:
+        backend.close()
 
 
 @pytest.mark.e2e

@@ -98,3 +98,46 @@ class VisionEncoder:
 
     def close(self) -> None:
         self.session = None
+
+
+class ImageEncoder:
+    """A bundle's image encoder: numpy preprocessing, then the ONNX graph.
+    Decoded images in, one (tokens, llm_hidden) block of embedding rows per image out."""
+
+    def __init__(self, vision: VisionEncoder, spec: Any, n_tokens: int, hidden: int):
+        self.vision = vision
+        self.spec = spec
+        self.n_tokens = n_tokens
+        self.hidden = hidden
+
+    @property
+    def providers(self) -> list[str]:
+        return self.vision.providers
+
+    @classmethod
+    def from_manifest(cls, path: Path, entry: dict[str, Any], threads: int | None = None,
+                      providers: Sequence[Provider] | None = None) -> ImageEncoder:
+        """`entry` is the manifest's `encoders.image` (export.onnx's VisionExportInfo.to_dict())."""
+        from .preprocess import ImageProcessorSpec
+
+        try:
+            spec = ImageProcessorSpec.from_dict(entry["preprocess"])
+            n_tokens, hidden = int(entry["n_tokens"]), int(entry["hidden"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"the manifest's image encoder entry is incomplete ({exc})") from None
+        vision = VisionEncoder.load(path, providers or entry.get("providers"), threads)
+        if (vision.n_tokens, vision.hidden) not in ((n_tokens, hidden), (None, None)):
+            raise BundleError(f"{path} gives {vision.n_tokens} x {vision.hidden} embeddings, the manifest says "
+                              f"{n_tokens} x {hidden}")
+        return cls(vision, spec, n_tokens, hidden)
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        from .preprocess import preprocess_batch
+
+        if not images:
+            return []
+        out = self.vision.encode(preprocess_batch(list(images), self.spec))
+        return [out[i] for i in range(out.shape[0])]
+
+    def close(self) -> None:
+        self.vision.close()

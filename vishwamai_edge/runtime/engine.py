@@ -292,11 +292,16 @@ class Engine:
                     budget.charge_seconds(part.samples.size / part.sample_rate)
 
     def _session_messages(self, request: ChatRequest) -> list[dict[str, Any]]:
-        # Text-only until encoders land: their parts become embedding segments in the prompt.
-        return [
-            {"role": m.role, "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))}
-            for m in request.messages
-        ]
+        """Engine messages -> the session's: a string, or parts when a message carries images."""
+        out = []
+        for m in request.messages:
+            if not any(isinstance(p, ImagePart) for p in m.parts):
+                out.append({"role": m.role, "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))})
+                continue
+            parts = [{"type": "image", "pixels": p.pixels} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                     for p in m.parts if isinstance(p, (ImagePart, TextPart))]
+            out.append({"role": m.role, "content": parts})
+        return out
 
     # worker side
     def _work(self) -> None:

@@ -1,4 +1,11 @@
-"""Chat on a loaded pipeline: template, prefill, streamed and incrementally detokenized text."""
+"""Chat on a loaded pipeline: template, prefill, streamed and incrementally detokenized text.
+
+Messages are `{"role", "content"}` dicts; content is a string, or a list of parts
+`{"type": "text", "text": ...}` and `{"type": "image", "pixels": (H, W, 3) uint8}`.
+The chat template writes one placeholder token per image (LLaVA's `<image>`); the
+image encoder's rows replace it in the prompt as an embedding segment, so an image
+takes `n_tokens` positions of the context and is never part of a reused KV prefix.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from .backends import Cancelled, LLMBackend, SamplingParams, Segment, TokenSegment, load_backend
+import numpy as np
+
+from ..errors import BundleError, ContextOverflowError, InputError
+from .backends import Cancelled, EmbeddingSegment, LLMBackend, SamplingParams, Segment, TokenSegment, load_backend
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE, render_chat
 
@@ -31,6 +40,8 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prefill_s: float = 0.0  # prompt evaluation, including the first sampled token's logits
+    images: int = 0
+    encode_s: float = 0.0  # image encoders (inside prefill_s and ttft_s)
     ttft_s: float = 0.0  # request start -> first text out
     decode_s: float = 0.0  # first generated token -> last generated token
     finish_reason: str = "stop"  # stop | length | cancelled
@@ -62,14 +73,46 @@ class Detokenizer:
         return ""
 
 
-class Pipeline:
-    """A bundle loaded for inference: the LLM backend (and, with multimodal bundles, encoders)."""
+@dataclass
+class Prompt:
+    """A rendered, tokenized conversation: one placeholder token per image, images in that order."""
 
-    def __init__(self, bundle: Bundle, llm: LLMBackend):
+    tokens: list[int]
+    images: list[np.ndarray]
+    image_positions: list[int]
+    tokens_per_image: int = 0
+
+    @property
+    def size(self) -> int:
+        """Context positions it takes: each image's placeholder becomes the encoder's rows."""
+        return len(self.tokens) + len(self.images) * (self.tokens_per_image - 1)
+
+    def segments(self, embeddings: list[np.ndarray]) -> list[Segment]:
+        out: list[Segment] = []
+        start = 0
+        for pos, rows in zip(self.image_positions, embeddings):
+            if pos > start:
+                out.append(TokenSegment(self.tokens[start:pos]))
+            out.append(EmbeddingSegment(rows))
+            start = pos + 1
+        if start < len(self.tokens):
+            out.append(TokenSegment(self.tokens[start:]))
+        return out
+
+
+class Pipeline:
+    """A bundle loaded for inference: the LLM backend and, for multimodal bundles, encoders."""
+
+    def __init__(self, bundle: Bundle, llm: LLMBackend, encoders: dict[str, Any] | None = None):
         self.bundle = bundle
         self.llm = llm
+        self.encoders: dict[str, Any] = encoders or {}
         manifest_template = bundle.llm.get("chat_template")
         self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
+        placeholder = bundle.llm.get("image_token") or {}
+        self.image_token_id: int | None = placeholder.get("id") if "image" in self.encoders else None
+        # templates written for image parts (LLaVA's) read text from part lists only
+        self.structured_content = "image" in self.encoders
 
     @classmethod
     def load(
@@ -87,14 +130,37 @@ class Pipeline:
             n_ctx=n_ctx or defaults.get("n_ctx", 2048),
             n_threads=n_threads,
         )
-        return cls(bundle, llm)
+        try:
+            encoders = load_encoders(bundle, n_threads)
+        except BaseException:
+            llm.close()
+            raise
+        return cls(bundle, llm, encoders)
 
     def session(self, **kwargs: Any) -> ChatSession:
         kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.get("system_prompt"))
         return ChatSession(self, **kwargs)
 
     def close(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.close()
         self.llm.close()
+
+
+def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any]:
+    """The manifest's `encoders` section: kind -> a loaded encoder (ONNX Runtime sessions)."""
+    from .encoders import ImageEncoder
+
+    entries = bundle.manifest.get("encoders") or {}
+    if not isinstance(entries, dict):
+        raise BundleError(f"bundle {bundle.root}: manifest encoders must be a mapping")
+    loaders = {"image": ImageEncoder.from_manifest}
+    out: dict[str, Any] = {}
+    for kind, entry in entries.items():
+        if kind not in loaders or not isinstance(entry, dict) or "file" not in entry:
+            raise BundleError(f"bundle {bundle.root}: manifest encoders.{kind} is not an encoder this runtime has")
+        out[kind] = loaders[kind](bundle.file(entry["file"]), entry, threads=n_threads)
+    return out
 
 
 class ChatSession:
@@ -121,10 +187,14 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
-    def ask(self, text: str) -> Iterator[str]:
-        if not text.strip():
+    def ask(self, text: str, images: list[np.ndarray] | tuple[np.ndarray, ...] = ()) -> Iterator[str]:
+        """Stream the reply to a user turn of text and images (each (H, W, 3) uint8, shown first)."""
+        if not text.strip() and not images:
             raise InputError("the message is empty")
-        self.messages.append({"role": "user", "content": text})
+        content: str | list[dict[str, Any]] = text
+        if images:
+            content = [*({"type": "image", "pixels": p} for p in images), {"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
         self.messages, _ = self.fit_history(self.messages)
         reply: list[str] = []
         try:
@@ -144,7 +214,7 @@ class ChatSession:
         """
         messages = list(messages)
         dropped = 0
-        while len(self.prompt_tokens(messages)) + reserve > self.llm.n_ctx:
+        while self.prompt(messages).size + reserve > self.llm.n_ctx:
             turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
             if len(turns) <= 1:
                 break
@@ -155,10 +225,26 @@ class ChatSession:
             del messages[first:end]
         return messages, dropped
 
+    def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
+        """Render and tokenize `messages`; images stay placeholders, collected in their order."""
+        images = [part["pixels"] for m in messages if isinstance(m["content"], list)
+                  for part in m["content"] if part.get("type") == "image"]
+        tokens = self.prompt_tokens(messages)
+        if not images:
+            return Prompt(tokens, [], [])
+        encoder, token_id = self.pipeline.encoders.get("image"), self.pipeline.image_token_id
+        if encoder is None or token_id is None:
+            raise InputError("this bundle has no image encoder; send text only, or build a bundle from a "
+                             "multimodal recipe")
+        positions = [i for i, t in enumerate(tokens) if t == token_id]
+        if len(positions) != len(images):
+            raise InputError(f"the chat template placed {len(positions)} image markers for {len(images)} images")
+        return Prompt(tokens, images, positions, encoder.n_tokens)
+
     def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         prompt = render_chat(
             self.pipeline.chat_template,
-            messages,
+            [self._for_template(m) for m in messages],
             bos_token=_special_text(self.llm, "bos"),
             eos_token=_special_text(self.llm, "eos"),
         )
@@ -167,6 +253,18 @@ class ChatSession:
         if len(tokens) > 1 and bos is not None and tokens[0] == tokens[1] == bos[0]:
             tokens = tokens[1:]  # the template wrote BOS and the tokenizer added another
         return tokens
+
+    def _for_template(self, message: dict[str, Any]) -> dict[str, Any]:
+        """What the template sees: no pixels, and parts or a string as the template expects."""
+        content = message["content"]
+        if isinstance(content, list):
+            parts = [{"type": "image"} if p.get("type") == "image" else p for p in content]
+            if self.pipeline.structured_content:
+                return {**message, "content": parts}
+            return {**message, "content": "".join(p.get("text", "") for p in parts)}
+        if self.pipeline.structured_content:
+            return {**message, "content": [{"type": "text", "text": content}]}
+        return message
 
     def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (not recorded in the session).
@@ -177,10 +275,19 @@ class ChatSession:
         """
         cancelled = cancelled or (lambda: False)
         start = time.perf_counter()
-        tokens = self.prompt_tokens(messages)
-        segments: list[Segment] = [TokenSegment(tokens)]
-        stats = GenerationStats(prompt_tokens=len(tokens))
+        prompt = self.prompt(messages)
+        stats = GenerationStats(prompt_tokens=prompt.size, images=len(prompt.images))
         self.last_stats = stats
+        if prompt.size >= self.llm.n_ctx:  # before encoding images that cannot fit anyway
+            raise ContextOverflowError(
+                f"the prompt is {prompt.size} tokens but the context holds {self.llm.n_ctx}; "
+                "shorten it (fewer images) or load the bundle with a larger context"
+            )
+        segments: list[Segment] = [TokenSegment(prompt.tokens)]
+        if prompt.images:
+            t = time.perf_counter()
+            segments = prompt.segments(self.pipeline.encoders["image"].encode(prompt.images))
+            stats.encode_s = time.perf_counter() - t
         try:
             self.llm.prefill(segments, abort=cancelled)
         except Cancelled:
@@ -190,7 +297,7 @@ class ChatSession:
 
         detok = Detokenizer(self.llm)
         held = ""  # text that might be the start of a stop string
-        budget = min(self.max_tokens, self.llm.n_ctx - len(tokens))
+        budget = min(self.max_tokens, self.llm.n_ctx - prompt.size)
         first_token_at = last_token_at = None
         stats.finish_reason = "length"
         for tok in self.llm.stream(self.sampling, budget):
