@@ -235,3 +235,41 @@ def test_truncated_png_and_image_to_a_text_bundle(bundles, embedded_bundle, tmp_
     assert proc.returncode == 2 and "cannot be decoded" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("chat", str(embedded_bundle), "--image", str(path), "-p", "hi")
     assert proc.returncode == 2 and "no image encoder" in proc.stderr
+
+
+def test_profile_image_scenario(bundles, tmp_path):
+    from rich.console import Console
+
+    from vishwamai_edge.profile import run_profile
+
+    result = run_profile([bundles["clip", "f16"]], tmp_path / "profile", "chat,image", repeat=2, warmup=1,
+                         threads=2, n_ctx=None, target=None, decode_tokens=8,
+                         console=Console(stderr=True, quiet=True))
+    image = result.report["bundles"][0]["scenarios"]["image"]
+    assert image["status"] == "ok", image
+    for run in image["runs"]:  # each run encodes the image again (no cached rows)
+        assert run["encode_s"] > 0 and run["ttft_s"] > run["encode_s"]
+        assert run["prompt_tokens"] > 25  # the image's 25 rows are counted in the prompt
+    md = (result.out_dir / "report.md").read_text()
+    assert "| image |" in md or "image" in md
+
+
+def test_an_image_resent_in_later_turns_is_encoded_once(bundles):
+    from vishwamai_edge.runtime.session import Pipeline
+
+    pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
+    try:
+        calls = []
+        encoder = pipeline.encoders["image"]
+        original = encoder.encode
+        encoder.encode = lambda images: calls.append(len(images)) or original(images)
+        session = pipeline.session(max_tokens=4)
+        img = photo(30, 40, 11)
+        first = "".join(session.ask("What is it?", images=[img]))
+        "".join(session.ask("And its colour?"))  # the first turn's image is in the prompt again
+        assert calls == [1] and session.last_stats.images == 1
+        fresh = pipeline.session(max_tokens=4)
+        pipeline.forget_images()
+        assert "".join(fresh.ask("What is it?", images=[img])) == first  # cached rows are the same rows
+    finally:
+        pipeline.close()

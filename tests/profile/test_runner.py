@@ -80,7 +80,7 @@ def test_report_of_two_bundles(fake_model, fake_bundle, tmp_path):
     assert chat["summary"]["roofline_ratio"]["median"] == pytest.approx(100 * per_token / 50e9)
     image = b["scenarios"]["image"]
     assert (image["status"], image["reason"]) == (
-        "skipped", "the bundle has no vision encoder (its manifest lists no encoders.vision)")
+        "skipped", "the bundle has no image encoder (its manifest lists no encoders.image)")
     assert "runs" not in image
     assert b["memory"]["peak_rss_bytes"] >= b["memory"]["baseline_rss_bytes"] > 0
     assert b["timeline"]["rss"] and [m for _, m in b["timeline"]["marks"]] == ["load", "chat", "prompt-512"]
@@ -90,7 +90,7 @@ def test_report_of_two_bundles(fake_model, fake_bundle, tmp_path):
     md = (out / "report.md").read_text()
     assert "### Side by side" in md and "### Decode tokens/s against context" in md
     assert "| q4_k_m | 100.0 (100.0-100.0) | 80.0 (80.0-80.0) |" in md
-    assert "the bundle has no vision encoder" in md
+    assert "the bundle has no image encoder" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("http-equiv", "")
     for rel in data["plots"].values():

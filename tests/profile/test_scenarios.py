@@ -17,11 +17,12 @@ def test_names():
 def test_encoder_scenarios_need_encoders():
     planned = {p.scenario.name: p.skip_reason for p in plan(["chat", "image", "audio"], MANIFEST, 4096, 64)}
     assert planned["chat"] is None
-    assert "no vision encoder" in planned["image"] and "no audio encoder" in planned["audio"]
-    with_vision = {**MANIFEST, "encoders": {"vision": {"file": "encoders/vision.onnx"}}}
-    planned = {p.scenario.name: p.skip_reason for p in plan(["image", "audio"], with_vision, 4096, 64)}
-    assert "cannot run encoders yet" in planned["image"]
-    assert "no audio encoder" in planned["audio"]
+    assert "no image encoder" in planned["image"] and "no audio encoder" in planned["audio"]
+    with_image = {**MANIFEST, "encoders": {"image": {"file": "encoders/vision.onnx"},
+                                           "audio": {"file": "encoders/audio.onnx"}}}
+    planned = {p.scenario.name: p.skip_reason for p in plan(["image", "audio"], with_image, 4096, 64)}
+    assert planned["image"] is None
+    assert "cannot run it yet" in planned["audio"]
 
 
 def test_context_sizing():

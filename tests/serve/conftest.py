@@ -98,3 +98,15 @@ def client(server):
     # no retries: a failure must show, not be papered over
     with OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=120) as c:
         yield c
+
+
+# -- a vision-language bundle (tests/vlm_bundles.py builds it once per session) -------------
+from vlm_bundles import vlm_bundle  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def vlm_server(vlm_bundle, tmp_path_factory) -> Iterator[LiveServer]:
+    """`serve` on the tiny LLaVA bundle, no API key, the default body limit."""
+    live = start_server(vlm_bundle, tmp_path_factory.mktemp("serve-vlm") / "server.log")
+    yield live
+    stop_server(live)

@@ -88,3 +88,7 @@ def mounted_url(ui_engine) -> Iterator[str]:
     mount_ui(app, ui_engine, "/ui", max_file_mb=MAX_FILE_MB)
     with serve_in_thread(app) as url:
         yield url
+
+
+# -- a vision-language bundle (tests/vlm_bundles.py builds it once per session) -------------
+from vlm_bundles import vlm_bundle  # noqa: E402,F401

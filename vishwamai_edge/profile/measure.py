@@ -143,3 +143,38 @@ def run_chat(pipeline: Pipeline, question: str, max_tokens: int) -> RunTimings:
         decode_s=st.decode_s,
         finish=st.finish_reason,
     )
+
+
+def profile_image(height: int = 480, width: int = 640) -> np.ndarray:
+    """A fixed photo-like test image: smooth gradients and a few shapes, the same on every machine."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
+    img[(x - width * 0.3) ** 2 + (y - height * 0.5) ** 2 < (height * 0.2) ** 2] = (220, 40, 40)
+    img[int(height * 0.2):int(height * 0.6), int(width * 0.6):int(width * 0.85)] = (30, 60, 200)
+    return img.astype(np.uint8)
+
+
+def run_image(pipeline: Pipeline, question: str, max_tokens: int, image: np.ndarray) -> RunTimings:
+    """One user turn with an image through ChatSession.generate: encoder time, then prefill and decode."""
+    session = pipeline.session(sampling=GREEDY, max_tokens=max_tokens)
+    messages = [*session.messages, {"role": "user", "content": [{"type": "image", "pixels": image},
+                                                                 {"type": "text", "text": question}]}]
+    t = time.perf_counter()
+    session.prompt(messages)  # template + tokenizer, timed on their own
+    tokenize_s = time.perf_counter() - t
+    pipeline.llm.reset()
+    pipeline.forget_images()  # every run encodes the image: the encoder is what is measured
+    for _ in session.generate(messages):
+        pass
+    st = session.last_stats
+    return RunTimings(
+        prompt_tokens=st.prompt_tokens,
+        decode_tokens=st.completion_tokens,
+        tokenize_s=tokenize_s,
+        encode_s=st.encode_s,
+        prefill_s=max(st.prefill_s - tokenize_s - st.encode_s, 0.0),
+        first_token_s=max(st.ttft_s - st.prefill_s, 0.0),
+        ttft_s=st.ttft_s,
+        decode_s=st.decode_s,
+        finish=st.finish_reason,
+    )

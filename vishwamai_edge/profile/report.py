@@ -100,7 +100,7 @@ def add_summary_notes(report: dict[str, Any]) -> None:
     if encoder_scenarios and all(not b.get("encoders") for b in report["bundles"]):
         notes.append(
             "image and audio scenarios run only when a bundle's manifest lists encoders (manifest "
-            "'encoders': vision / audio); none of these bundles has any, so they are reported as skipped"
+            "'encoders': image / audio); none of these bundles has any, so they are reported as skipped"
         )
     forced = sum(r.get("forced_tokens", 0) for b in report["bundles"] for sc in b["scenarios"].values()
                  for r in sc.get("runs", []))

@@ -23,7 +23,7 @@ from . import report as rpt
 from .gguf_meta import ModelShape, model_shape
 from .monitors import RssSampler, device_monitor, is_jetson, process_maxrss_bytes
 from .roofline import bytes_per_token, roofline_ratio
-from .scenarios import CHAT_QUESTION, PlannedScenario, Scenario, context_for, parse_names, plan
+from .scenarios import CHAT_QUESTION, IMAGE_QUESTION, PlannedScenario, Scenario, context_for, parse_names, plan
 from .stats import summarize
 
 SUMMARY_KEYS = (
@@ -65,7 +65,6 @@ def run_profile(
     if repeat < 1 or warmup < 0 or decode_tokens < 2:
         raise UserError("--repeat must be at least 1, --warmup at least 0 and --decode-tokens at least 2")
     names = parse_names(scenarios)
-    n_ctx = n_ctx or context_for(names, decode_tokens)
     from ..runtime.backends.llamacpp import default_threads
 
     threads = threads or default_threads()
@@ -78,6 +77,9 @@ def run_profile(
         t = time.perf_counter()
         b.verify()
         targets.append(_Target(b, Path(p), model_shape(b.llm_path()), time.perf_counter() - t))
+    image_rows = max([int(((t.bundle.manifest.get("encoders") or {}).get("image") or {}).get("n_tokens", 0))
+                      for t in targets] + [0])
+    n_ctx = n_ctx or context_for(names, decode_tokens, image_rows)
 
     report = rpt.new_report(
         settings={"scenarios": names, "repeat": repeat, "warmup": warmup, "threads": threads,
@@ -201,16 +203,18 @@ def _profile_bundle(
 
 
 def _run_once(s: Scenario, pipeline: Any, raw: Any, decode_tokens: int) -> dict[str, Any]:
-    from .measure import prompt_ids, run_chat, run_prompt
+    from .measure import profile_image, prompt_ids, run_chat, run_image, run_prompt
     from .overhead import run_overhead
 
     if s.kind == "chat":
         return run_chat(pipeline, CHAT_QUESTION, decode_tokens).to_dict()
+    if s.kind == "image":
+        return run_image(pipeline, IMAGE_QUESTION, decode_tokens, profile_image()).to_dict()
     if s.kind == "prompt":
         return run_prompt(pipeline.llm, prompt_ids(pipeline.llm, s.prompt_tokens), decode_tokens).to_dict()
     if s.kind == "overhead":
         return run_overhead(pipeline.llm, raw, s.prompt_tokens, decode_tokens)
-    raise UserError(f"scenario {s.name} cannot run on this runtime")  # encoder kinds are planned as skipped
+    raise UserError(f"scenario {s.name} cannot run on this runtime")  # audio is planned as skipped
 
 
 def _add_roofline(run: dict[str, Any], shape: ModelShape, bandwidth: dict[str, Any] | None) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 from ..errors import UserError
 
 CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
+IMAGE_QUESTION = "Describe this picture in one sentence."
+RUNNABLE_ENCODERS = ("image",)
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class Scenario:
     decode_tokens: int = 64  # tokens generated after the prompt
     encoder: str | None = None  # manifest encoders key this scenario needs
 
-    def context_needed(self, decode_tokens: int) -> int:
+    def context_needed(self, decode_tokens: int, image_rows: int = 0) -> int:
+        if self.kind == "image":  # the image's encoder rows, the template and the question
+            return image_rows + 64 + decode_tokens
         return self.prompt_tokens + decode_tokens + 8
 
 
@@ -36,7 +40,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("prompt-512", "prompt", "a 512-token prompt, then a fixed number of decoded tokens", 512),
         Scenario("prompt-1024", "prompt", "a 1024-token prompt, then a fixed number of decoded tokens", 1024),
         Scenario("prompt-2048", "prompt", "a 2048-token prompt, then a fixed number of decoded tokens", 2048),
-        Scenario("image", "image", "one image through the vision encoder, then an answer", encoder="vision"),
+        Scenario("image", "image", "one 640x480 image through the image encoder, then an answer",
+                 encoder="image"),
         Scenario("audio", "audio", "one audio clip through the audio encoder, then an answer",
                  encoder="audio"),
         Scenario(
@@ -86,18 +91,24 @@ def plan(
         reason = None
         if s.encoder and s.encoder not in encoders:
             reason = f"the bundle has no {s.encoder} encoder (its manifest lists no encoders.{s.encoder})"
-        elif s.encoder:
-            reason = f"the bundle has a {s.encoder} encoder but this runtime cannot run encoders yet"
+        elif s.encoder and s.encoder not in RUNNABLE_ENCODERS:
+            reason = f"the bundle has a {s.encoder} encoder but this runtime cannot run it yet"
         elif s.kind == "overhead" and backend != "llamacpp":
             reason = f"the comparison with raw llama-cpp-python needs a llama.cpp bundle, not {backend}"
-        elif s.context_needed(decode_tokens) > n_ctx:
-            need = s.context_needed(decode_tokens)
+        elif s.context_needed(decode_tokens, _image_rows(encoders)) > n_ctx:
+            need = s.context_needed(decode_tokens, _image_rows(encoders))
             reason = f"needs a context of {need} tokens, the profile uses {n_ctx} (--n-ctx)"
         out.append(PlannedScenario(s, reason))
     return out
 
 
-def context_for(names: list[str], decode_tokens: int) -> int:
-    """The smallest context, in steps of 256 tokens, that fits every prompt scenario in `names`."""
-    need = max([SCENARIOS[n].context_needed(decode_tokens) for n in names] + [512])
+def _image_rows(encoders: dict[str, Any]) -> int:
+    entry = encoders.get("image")
+    return int(entry.get("n_tokens", 0)) if isinstance(entry, dict) else 0
+
+
+def context_for(names: list[str], decode_tokens: int, image_rows: int = 0) -> int:
+    """The smallest context, in steps of 256 tokens, that fits every prompt scenario in `names`
+    (`image_rows`: the largest image encoder's rows per image among the bundles)."""
+    need = max([SCENARIOS[n].context_needed(decode_tokens, image_rows) for n in names] + [512])
     return -(-need // 256) * 256

@@ -10,7 +10,9 @@ takes `n_tokens` positions of the context and is never part of a reused KV prefi
 from __future__ import annotations
 
 import codecs
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,9 @@ class Detokenizer:
         return ""
 
 
+IMAGE_CACHE = 8  # encoded images a pipeline keeps for the turns that follow
+
+
 @dataclass
 class Prompt:
     """A rendered, tokenized conversation: one placeholder token per image, images in that order."""
@@ -109,6 +114,7 @@ class Pipeline:
         self.encoders: dict[str, Any] = encoders or {}
         manifest_template = bundle.llm.get("chat_template")
         self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
+        self._encoded: OrderedDict[bytes, np.ndarray] = OrderedDict()  # image digest -> rows, most recent last
         placeholder = bundle.llm.get("image_token") or {}
         self.image_token_id: int | None = placeholder.get("id") if "image" in self.encoders else None
         # templates written for image parts (LLaVA's) read text from part lists only
@@ -140,6 +146,27 @@ class Pipeline:
     def session(self, **kwargs: Any) -> ChatSession:
         kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.get("system_prompt"))
         return ChatSession(self, **kwargs)
+
+    def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Encoder rows per image. A conversation resends its earlier images every turn (the chat
+        page does): the last few are kept by content digest and not encoded again."""
+        keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes() + str(im.shape).encode(), digest_size=16).digest()
+                for im in images]
+        missing = [i for i, k in enumerate(keys) if k not in self._encoded]
+        if missing:
+            for i, rows in zip(missing, self.encoders["image"].encode([images[i] for i in missing])):
+                self._encoded[keys[i]] = rows
+        out = []
+        for k in keys:
+            self._encoded.move_to_end(k)
+            out.append(self._encoded[k])
+        while len(self._encoded) > IMAGE_CACHE:
+            self._encoded.popitem(last=False)
+        return out
+
+    def forget_images(self) -> None:
+        """Drop the encoded-image cache (the profile times the encoder on every run)."""
+        self._encoded.clear()
 
     def close(self) -> None:
         for encoder in self.encoders.values():
@@ -286,7 +313,7 @@ class ChatSession:
         segments: list[Segment] = [TokenSegment(prompt.tokens)]
         if prompt.images:
             t = time.perf_counter()
-            segments = prompt.segments(self.pipeline.encoders["image"].encode(prompt.images))
+            segments = prompt.segments(self.pipeline.encode_images(prompt.images))
             stats.encode_s = time.perf_counter() - t
         try:
             self.llm.prefill(segments, abort=cancelled)

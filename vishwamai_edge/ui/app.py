@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, require
+from ..errors import InputError, UserError, require
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, Engine, Generation, Message, RequestStats
-from ..runtime.media import MediaBudget, Part, TextPart, audio_part, decode_data_url, image_part
+from ..runtime.media import ImagePart, MediaBudget, Part, TextPart, audio_part, decode_data_url, image_part
 
 DEFAULT_MAX_FILE_MB = 10
 UPDATE_EVERY_S = 0.05  # batch streamed pieces: one browser update per 50 ms, not one per token
@@ -55,18 +55,62 @@ def _live_stats(gen: Generation, first: float, now: float, pieces: int) -> str:
     return f"streaming… first token {(first - gen.submitted_at) * 1000:.0f} ms · ~{rate:.1f} tokens/s"
 
 
-def _history_messages(history: list[dict[str, Any]]) -> list[Message]:
-    """Gradio's chat history (content: a list of text/file items) -> engine messages, text only."""
+def _history_messages(history: list[dict[str, Any]], budget: MediaBudget) -> list[Message]:
+    """Gradio's chat history -> engine messages. A message's content is a string or a list of
+    text and file items; an image file in the history (a picture the user sent earlier) is read
+    back from gradio's cache, charged to `budget` like a new upload, so later turns still see it."""
     out = []
     for msg in history:
+        if msg.get("role") not in ("user", "assistant"):
+            continue
         content = msg.get("content")
-        items = content if isinstance(content, list) else [content]
-        text = "".join(
-            i if isinstance(i, str) else i.get("text", "") for i in items if isinstance(i, (str, dict))
-        )
-        if msg.get("role") in ("user", "assistant") and text:
-            out.append(Message.text(msg["role"], text))
+        parts: list[Part] = []
+        for item in content if isinstance(content, list) else [content]:
+            if isinstance(item, str):
+                parts.append(TextPart(item))
+            elif isinstance(item, dict) and item.get("text"):
+                parts.append(TextPart(item["text"]))
+            elif isinstance(item, dict) and _file_path(item) and msg["role"] == "user":
+                parts.append(_history_image(_file_path(item), budget))
+        parts = [p for p in parts if not isinstance(p, TextPart) or p.text]
+        if parts:
+            out.append(Message(msg["role"], tuple(parts)))
     return out
+
+
+def _file_path(item: dict[str, Any]) -> str | None:
+    # {"path": ...} as the handler writes it, {"file": {"path": ...}} as gradio hands it back
+    f = item.get("file") if isinstance(item.get("file"), dict) else item
+    path = f.get("path")
+    mime = f.get("mime_type") or ""
+    return path if isinstance(path, str) and (not mime or mime.startswith("image/")) else None
+
+
+def _history_image(path: str, budget: MediaBudget) -> ImagePart:
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    budget.require("image")
+    # The history comes from the browser: read only files gradio stored from an upload.
+    if not is_in_or_equal(path, get_upload_folder()):
+        raise InputError("an image in the conversation is not one uploaded here; clear the conversation")
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        raise InputError(
+            "an image earlier in this conversation is no longer on the server (uploads are kept an hour); "
+            "clear the conversation"
+        ) from None
+    return image_part(data, budget)
+
+
+def _shown_image(image: str) -> str:
+    """The uploaded image as a file in gradio's cache, for the chat history to show and keep."""
+    if not image.startswith("data:"):
+        return image
+    from gradio.processing_utils import save_bytes_to_cache
+    from gradio.utils import get_upload_folder
+
+    return save_bytes_to_cache(decode_data_url(image, "image"), "image.png", get_upload_folder())
 
 
 def _user_parts(text: str, image: str | None, audio: str | None, budget: MediaBudget) -> list[Part]:
@@ -83,6 +127,10 @@ def _user_parts(text: str, image: str | None, audio: str | None, budget: MediaBu
     if not parts:
         raise UserError("type a message (or add an image or audio) first")
     return parts
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
 
 
 def _pass_uploads_through(image) -> None:
@@ -102,9 +150,11 @@ def build_ui(engine: Engine):
         history = list(history or [])
         key = request.session_hash or ""
         try:
-            parts = _user_parts(text or "", image, audio, engine.media_budget())
+            budget = engine.media_budget()  # one per turn: the history's images count with the new ones
+            past = _history_messages(history, budget)
+            parts = _user_parts(text or "", image, audio, budget)
             messages = ([Message.text("system", system)] if system and system.strip() else [])
-            messages += _history_messages(history) + [Message("user", tuple(parts))]
+            messages += past + [Message("user", tuple(parts))]
             gen = engine.submit(ChatRequest(
                 messages=tuple(messages),
                 max_tokens=int(max_tokens),
@@ -118,11 +168,13 @@ def build_ui(engine: Engine):
             return
         with lock:
             active[key] = gen
-        shown = text or ""
-        if image or audio:
-            kinds = " + ".join(k for k, v in (("image", image), ("audio", audio)) if v)
-            shown = f"{shown}\n\n*[{kinds} attached]*".strip()
-        history += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
+        # The image goes into the history as a file (shown, and sent again with later turns);
+        # text as {"type": "text"} items, which gradio keeps verbatim (a bare string is dedented).
+        shown: list[dict[str, Any]] = [{"path": _shown_image(image)}] if image else []
+        said = (text or "") + ("\n\n*[audio attached]*" if audio else "")
+        if said.strip():
+            shown.append(_text(said.strip() if audio else said))
+        history += [{"role": "user", "content": shown}, {"role": "assistant", "content": [_text("")]}]
         yield history, "", None, None, "waiting for the model…"
         reply, last, first, n = "", 0.0, 0.0, 0
         try:
@@ -131,10 +183,10 @@ def build_ui(engine: Engine):
                 first = first or now
                 if now - last >= UPDATE_EVERY_S:
                     last = now
-                    history[-1] = {"role": "assistant", "content": reply}
+                    history[-1] = {"role": "assistant", "content": [_text(reply)]}
                     yield history, gr.skip(), gr.skip(), gr.skip(), _live_stats(gen, first, now, n)
         except UserError as exc:
-            history[-1] = {"role": "assistant", "content": reply}
+            history[-1] = {"role": "assistant", "content": [_text(reply)]}
             yield history, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
             return
         finally:
@@ -142,7 +194,7 @@ def build_ui(engine: Engine):
             with lock:
                 if active.get(key) is gen:
                     del active[key]
-        history[-1] = {"role": "assistant", "content": reply}
+        history[-1] = {"role": "assistant", "content": [_text(reply)]}
         yield history, gr.skip(), gr.skip(), gr.skip(), format_stats(gen.stats)
 
     def stop(request: gr.Request) -> None:

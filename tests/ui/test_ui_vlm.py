@@ -1,0 +1,98 @@
+"""The web chat on a tiny LLaVA bundle in headless Chromium: an uploaded image is answered as the
+in-process session answers it, shown in the history, and still seen by the next (text-only) turn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from test_ui_browser import WAIT_MS, send, wait_for_stats
+from vlm_bundles import in_process_answers, photo
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "What is in this picture?"
+FOLLOW_UP = "And what colour is it?"
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def vlm_engine(vlm_bundle):
+    from vishwamai_edge.runtime.engine import Engine
+
+    engine = Engine.load(vlm_bundle, n_threads=1, max_queue=4)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def vlm_url(vlm_engine) -> Iterator[str]:
+    from in_thread_server import free_port
+
+    from vishwamai_edge.ui.app import launch_ui
+
+    port = free_port()
+    blocks = launch_ui(vlm_engine, "127.0.0.1", port, max_file_mb=1, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    blocks.close()
+
+
+@pytest.fixture
+def vlm_page(browser, vlm_url):
+    page = browser.new_page()
+    page.goto(vlm_url, wait_until="networkidle")
+    page.wait_for_selector("#prompt textarea")
+    page.click("text=Settings")
+    page.fill("#max-tokens input[type=number]", str(MAX_TOKENS))
+    page.press("#max-tokens input[type=number]", "Tab")  # gradio takes the number on blur
+    page.wait_for_function("v => document.querySelector('#max-tokens input[type=range]').value === v",
+                           arg=str(MAX_TOKENS), timeout=WAIT_MS)
+    yield page
+    page.close()
+
+
+def bot_texts(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chat .bot-row").all_inner_texts()]
+
+
+def wait_for_answers(page, n: int) -> list[str]:
+    page.wait_for_function("n => document.querySelectorAll('#chat .bot-row').length >= n", arg=n, timeout=WAIT_MS)
+    wait_for_stats(page, "generated tokens")  # the final line: the answer is complete
+    return bot_texts(page)
+
+
+def answer_without_image(bundle, first: str) -> str:
+    from vishwamai_edge.runtime.session import Pipeline
+
+    pipeline = Pipeline.load(bundle, n_threads=1)
+    try:
+        session = pipeline.session(max_tokens=MAX_TOKENS)
+        session.messages += [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first}]
+        return "".join(session.ask(FOLLOW_UP))
+    finally:
+        pipeline.close()
+
+
+def test_image_answered_shown_and_kept_for_the_next_turn(vlm_page, vlm_bundle, tmp_path):
+    from PIL import Image
+
+    page = vlm_page
+    picture = photo(45, 29, 21)
+    Image.fromarray(picture).save(tmp_path / "pic.png")
+    first, second = in_process_answers(vlm_bundle, [(PROMPT, [picture]), (FOLLOW_UP, [])], MAX_TOKENS)
+    assert second != answer_without_image(vlm_bundle, first)  # so the second turn shows the image was kept
+    page.set_input_files("#image input[type=file]", str(tmp_path / "pic.png"))
+    page.wait_for_selector("#image img", timeout=WAIT_MS)  # uploaded: the preview shows
+    send(page, PROMPT)
+    answers = wait_for_answers(page, 1)
+    assert answers[-1] == first.strip()
+    # the picture is in the history, served by gradio's file route, and the upload box is cleared
+    img = page.locator("#chat .user-row img")
+    assert img.count() == 1 and "/gradio_api/file=" in img.first.get_attribute("src")
+    size = img.first.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    assert size == [29, 45]
+    assert page.locator("#image img").count() == 0
+    send(page, FOLLOW_UP)  # text only: the image must still reach the model from the history
+    answers = wait_for_answers(page, 2)
+    assert answers[-1] == second.strip()
+    assert page.locator("#chat .user-row img").count() == 1

@@ -1,0 +1,54 @@
+"""A vision-language bundle for the front-end tests (API, UI): a tiny random CLIP LLaVA built to an
+F32 GGUF and an fp32 ONNX vision tower, and the in-process answers the front ends must equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vision_models import build_tiny_llava_chat
+
+_built: dict[str, Path] = {}  # one build per test session, however many conftests use the fixture
+
+
+def build_vlm_bundle(root: Path, tokenizer_dir: Path) -> Path:
+    from rich.console import Console
+
+    from vishwamai_edge.build import build
+    from vishwamai_edge.recipe import load_recipe
+    from vishwamai_edge.targets import get_target
+
+    src = build_tiny_llava_chat(root / "src", tokenizer_dir, tower="clip")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"name: tiny-llava\nsource: {{kind: hf, path: {src}}}\n"
+        "export:\n  gguf: {outtype: f32, quants: [], imatrix: false}\n  vision: {dtype: fp32}\n"
+    )
+    result = build(load_recipe(recipe), get_target("laptop-cpu"), root / "build", quant="f32",
+                   console=Console(stderr=True, quiet=True))
+    return result.bundle
+
+
+@pytest.fixture(scope="session")
+def vlm_bundle(tmp_path_factory, tokenizer_dirs) -> Path:
+    if "clip" not in _built:
+        _built["clip"] = build_vlm_bundle(tmp_path_factory.mktemp("vlm-bundle"), tokenizer_dirs["llama3"])
+    return _built["clip"]
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def in_process_answers(bundle: Path, turns: list[tuple[str, list[np.ndarray]]], max_tokens: int) -> list[str]:
+    """The greedy answers of one session to `turns` (text, images) in order: what a front end must show."""
+    from vishwamai_edge.runtime.session import Pipeline
+
+    pipeline = Pipeline.load(bundle, n_threads=1)
+    try:
+        session = pipeline.session(max_tokens=max_tokens)
+        return ["".join(session.ask(text, images=images)) for text, images in turns]
+    finally:
+        pipeline.close()
