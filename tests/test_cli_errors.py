@@ -127,3 +127,20 @@ def test_tiny_context_on_a_real_bundle_is_one_line(embedded_bundle):
 
     with pytest.raises(InputError, match="at least 64 tokens"):
         Pipeline.load(embedded_bundle, n_ctx=10)
+
+
+def test_a_build_that_cannot_fit_its_target_stops_before_any_work(tmp_path):
+    import json
+
+    from test_memory_plan import LLAVA15_7B
+
+    model = tmp_path / "llava-1.5-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**LLAVA15_7B, "architectures": ["LlavaForConditionalGeneration"]}))
+    (model / "model.safetensors").write_bytes(b"")  # never read: the plan stops the build first
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: big\nsource: {{kind: hf, path: {model}}}\nruntime: {{n_ctx: 4096}}\n")
+    proc = run_cli("build", "--recipe", str(recipe), "--target", "orin-nano-8", "--quant", "f16",
+                   "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "does NOT fit", "6.50 GB available", "q4_k_m with runtime.n_ctx=1024")
+    assert not list((tmp_path / "out").rglob("*.gguf")) and not list((tmp_path / "out").rglob("manifest.json"))

@@ -273,3 +273,22 @@ def test_an_image_resent_in_later_turns_is_encoded_once(bundles):
         assert "".join(fresh.ask("What is it?", images=[img])) == first  # cached rows are the same rows
     finally:
         pipeline.close()
+
+
+def test_jetson_build_prints_and_records_its_memory_plan(llava_dirs, tmp_path):
+    from rich.console import Console
+
+    from vishwamai_edge.build import build
+    from vishwamai_edge.recipe import load_recipe
+    from vishwamai_edge.targets import get_target
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny-llava\nsource: {{kind: hf, path: {llava_dirs['clip']}}}\n"
+                      "export:\n  gguf: {outtype: f16, quants: [], imatrix: false}\n")
+    console = Console(record=True, width=300)
+    result = build(load_recipe(recipe), get_target("orin-nano-8"), tmp_path / "out", quant="f16", console=console)
+    assert "memory plan: tiny-llava f16 on orin-nano-8" in console.export_text()
+    plan = result.manifest["memory_plan"]
+    assert plan["fits"] and plan["available_gb"] == 6.5 and plan["encoder_gb"] >= 0.3  # ONNX Runtime's share
+    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    assert manifest["encoders"]["image"]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]

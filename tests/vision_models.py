@@ -209,7 +209,8 @@ def llava15_tokenizer(out: Path, work: Path) -> Path:
     for i in range(len(proto.pieces), LLAVA15_BASE_VOCAB):
         text = chr(0xF0000 + i)  # a private-use character: never in any text
         piece = proto.pieces.add()
-        piece.piece, piece.score, piece.type = text, -1e4, sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+        piece.piece, piece.score = text, -1e4
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
         vocab[text] = i
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
     tok["added_tokens"] += [_added(32000, "<image>"), _added(32001, "<pad>")]
@@ -233,7 +234,7 @@ def build_tiny_llava15_hf(out: Path, work: Path, image_size: int = 42, seed: int
 
     import torch
     import transformers as T
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = llava15_tokenizer(work / "tokenizer", work / "spm")
@@ -272,9 +273,9 @@ def build_tiny_llava15_hf(out: Path, work: Path, image_size: int = 42, seed: int
             k = k[len("model."):]  # multi_modal_projector.*
         state[k] = v.to(torch.float16).contiguous()
     keys = sorted(state)
-    groups = [[k for k in keys if k.startswith("language_model.model.layers.0.") or k.startswith("language_model.model.embed")],
-              [k for k in keys if k.startswith("language_model.") and not (
-                  k.startswith("language_model.model.layers.0.") or k.startswith("language_model.model.embed"))],
+    first = ("language_model.model.layers.0.", "language_model.model.embed")
+    groups = [[k for k in keys if k.startswith(first)],
+              [k for k in keys if k.startswith("language_model.") and not k.startswith(first)],
               [k for k in keys if not k.startswith("language_model.")]]
     weight_map = {}
     for i, group in enumerate(groups):
@@ -284,7 +285,6 @@ def build_tiny_llava15_hf(out: Path, work: Path, image_size: int = 42, seed: int
     total = sum(v.numel() * 2 for v in state.values())
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    assert load_file(str(out / "model-00003-of-00003.safetensors"))  # noqa: S101
     (out / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001,
          "transformers_version": "4.36.0.dev0"}, indent=2))

@@ -172,6 +172,20 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # set by accelerate / torchrun for each process
 
 
+def stage_memory_plan(ctx: BuildContext, hf_dir: Path, quant: str) -> dict[str, Any]:
+    """Weights + KV cache + encoders + runtime against the target's memory, before any work:
+    a bundle that cannot run there stops the build with the numbers and what would fit."""
+    from .export.llava import read_config
+    from .memory_plan import check_fits, model_size, plan_memory
+
+    size = model_size(read_config(hf_dir), ctx.recipe.name)
+    plan = plan_memory(size, ctx.target, quant, ctx.recipe.runtime.n_ctx, "llamacpp", ctx.recipe.export.vision.dtype)
+    check_fits(plan)  # one line with the numbers and what would fit
+    if ctx.target.jetson:
+        ctx.console.print(f"memory plan: {plan.line()}", soft_wrap=True, highlight=False)
+    return plan.to_dict()
+
+
 def stage_split_llm(ctx: BuildContext, hf_dir: Path) -> Path:
     """A LLaVA folder's language model as a plain HF folder, for the GGUF export and its check."""
     from .export.llava import split_language_model
@@ -351,7 +365,7 @@ class VisionParts:
 
 def stage_package(
     ctx: BuildContext, gguf_path: Path, quant: str, checks: dict[str, Any], out_dir: Path,
-    vision: VisionParts | None = None,
+    vision: VisionParts | None = None, plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the bundle folder; the manifest is written last, then the folder renamed."""
     rel = f"llm/{gguf_path.name}"
@@ -390,6 +404,7 @@ def stage_package(
             "source": {"kind": ctx.recipe.source.kind,
                        "path": str(ctx.recipe.source.path) if ctx.recipe.source.path else None},
             "versions": _versions(),
+            "memory_plan": plan,
             **extra,
         }
         if vision is not None:
@@ -440,6 +455,7 @@ def build(
     ctx = BuildContext(recipe, target, root, console, n_threads)
 
     hf_dir = stage_source(ctx)
+    plan = stage_memory_plan(ctx, hf_dir, quant)
     checks: dict[str, Any] = {}
     if recipe.finetune is not None:
         hf_dir = stage_merge(ctx, hf_dir, stage_finetune(ctx, hf_dir))
@@ -462,6 +478,6 @@ def build(
     bundle_gguf = base if quant == recipe.export.gguf.outtype else base.with_name(f"model-{quant}.gguf")
     name = target.name if quant == target.gguf_quant else f"{target.name}-{quant}"
     out_dir = root / name
-    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, vision)
+    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, vision, plan)
     console.print(f"[bold green]bundle ready:[/] {out_dir}")
     return BuildResult(out_dir, manifest, ctx.skipped)
