@@ -43,12 +43,26 @@ def vlm_page(browser, vlm_url):
     page.goto(vlm_url, wait_until="networkidle")
     page.wait_for_selector("#prompt textarea")
     page.click("text=Settings")
-    page.fill("#max-tokens input[type=number]", str(MAX_TOKENS))
-    page.press("#max-tokens input[type=number]", "Tab")  # gradio takes the number on blur
-    page.wait_for_function("v => document.querySelector('#max-tokens input[type=range]').value === v",
-                           arg=str(MAX_TOKENS), timeout=WAIT_MS)
+    set_max_tokens(page, MAX_TOKENS)
     yield page
     page.close()
+
+
+def set_max_tokens(page, n: int) -> None:
+    """Type into the slider's number box until the slider takes it (a box typed into while the
+    accordion is still opening may lose the value)."""
+    box = "#max-tokens input[type=number]"
+    for _ in range(10):
+        page.fill(box, str(n))
+        page.press(box, "Enter")
+        page.locator(box).blur()
+        try:
+            page.wait_for_function("v => document.querySelector('#max-tokens input[type=range]').value === v",
+                                   arg=str(n), timeout=2000)
+            return
+        except Exception:  # playwright's TimeoutError: type it again
+            page.wait_for_timeout(200)
+    raise AssertionError(f"the max-tokens slider did not take {n}")
 
 
 def bot_texts(page) -> list[str]:
@@ -96,3 +110,16 @@ def test_image_answered_shown_and_kept_for_the_next_turn(vlm_page, vlm_bundle, t
     answers = wait_for_answers(page, 2)
     assert answers[-1] == second.strip()
     assert page.locator("#chat .user-row img").count() == 1
+
+
+def test_broken_image_refused_and_inputs_kept(vlm_page, tmp_path):
+    page = vlm_page
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image" * 10)
+    page.set_input_files("#image input[type=file]", str(bad))
+    page.wait_for_selector("#image img", state="attached", timeout=WAIT_MS)  # uploaded (its preview is broken)
+    send(page, PROMPT)
+    stats = wait_for_stats(page, "cannot be decoded")
+    assert stats.startswith("⚠️")
+    assert page.locator("#chat .user-row").count() == 0  # refused turns stay out of the conversation
+    assert page.input_value("#prompt textarea") == PROMPT
