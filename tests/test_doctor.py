@@ -288,12 +288,16 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
-def test_only_a_backend_the_runtime_has_counts_for_the_health_check():
+def test_only_a_backend_the_runtime_has_counts_for_the_health_check(monkeypatch):
     import dataclasses
+
+    from vishwamai_edge.runtime import backends
 
     report = doctor.collect()
     fake = [doctor.BackendStatus(b.name, b.kind, b.name == "trtllm", b.reason) for b in report.backends]
     only_trtllm = dataclasses.replace(report, backends=fake)  # llama.cpp broken, a TensorRT-LLM "found"
     assert only_trtllm.backend("trtllm").usable and not only_trtllm.backend("llamacpp").usable
-    assert doctor.any_llm_backend(only_trtllm) is False  # the runtime cannot run a bundle on it yet
-    assert "no TensorRT-LLM runtime backend" in report.backend("trtllm").reason
+    assert doctor.any_llm_backend(only_trtllm) is True  # the runtime has a TensorRT-LLM backend
+    monkeypatch.setattr(backends, "BACKENDS", {"llamacpp": backends.BACKENDS["llamacpp"]})
+    assert doctor.any_llm_backend(only_trtllm) is False  # a toolkit the runtime cannot drive runs no bundle
+    assert "no TensorRT-LLM runtime backend" in doctor.collect().backend("trtllm").reason

@@ -101,18 +101,22 @@ def folder_fingerprint(folder: Path) -> list[tuple[str, int, int]]:
 
 # -- stages --------------------------------------------------------------------------------
 def stage_source(ctx: BuildContext) -> Path:
-    """Resolve the recipe's source to an HF folder."""
+    """Resolve the recipe's source to an HF folder (with source.use_as_is: to the GGUF file itself)."""
     from . import sources
 
     spec = ctx.recipe.source
     if spec.kind == "embedded":
         with ctx.console.status("materialising the embedded model (once)"):
             return sources.embedded_hf_dir()
+    if spec.kind == "hub":  # huggingface_hub shows its own progress bars
+        return sources.hub_source(spec, ctx.root)
     if spec.path is None:
         raise SourceError(f"{ctx.recipe.path}: source.path: required for source kind {spec.kind!r}")
     path = ctx.recipe.resolve(spec.path)
     if spec.kind == "hf":
         return sources.check_hf_dir(path)
+    if spec.use_as_is:
+        return sources.check_gguf_file(path)
     with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
         return sources.hf_dir_from_gguf(path, ctx.root / "source")
 
@@ -455,6 +459,15 @@ def build(
     ctx = BuildContext(recipe, target, root, console, n_threads)
 
     hf_dir = stage_source(ctx)
+    if recipe.source.use_as_is:  # a pre-quantized GGUF, bundled byte for byte and checked without torch
+        from .sources import check_as_is, finish_manifest
+
+        with console.status(f"checking {hf_dir.name} with llama.cpp (bundled as is)"):
+            gguf_quant, entry = check_as_is(hf_dir, recipe.export.verify.prompts, root, n_threads)
+        out_dir = root / f"{target.name}-{gguf_quant}"
+        stage_package(ctx, hf_dir, gguf_quant, {gguf_quant: entry}, out_dir)
+        console.print(f"[bold green]bundle ready:[/] {out_dir}")
+        return BuildResult(out_dir, finish_manifest(out_dir, root, recipe.source), ctx.skipped)
     plan = stage_memory_plan(ctx, hf_dir, quant)
     checks: dict[str, Any] = {}
     if recipe.finetune is not None:
@@ -479,5 +492,9 @@ def build(
     name = target.name if quant == target.gguf_quant else f"{target.name}-{quant}"
     out_dir = root / name
     manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, vision, plan)
+    if recipe.source.kind == "hub":  # the commit the weights came from
+        from .sources import finish_manifest
+
+        manifest = finish_manifest(out_dir, root, recipe.source)
     console.print(f"[bold green]bundle ready:[/] {out_dir}")
     return BuildResult(out_dir, manifest, ctx.skipped)

@@ -24,8 +24,28 @@ class Strict(BaseModel):
 
 
 class SourceSpec(Strict):
-    kind: Literal["embedded", "hf", "gguf"] = "embedded"
+    kind: Literal["embedded", "hf", "gguf", "hub"] = "embedded"
     path: Path | None = Field(None, description="HF folder or GGUF file; relative to the recipe file")
+    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="Hub id ORG/NAME (kind hub)")
+    revision: str = Field("main", min_length=1, description="branch, tag or commit of the Hub repo (kind hub)")
+    files: list[str] | None = Field(None, min_length=1, description="file patterns to download (kind hub); "
+                                    "default: what the stages read (configs, tokenizer, safetensors)")
+    allow_pickle: bool = Field(False, description="kind hub: also load *.bin / *.pt pickles when a repo has "
+                               "no safetensors (a pickle can run code)")
+    use_as_is: bool = Field(False, description="kind gguf or hub: bundle a pre-quantized GGUF unchanged "
+                            "(no conversion, no torch check)")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> SourceSpec:
+        if self.kind == "hub" and self.repo is None:
+            raise ValueError("repo: required for source kind 'hub' (ORG/NAME)")
+        if self.kind != "hub" and self.repo is not None:
+            raise ValueError(f"repo: only for source kind 'hub', not {self.kind!r}")
+        if self.use_as_is and self.kind not in ("gguf", "hub"):
+            raise ValueError(f"use_as_is: only for source kind 'gguf' or 'hub', not {self.kind!r}")
+        if self.use_as_is and self.kind == "hub" and not any(f.endswith(".gguf") for f in self.files or []):
+            raise ValueError("files: a use_as_is hub source names its GGUF, e.g. files: ['*Q4_K_M.gguf']")
+        return self
 
 
 class GGUFSpec(Strict):

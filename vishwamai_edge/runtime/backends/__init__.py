@@ -128,6 +128,7 @@ class LLMBackend(Protocol):
 
 BACKENDS: dict[str, str] = {
     "llamacpp": "vishwamai_edge.runtime.backends.llamacpp:LlamaCppBackend",
+    "trtllm": "vishwamai_edge.runtime.backends.trtllm:TrtLlmBackend",
 }
 
 
