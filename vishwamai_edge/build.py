@@ -229,6 +229,54 @@ def stage_vision(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]
     return out, result
 
 
+def stage_speech(ctx: BuildContext) -> BundlePart:
+    """Whisper -> ONNX encoder and decoders (KV cache), checked against torch: the bundle's audio encoder."""
+    from .export.onnx.whisper import export_whisper
+
+    spec = ctx.recipe.speech
+    assert spec is not None
+    hf_dir = _speech_source(ctx)
+    out = ctx.root / "export" / f"whisper-{spec.dtype}"
+    inputs = sha256_json(["whisper", __version__, folder_fingerprint(hf_dir), spec.dtype])
+    if (cached := up_to_date(ctx, out, inputs, out.name)) is None:
+        with ctx.console.status(f"exporting Whisper to ONNX ({spec.dtype}) and checking it against torch"):
+            info = export_whisper(hf_dir, out, spec.dtype, threads=ctx.n_threads)
+        cached = info.to_dict()
+        mark_done(out, inputs, cached)
+        ctx.console.print(f"[green]✓[/] {out.name}: encoder and decoders checked against torch")
+    rel_dir = "encoders/whisper"
+    entry = {**cached, "kind": "speech-to-text", "folder": rel_dir,
+             "files": {k: f"{rel_dir}/{v}" for k, v in cached["files"].items()},
+             "providers": list(_encoder_providers(ctx.target))}
+    return BundlePart(folder_part(out, rel_dir), {"encoders": {"audio": entry}, "checks": {"speech": cached["check"]}},
+                      ["onnxruntime"])
+
+
+def _speech_source(ctx: BuildContext) -> Path:
+    """The recipe's Whisper as an HF folder: a CTranslate2 checkpoint (the embedded tiny.en) is converted once."""
+    from .sources import check_hf_dir, embedded_whisper_ct2
+    from .whisper_source import whisper_hf_from_ctranslate2
+
+    spec = ctx.recipe.speech
+    assert spec is not None
+    if spec.kind == "hf":
+        if spec.path is None:
+            raise SourceError(f"{ctx.recipe.path}: speech.path: required for speech kind 'hf'")
+        return check_hf_dir(ctx.recipe.resolve(spec.path))
+    ct2 = embedded_whisper_ct2() if spec.kind == "embedded" else None
+    if ct2 is None:
+        if spec.path is None:
+            raise SourceError(f"{ctx.recipe.path}: speech.path: required for speech kind 'ctranslate2'")
+        ct2 = ctx.recipe.resolve(spec.path)
+    out = ctx.root / "whisper-hf"
+    inputs = sha256_json(["whisper-hf", __version__, folder_fingerprint(ct2)])
+    if up_to_date(ctx, out, inputs, "whisper-hf") is None:
+        with ctx.console.status(f"converting {ct2.name} (CTranslate2) into an HF Whisper folder"):
+            whisper_hf_from_ctranslate2(ct2, out)
+        mark_done(out, inputs, {})
+    return out
+
+
 def stage_mmproj(ctx: BuildContext, hf_dir: Path) -> Path | None:
     """The vision side as an mmproj GGUF, so the bundle also runs in stock llama.cpp (CLIP towers only)."""
     from .export.gguf.mmproj import write_mmproj
@@ -357,40 +405,46 @@ def _report(ctx: BuildContext, path: Path, check: dict[str, Any]) -> None:
     )
 
 @dataclass
-class VisionParts:
-    """What a vision-language build adds to its bundle."""
+class BundlePart:
+    """What a stage adds to the bundle beside the LLM: files (source -> path in the bundle) and
+    manifest entries, merged one level deep (e.g. `encoders.image`, `llm.image_token`)."""
 
-    encoder: Path
-    entry: dict[str, Any]  # the manifest's encoders.image
-    image_token: dict[str, Any]
-    chat_template: str | None
-    mmproj: Path | None = None
+    files: list[tuple[Path, str]] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    backends: list[str] = field(default_factory=list)
+
+
+def vision_part(ctx: BuildContext, encoder: Path, entry: dict[str, Any], image_token: dict[str, Any],
+                template: str | None, mmproj: Path | None) -> BundlePart:
+    rel = f"encoders/{encoder.name}"
+    part = BundlePart([(encoder, rel)], {
+        "encoders": {"image": {**entry, "file": rel, "providers": list(_encoder_providers(ctx.target))}},
+        "llm": {"image_token": image_token, **({"chat_template": template} if template else {})},
+        "checks": {"vision": entry["check"]},
+    }, ["onnxruntime"])
+    if mmproj is not None:
+        part.files.append((mmproj, f"llm/{mmproj.name}"))
+        part.manifest["mmproj"] = {"file": f"llm/{mmproj.name}", "note": "for stock llama.cpp (llama-mtmd-cli, Ollama)"}
+    return part
+
+
+def folder_part(folder: Path, rel_dir: str) -> list[tuple[Path, str]]:
+    return [(f, f"{rel_dir}/{f.name}") for f in sorted(folder.iterdir()) if f.is_file()]
 
 
 def stage_package(
     ctx: BuildContext, gguf_path: Path, quant: str, checks: dict[str, Any], out_dir: Path,
-    vision: VisionParts | None = None, plan: dict[str, Any] | None = None,
+    parts: list[BundlePart] | None = None, plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the bundle folder; the manifest is written last, then the folder renamed."""
     rel = f"llm/{gguf_path.name}"
-    files = [rel]
+    parts = parts or []
+    files = [(gguf_path, rel)] + [f for part in parts for f in part.files]
     with atomic_dir(out_dir) as tmp:
-        (tmp / "llm").mkdir()
-        _link_or_copy(gguf_path, tmp / rel)
-        extra: dict[str, Any] = {}
-        if vision is not None:
-            (tmp / "encoders").mkdir()
-            enc_rel = f"encoders/{vision.encoder.name}"
-            _link_or_copy(vision.encoder, tmp / enc_rel)
-            files.append(enc_rel)
-            entry = {**vision.entry, "file": enc_rel, "providers": list(_encoder_providers(ctx.target))}
-            extra["encoders"] = {"image": entry}
-            if vision.mmproj is not None:
-                mm_rel = f"llm/{vision.mmproj.name}"
-                _link_or_copy(vision.mmproj, tmp / mm_rel)
-                files.append(mm_rel)
-                extra["mmproj"] = {"file": mm_rel, "note": "for stock llama.cpp (llama-mtmd-cli, Ollama)"}
-        manifest = {
+        for src, dst in files:
+            (tmp / dst).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(src, tmp / dst)
+        manifest: dict[str, Any] = {
             "name": f"{ctx.recipe.name}-{ctx.target.name}-{quant}",
             "recipe": ctx.recipe.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -400,7 +454,7 @@ def stage_package(
                 "memory_bandwidth_gbs": ctx.target.memory_bandwidth_gbs,
                 "cuda_arch": ctx.target.cuda_arch,
             },
-            "backends": ["llamacpp"] + (["onnxruntime"] if vision is not None else []),
+            "backends": list(dict.fromkeys(["llamacpp"] + [b for part in parts for b in part.backends])),
             "llm": {"backend": "llamacpp", "format": "gguf", "quant": quant, "file": rel,
                     "tensor_types": checks[quant]["tensor_types"]},
             "checks": {name: c["check"] for name, c in checks.items()},
@@ -409,16 +463,17 @@ def stage_package(
                        "path": str(ctx.recipe.source.path) if ctx.recipe.source.path else None},
             "versions": _versions(),
             "memory_plan": plan,
-            **extra,
         }
-        if vision is not None:
-            manifest["llm"]["image_token"] = vision.image_token
-            if vision.chat_template:
-                manifest["llm"]["chat_template"] = vision.chat_template
-            manifest["checks"]["vision"] = vision.entry["check"]
-        write_manifest(tmp, manifest, files)
+        for part in parts:
+            for key, value in part.manifest.items():
+                if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                    manifest[key] = {**manifest[key], **value}
+                else:
+                    manifest[key] = value
+        write_manifest(tmp, manifest, [dst for _, dst in files])
         manifest = json.loads((tmp / "manifest.json").read_text())
     return manifest
+
 
 def _encoder_providers(target: TargetProfile) -> tuple[str, ...]:
     # CUDA where the target has an NVIDIA GPU; ONNX Runtime drops what its build lacks
@@ -473,14 +528,16 @@ def build(
     if recipe.finetune is not None:
         hf_dir = stage_merge(ctx, hf_dir, stage_finetune(ctx, hf_dir))
         checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
-    vision = None
+    parts: list[BundlePart] = []
     if is_llava(hf_dir):
         from .export.llava import chat_template, image_token
 
         encoder, entry = stage_vision(ctx, hf_dir)
-        vision = VisionParts(encoder, entry, image_token(hf_dir).to_dict(), chat_template(hf_dir),
-                             stage_mmproj(ctx, hf_dir))
+        parts.append(vision_part(ctx, encoder, entry, image_token(hf_dir).to_dict(), chat_template(hf_dir),
+                                 stage_mmproj(ctx, hf_dir)))
         hf_dir = stage_split_llm(ctx, hf_dir)
+    if recipe.speech is not None:
+        parts.append(stage_speech(ctx))
     base, base_result = stage_export_gguf(ctx, hf_dir)
     checks[recipe.export.gguf.outtype] = base_result
     quants = list(dict.fromkeys([*recipe.export.gguf.quants, quant]))
@@ -491,7 +548,7 @@ def build(
     bundle_gguf = base if quant == recipe.export.gguf.outtype else base.with_name(f"model-{quant}.gguf")
     name = target.name if quant == target.gguf_quant else f"{target.name}-{quant}"
     out_dir = root / name
-    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, vision, plan)
+    manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, parts, plan)
     if recipe.source.kind == "hub":  # the commit the weights came from
         from .sources import finish_manifest
 

@@ -9,12 +9,13 @@ from rich.console import Console
 
 from .errors import InputError
 from .runtime.backends import SamplingParams
-from .runtime.media import MediaBudget, image_part
+from .runtime.media import MediaBudget, audio_part, image_part
 from .runtime.session import ChatSession, GenerationStats, Pipeline
 
 
 def format_stats(s: GenerationStats) -> str:
     images = f", {s.images} image(s) encoded in {s.encode_s * 1000:.0f} ms" if s.images else ""
+    images += f", audio transcribed in {s.transcribe_s * 1000:.0f} ms" if s.heard else ""
     return (
         f"{s.prompt_tokens} prompt tokens{images}, {s.completion_tokens} generated, "
         f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s"
@@ -35,8 +36,29 @@ def read_image(path: Path, pipeline: Pipeline, budget: MediaBudget | None = None
         raise InputError(f"{path}: {exc}") from None
 
 
-def stream_reply(session: ChatSession, text: str, out=sys.stdout, images=()) -> GenerationStats:
-    for piece in session.ask(text, images=images):
+def read_audio(path: Path, pipeline: Pipeline, budget: MediaBudget | None = None) -> tuple:
+    """An audio file (WAV; mp3/ogg/flac with soundfile) as (samples, rate), refused in one line when it is not one."""
+    budget = budget or MediaBudget(accepts=frozenset(pipeline.encoders))
+    budget.require("audio")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"audio file {path} does not exist")
+    try:
+        part = audio_part(path.read_bytes(), budget)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return part.samples, part.sample_rate
+
+
+def stream_reply(session: ChatSession, text: str, out=sys.stdout, images=(), audio=(), err=None) -> GenerationStats:
+    pieces = session.ask(text, images=images, audio=audio)
+    first = next(pieces, None)  # the audio is heard before the first piece
+    if err is not None and session.last_stats.heard:
+        err.print(f"[dim]heard:[/] {' '.join(session.last_stats.heard)}", highlight=False)
+    for piece in ([first] if first is not None else []):
+        out.write(piece)
+        out.flush()
+    for piece in pieces:
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -53,6 +75,7 @@ def run_chat(
     threads: int | None,
     show_stats: bool,
     images: list[Path] | None = None,
+    audio: list[Path] | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
@@ -64,19 +87,22 @@ def run_chat(
         max_tokens=max_tokens or defaults.get("max_tokens", 512),
     )
 
-    pending = []  # images for the next turn
+    pending: list = []  # images for the next turn
+    pending_audio: list = []
 
     def one_turn(text: str) -> None:
-        stats = stream_reply(session, text, images=tuple(pending))
+        stats = stream_reply(session, text, images=tuple(pending), audio=tuple(pending_audio), err=err)
         pending.clear()
+        pending_audio.clear()
         if show_stats:
             err.print(f"[dim]{format_stats(stats)}[/]")
 
     try:
         budget = MediaBudget(accepts=frozenset(pipeline.encoders))
         pending.extend(read_image(p, pipeline, budget) for p in images or [])
-        if prompt is not None:
-            one_turn(prompt)
+        pending_audio.extend(read_audio(p, pipeline, budget) for p in audio or [])
+        if prompt is not None or pending_audio:
+            one_turn(prompt or "")
             return
         interactive = sys.stdin.isatty()
         if interactive:
@@ -97,6 +123,13 @@ def run_chat(
             if text == "/reset":
                 session.reset()
                 err.print("[dim]conversation cleared[/]")
+                continue
+            if text.startswith("/audio "):
+                try:
+                    pending_audio.append(read_audio(Path(text[len("/audio "):].strip()), pipeline))
+                    err.print("[dim]audio attached to your next message[/]")
+                except InputError as exc:
+                    err.print(f"[red]error:[/] {exc}")
                 continue
             if text.startswith("/image "):
                 try:

@@ -57,11 +57,12 @@ def chat(
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
     stats: Annotated[bool, typer.Option(help="print time to first token and tokens/s after each reply")] = True,
     image: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="image file for the first message (repeatable)")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option("--audio", "-a", help="spoken question (WAV) for the first message; heard, then answered")] = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
-    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image)
+    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio)
 
 
 @app.command()

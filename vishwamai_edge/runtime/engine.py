@@ -101,6 +101,7 @@ class Generation:
         self._cancel = threading.Event()
         self._finished = False
         self._on_cancel: Callable[[Generation], None] | None = None  # the engine drops it from its queue
+        self.heard: list[str] = []  # transcripts of the request's audio parts, once the worker has them
 
     # worker side
     def _push(self, kind: str, value: Any) -> None:
@@ -291,17 +292,25 @@ class Engine:
                     budget.require("audio")
                     budget.charge_seconds(part.samples.size / part.sample_rate)
 
-    def _session_messages(self, request: ChatRequest) -> list[dict[str, Any]]:
-        """Engine messages -> the session's: a string, or parts when a message carries images."""
-        out = []
+    def _session_messages(self, request: ChatRequest) -> tuple[list[dict[str, Any]], list[str]]:
+        """Engine messages -> the session's (a string, or parts when a message carries images),
+        with audio parts heard as text; also returns what was heard."""
+        out, heard = [], []
         for m in request.messages:
-            if not any(isinstance(p, ImagePart) for p in m.parts):
-                out.append({"role": m.role, "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))})
-                continue
-            parts = [{"type": "image", "pixels": p.pixels} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
-                     for p in m.parts if isinstance(p, (ImagePart, TextPart))]
-            out.append({"role": m.role, "content": parts})
-        return out
+            parts: list[dict[str, Any]] = []
+            for p in m.parts:
+                if isinstance(p, ImagePart):
+                    parts.append({"type": "image", "pixels": p.pixels})
+                elif isinstance(p, AudioPart):
+                    heard.append(self.pipeline.transcribe(p.samples, p.sample_rate))
+                    parts.append({"type": "text", "text": heard[-1]})
+                else:
+                    parts.append({"type": "text", "text": p.text})
+            if any(p["type"] == "image" for p in parts):
+                out.append({"role": m.role, "content": parts})
+            else:
+                out.append({"role": m.role, "content": " ".join(p["text"] for p in parts if p["text"])})
+        return out, heard
 
     # worker side
     def _work(self) -> None:
@@ -346,10 +355,14 @@ class Engine:
                              model_bytes=self._model_bytes)
         try:
             if not gen.cancelled:
-                messages, dropped = self._session_messages(req), 0
+                t = time.perf_counter()
+                messages, heard = self._session_messages(req)
+                gen.heard = heard  # set before the first piece: a front end can show it with the reply
+                transcribe_s, dropped = time.perf_counter() - t, 0
                 if req.trim_history:
                     messages, dropped = session.fit_history(messages)
-                with closing(session.generate(messages, cancelled=lambda: gen.cancelled)) as pieces:
+                with closing(session.generate(messages, cancelled=lambda: gen.cancelled, heard=heard,
+                                              transcribe_s=transcribe_s)) as pieces:
                     for piece in pieces:
                         gen._push(_TEXT, piece)
                 stats.generation = session.last_stats

@@ -109,6 +109,8 @@ def audio_part(data: bytes, budget: MediaBudget | None = None) -> AudioPart:
     """Decode WAV audio (or anything soundfile reads, when installed) into mono float32."""
     budget = budget or MediaBudget()
     budget.require("audio")
+    if not data:
+        raise InputError("the audio is empty (0 bytes)")
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         samples, rate = _read_wav(data, budget)
     else:
@@ -132,10 +134,13 @@ def _read_wav(data: bytes, budget: MediaBudget) -> tuple[np.ndarray, int]:
         x = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
         x = np.frombuffer(frames, "<i2").astype(np.float32) / 32768
+    elif width == 3:  # 24-bit PCM: three little-endian bytes, sign-extended into an int32
+        b = np.frombuffer(frames[: len(frames) - len(frames) % 3], np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 8388608
     elif width == 4:
         x = np.frombuffer(frames, "<i4").astype(np.float32) / 2147483648
     else:
-        raise InputError(f"WAV audio of {width * 8}-bit samples is not supported (use 8, 16 or 32-bit PCM)")
+        raise InputError(f"WAV audio of {width * 8}-bit samples is not supported (use 8, 16, 24 or 32-bit PCM)")
     usable = len(x) - len(x) % channels
     return x[:usable].reshape(-1, channels).mean(axis=1), rate
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -44,6 +45,8 @@ class GenerationStats:
     prefill_s: float = 0.0  # prompt evaluation, including the first sampled token's logits
     images: int = 0
     encode_s: float = 0.0  # image encoders (inside prefill_s and ttft_s)
+    heard: list[str] = field(default_factory=list)  # transcripts of the turn's audio parts
+    transcribe_s: float = 0.0  # speech to text, before the prompt is built
     ttft_s: float = 0.0  # request start -> first text out
     decode_s: float = 0.0  # first generated token -> last generated token
     finish_reason: str = "stop"  # stop | length | cancelled
@@ -114,7 +117,9 @@ class Pipeline:
         self.encoders: dict[str, Any] = encoders or {}
         manifest_template = bundle.llm.get("chat_template")
         self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
-        self._encoded: OrderedDict[bytes, np.ndarray] = OrderedDict()  # image digest -> rows, most recent last
+        # image digest -> encoder rows, audio digest -> transcript; most recent last
+        self._encoded: OrderedDict[bytes, Any] = OrderedDict()
+        self._cache_lock = threading.Lock()
         placeholder = bundle.llm.get("image_token") or {}
         self.image_token_id: int | None = placeholder.get("id") if "image" in self.encoders else None
         # templates written for image parts (LLaVA's) read text from part lists only
@@ -152,21 +157,62 @@ class Pipeline:
         page does): the last few are kept by content digest and not encoded again."""
         keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes() + str(im.shape).encode(), digest_size=16).digest()
                 for im in images]
-        missing = [i for i, k in enumerate(keys) if k not in self._encoded]
+        with self._cache_lock:
+            found = {k: self._encoded[k] for k in keys if k in self._encoded}
+        missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
             for i, rows in zip(missing, self.encoders["image"].encode([images[i] for i in missing])):
-                self._encoded[keys[i]] = rows
+                found[keys[i]] = rows
+        with self._cache_lock:
+            for k in keys:
+                self._encoded[k] = found[k]
+                self._encoded.move_to_end(k)
+            while len(self._encoded) > IMAGE_CACHE:
+                self._encoded.popitem(last=False)
+        return [found[k] for k in keys]
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int) -> str:
+        """What the bundle's speech encoder hears in the audio (kept for resent audio, like images)."""
+        encoder = self.encoders.get("audio")
+        if encoder is None:
+            raise InputError("this bundle has no audio encoder; send text only, or build a bundle with a "
+                             "speech section (recipes/smollm2-135m-whisper.yaml)")
+        key = b"audio" + hashlib.blake2b(np.ascontiguousarray(samples).tobytes() + str(sample_rate).encode(),
+                                         digest_size=16).digest()
+        with self._cache_lock:
+            if key in self._encoded:
+                return self._encoded[key]
+        text = encoder.transcribe(samples, sample_rate)  # outside the lock: the API's route may run beside
+        with self._cache_lock:
+            self._encoded[key] = text
+            while len(self._encoded) > IMAGE_CACHE:
+                self._encoded.popitem(last=False)
+        return text
+
+    def hear(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Audio parts -> text parts of what was heard (the speech cascade); other parts unchanged."""
+        heard: list[str] = []
         out = []
-        for k in keys:
-            self._encoded.move_to_end(k)
-            out.append(self._encoded[k])
-        while len(self._encoded) > IMAGE_CACHE:
-            self._encoded.popitem(last=False)
-        return out
+        for m in messages:
+            content = m["content"]
+            if not isinstance(content, list) or not any(p.get("type") == "audio" for p in content):
+                out.append(m)
+                continue
+            parts = []
+            for p in content:
+                if p.get("type") == "audio":
+                    text = self.transcribe(p["samples"], p["sample_rate"])
+                    heard.append(text)
+                    parts.append({"type": "text", "text": text})
+                else:
+                    parts.append(p)
+            out.append({**m, "content": parts})
+        return out, heard
 
     def forget_images(self) -> None:
-        """Drop the encoded-image cache (the profile times the encoder on every run)."""
-        self._encoded.clear()
+        """Drop the encoded-image and transcript cache (the profile times the encoders on every run)."""
+        with self._cache_lock:
+            self._encoded.clear()
 
     def close(self) -> None:
         for encoder in self.encoders.values():
@@ -176,17 +222,24 @@ class Pipeline:
 
 def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any]:
     """The manifest's `encoders` section: kind -> a loaded encoder (ONNX Runtime sessions)."""
-    from .encoders import ImageEncoder
+    from .encoders import ImageEncoder, SpeechEncoder
 
     entries = bundle.manifest.get("encoders") or {}
     if not isinstance(entries, dict):
         raise BundleError(f"bundle {bundle.root}: manifest encoders must be a mapping")
-    loaders = {"image": ImageEncoder.from_manifest}
     out: dict[str, Any] = {}
-    for kind, entry in entries.items():
-        if kind not in loaders or not isinstance(entry, dict) or "file" not in entry:
-            raise BundleError(f"bundle {bundle.root}: manifest encoders.{kind} is not an encoder this runtime has")
-        out[kind] = loaders[kind](bundle.file(entry["file"]), entry, threads=n_threads)
+    try:
+        for kind, entry in entries.items():
+            if kind == "image" and isinstance(entry, dict) and "file" in entry:
+                out[kind] = ImageEncoder.from_manifest(bundle.file(entry["file"]), entry, threads=n_threads)
+            elif kind == "audio" and isinstance(entry, dict):
+                out[kind] = SpeechEncoder.from_bundle(bundle, entry, threads=n_threads)
+            else:
+                raise BundleError(f"bundle {bundle.root}: manifest encoders.{kind} is not an encoder this runtime has")
+    except BaseException:
+        for encoder in out.values():
+            encoder.close()
+        raise
     return out
 
 
@@ -214,10 +267,19 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
-    def ask(self, text: str, images: list[np.ndarray] | tuple[np.ndarray, ...] = ()) -> Iterator[str]:
-        """Stream the reply to a user turn of text and images (each (H, W, 3) uint8, shown first)."""
-        if not text.strip() and not images:
+    def ask(self, text: str, images: list[np.ndarray] | tuple[np.ndarray, ...] = (),
+            audio: list[tuple[np.ndarray, int]] | tuple[tuple[np.ndarray, int], ...] = ()) -> Iterator[str]:
+        """Stream the reply to a user turn of text, images (each (H, W, 3) uint8, shown first) and
+        audio ((samples, rate) pairs, heard as text: `last_stats.heard` says what was heard)."""
+        if not text.strip() and not images and not audio:
             raise InputError("the message is empty")
+        t = time.perf_counter()
+        heard = [self.pipeline.transcribe(samples, rate) for samples, rate in audio]
+        transcribe_s = time.perf_counter() - t
+        if audio and not any(h.strip() for h in heard) and not text.strip() and not images:
+            raise InputError("nothing was heard in the audio (silence?)")
+        spoken = " ".join(h for h in heard if h.strip())
+        text = f"{spoken} {text}".strip() if spoken else text
         content: str | list[dict[str, Any]] = text
         if images:
             content = [*({"type": "image", "pixels": p} for p in images), {"type": "text", "text": text}]
@@ -225,7 +287,7 @@ class ChatSession:
         self.messages, _ = self.fit_history(self.messages)
         reply: list[str] = []
         try:
-            for piece in self.generate(self.messages):
+            for piece in self.generate(self.messages, heard=heard, transcribe_s=transcribe_s):
                 reply.append(piece)
                 yield piece
         except BaseException:
@@ -293,7 +355,8 @@ class ChatSession:
             return {**message, "content": [{"type": "text", "text": content}]}
         return message
 
-    def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
+    def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None,
+                 heard: list[str] | None = None, transcribe_s: float = 0.0) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (not recorded in the session).
 
         `cancelled` is polled during the prefill and after every token, also while text is
@@ -303,7 +366,8 @@ class ChatSession:
         cancelled = cancelled or (lambda: False)
         start = time.perf_counter()
         prompt = self.prompt(messages)
-        stats = GenerationStats(prompt_tokens=prompt.size, images=len(prompt.images))
+        stats = GenerationStats(prompt_tokens=prompt.size, images=len(prompt.images), heard=list(heard or []),
+                                transcribe_s=transcribe_s)
         self.last_stats = stats
         if prompt.size >= self.llm.n_ctx:  # before encoding images that cannot fit anyway
             raise ContextOverflowError(

@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP API on one shared `Engine`.
 
-Routes: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
+Routes: POST /v1/chat/completions (JSON or SSE), POST /v1/audio/transcriptions (bundles with a
+speech encoder), GET /v1/models, GET /health. What the device heard in a request's audio parts
+comes back beside the answer as `vishwamai_edge.heard` (in the first chunk when streaming).
 With an API key, every route (and anything mounted later, such as the web UI) needs it.
 A request's status is decided before any byte is sent: the handler waits for the
 first piece of the reply, so a prompt over the context is a 400, not a broken stream.
@@ -15,11 +17,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import UserError
+from ..errors import InputError, UserError
+from ..runtime.media import audio_part
 
 from ..runtime.engine import Engine, Generation
 from .auth import APIKeyMiddleware
@@ -101,9 +104,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             if isinstance(exc, Exception):
                 raise api_error_for(exc) from None
             raise
+        extra = {"vishwamai_edge": {"heard": gen.heard}} if gen.heard else {}
         if req.stream:
             return StreamingResponse(
-                _sse(gen, pieces, first, completion),
+                _sse(gen, pieces, first, completion, extra),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -119,8 +123,38 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         finally:
             gen.cancel()  # no-op when finished; stops the model when the client has gone
         stats = gen.stats.generation
-        return completion.response("".join(text), stats.finish_reason,
-                                   usage(stats.prompt_tokens, stats.completion_tokens))
+        return {**completion.response("".join(text), stats.finish_reason,
+                                      usage(stats.prompt_tokens, stats.completion_tokens)), **extra}
+
+    @v1.post("/audio/transcriptions")
+    async def transcriptions(request: Request):
+        """OpenAI's speech-to-text route: multipart `file` (+ `model`, `response_format` json|text)."""
+        if "audio" not in engine.encoders:
+            raise APIError(400, "this bundle has no audio encoder; build one with a speech section",
+                           code="unsupported_input")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"the request body is over the limit of {max_body_bytes // (1024 * 1024)} MiB",
+                           code="request_too_large")
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=max_body_bytes)
+        except Exception as exc:  # a body that is no multipart form
+            raise APIError(400, f"the request must be multipart/form-data with a 'file' ({exc})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "no 'file' part: send the audio as multipart field 'file'", param="file")
+        fmt = str(form.get("response_format") or "json")
+        if fmt not in ("json", "text"):
+            raise APIError(400, f"response_format {fmt!r} is not supported (json, text)", param="response_format")
+        data = await upload.read()
+        try:
+            part = await run_in_threadpool(audio_part, data, engine.media_budget())
+            text = await run_in_threadpool(engine.pipeline.transcribe, part.samples, part.sample_rate)
+        except InputError as exc:
+            raise APIError(400, f"file: {exc}", param="file", code="invalid_audio") from None
+        if fmt == "text":
+            return PlainTextResponse(text)
+        return {"text": text}
 
     app.include_router(v1)
     return app
@@ -168,10 +202,10 @@ def _event(data: dict[str, Any]) -> str:
 
 
 async def _sse(gen: Generation, pieces: AsyncIterator[str | None], first: str | None,
-               completion: Completion) -> AsyncIterator[str]:
+               completion: Completion, extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
     """OpenAI's stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
     try:
-        yield _event(completion.chunk({"role": "assistant", "content": ""}))
+        yield _event({**completion.chunk({"role": "assistant", "content": ""}), **(extra or {})})
         if first:
             yield _event(completion.chunk({"content": first}))
         if first is not None:
