@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import speech
+from speech_bundles import QUESTION, question_wav, speech_bundle  # noqa: F401  (shared session fixtures)
 from test_whisper_source import (  # noqa: F401  (session fixtures shared with the source's tests)
     ct2_dir,
     ct2_model,
@@ -26,32 +27,6 @@ from test_whisper_source import (  # noqa: F401  (session fixtures shared with t
 )
 
 pytestmark = pytest.mark.e2e
-
-QUESTION = "What is the capital of France?"
-REPO = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="session")
-def speech_bundle(tmp_path_factory) -> Path:
-    from rich.console import Console
-
-    from vishwamai_edge.build import build
-    from vishwamai_edge.recipe import load_recipe
-    from vishwamai_edge.targets import get_target
-
-    if not speech.espeak_available():
-        from needs import missing
-
-        missing("espeak-ng is not installed")
-    recipe = load_recipe(REPO / "recipes" / "smollm2-135m-whisper.yaml")
-    result = build(recipe, get_target("laptop-cpu"), tmp_path_factory.mktemp("speech-build"),
-                   console=Console(stderr=True, quiet=True))
-    return result.bundle
-
-
-@pytest.fixture(scope="session")
-def question_wav(tmp_path_factory) -> Path:
-    return speech.speak(QUESTION, tmp_path_factory.mktemp("q") / "question.wav")
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +175,29 @@ def test_two_hours_are_refused_from_the_header_and_silence_is_heard_as_nothing(s
     assert r.status_code == 400 and "limit of 600 s" in r.json()["error"]["message"], r.text
     r = transcribe(server, wav_bytes(np.zeros(16000 * 3, np.float32)))
     assert r.status_code == 200 and len(r.json()["text"]) < 20  # three seconds of silence
+
+
+def test_profile_audio_scenario(speech_bundle, tmp_path):
+    """`profile`'s audio scenario on the speech bundle: the clip is heard (espeak-ng here), the
+    transcription time and its real-time factor are reported beside ttft and decode speed."""
+    from rich.console import Console
+
+    from vishwamai_edge.profile.runner import run_profile
+
+    res = run_profile([speech_bundle], tmp_path / "profile", scenarios="audio", repeat=2, warmup=1, threads=2,
+                      decode_tokens=16, console=Console(stderr=True, quiet=True))
+    sc = res.report["bundles"][0]["scenarios"]["audio"]
+    assert sc["status"] == "ok", sc.get("error")
+    assert sc["clip"]["source"] == "espeak-ng" and sc["clip"]["seconds"] > 0
+    assert len(sc["runs"]) == 2
+    for run in sc["runs"]:
+        assert run["transcribe_s"] > 0 and run["rtf"] == pytest.approx(run["transcribe_s"] / run["audio_s"])
+        assert run["heard"] == [QUESTION]
+        assert run["ttft_s"] > run["transcribe_s"] and run["decode_tps"] > 0
+    summary = sc["summary"]
+    assert summary["rtf"]["median"] > 0 and summary["transcribe_s"]["n"] == 2
+    print(f"\naudio: {sc['clip']['description']}; transcribe {summary['transcribe_s']['median']:.3f} s, "
+          f"RTF {summary['rtf']['median']:.3f}, ttft {summary['ttft_s']['median'] * 1000:.0f} ms, "
+          f"decode {summary['decode_tps']['median']:.1f} tokens/s")
+    assert any("real-time factor" in n and "espeak-ng" in n for n in res.report["notes"])
+    assert "audio" in (tmp_path / "profile" / "report.md").read_text()

@@ -78,10 +78,21 @@ class VisionSpec(Strict):
     pad_to_square: bool | None = Field(None, description="LLaVA-1.5's `image_aspect_ratio: pad`; default: the folder's")
 
 
+class EngineSpec(Strict):
+    """What targets with TensorRT (Jetson Orin, CUDA PCs) also get: AWQ INT4, the TensorRT-LLM
+    checkpoint and its engine plan, and the TensorRT Edge-LLM export (Llama family)."""
+
+    enabled: bool = Field(True, description="build them for targets whose backends include trtllm")
+    group_size: int = Field(128, ge=16, description="AWQ group; a smaller power of two when it does not divide the widths")
+    clip: bool = Field(True, description="AWQ's weight-clipping search (slower, measured to help)")
+    edgellm: bool = Field(True, description="also export for TensorRT Edge-LLM (its own venv: .ci/install-edgellm)")
+
+
 class ExportSpec(Strict):
     gguf: GGUFSpec = Field(default_factory=GGUFSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     vision: VisionSpec = Field(default_factory=VisionSpec)
+    engines: EngineSpec = Field(default_factory=EngineSpec)
 
 
 class RuntimeSpec(Strict):

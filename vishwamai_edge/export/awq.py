@@ -469,3 +469,28 @@ def dequantized_model(result: AwqResult):
         model.tie_weights()
     del torch
     return model
+
+
+def is_awq_checkpoint(hf_dir: Path) -> bool:
+    try:
+        config = json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "awq"
+
+
+def dequantize_awq_folder(awq_dir: Path, out_dir: Path) -> Path:
+    """A pre-quantized AWQ checkpoint as a plain fp16 HF folder (for the GGUF export and its torch
+    check); written into `out_dir`, which the caller makes atomic. The INT4 values stay as they are:
+    dequantized exactly, not quantized again."""
+    import shutil
+
+    torch = require("torch", "build")
+    model = dequantized_model(read_hf_awq(awq_dir)).to(torch.float16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in Path(awq_dir).iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template"))
+                            or f.name in ("generation_config.json",) or f.suffix == ".model"):
+            shutil.copy2(f, Path(out_dir) / f.name)
+    del torch
+    return Path(out_dir)

@@ -178,3 +178,91 @@ def run_image(pipeline: Pipeline, question: str, max_tokens: int, image: np.ndar
         decode_s=st.decode_s,
         finish=st.finish_reason,
     )
+
+
+AUDIO_QUESTION = "What is the capital of France?"  # what the profile's clip says, when espeak-ng speaks it
+CHIRP_QUESTION = "Describe this sound in one sentence."  # typed with the chirp: it has no words to hear
+CHIRP_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ProfileClip:
+    samples: np.ndarray  # mono float32
+    sample_rate: int
+    source: str  # "espeak-ng" or "chirp"
+    description: str  # for the report: what the clip is
+    text: str = ""  # typed with the clip ("" when the clip itself is the question)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.size / self.sample_rate
+
+
+def profile_clip(espeak: str | None = "espeak-ng") -> ProfileClip:
+    """The audio scenario's fixed clip: the question spoken by espeak-ng (en-us, 140 words/min) when
+    it is installed; otherwise a 5 s 16 kHz linear chirp (200 -> 2000 Hz), the same on every machine,
+    which has no words in it, so the turn types a question beside it."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from ..runtime.media import audio_part
+
+    exe = shutil.which(espeak) if espeak else None
+    if exe:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                wav = Path(tmp) / "clip.wav"
+                subprocess.run([exe, "-v", "en-us", "-s", "140", "-w", str(wav), AUDIO_QUESTION],
+                               check=True, capture_output=True, timeout=60)
+                part = audio_part(wav.read_bytes())
+            return ProfileClip(part.samples, part.sample_rate, "espeak-ng",
+                               f"espeak-ng speaking {AUDIO_QUESTION!r} ({part.samples.size / part.sample_rate:.2f} s "
+                               f"at {part.sample_rate} Hz)")
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass  # a broken espeak-ng: fall back to the chirp
+    rate = 16000
+    t = np.arange(int(CHIRP_SECONDS * rate), dtype=np.float64) / rate
+    f0, f1 = 200.0, 2000.0
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) / (2 * CHIRP_SECONDS) * t**2)
+    samples = (0.3 * np.sin(phase)).astype(np.float32)
+    return ProfileClip(samples, rate, "chirp",
+                       f"a {CHIRP_SECONDS:.0f} s linear chirp 200-2000 Hz at {rate} Hz (espeak-ng is not installed; "
+                       f"no words to hear, so {CHIRP_QUESTION!r} is typed beside it)", CHIRP_QUESTION)
+
+
+def run_audio(pipeline: Pipeline, clip: ProfileClip, max_tokens: int) -> dict[str, Any]:
+    """One spoken turn through ChatSession.ask(audio=...): transcription (the transcript cache
+    emptied first, so every run hears the clip), then prefill and decode of the answer."""
+    session = pipeline.session(sampling=GREEDY, max_tokens=max_tokens)
+    pipeline.llm.reset()
+    pipeline.forget_images()  # drops cached transcripts too: the speech encoder is what is measured
+    for _ in session.ask(clip.text, audio=[(clip.samples, clip.sample_rate)]):
+        pass
+    st = session.last_stats
+    user = session.messages[-2]  # the turn as recorded: what was heard (and typed), as text
+    t = time.perf_counter()
+    session.prompt_tokens([user])  # template + tokenizer, timed on their own
+    tokenize_s = time.perf_counter() - t
+    timings = RunTimings(
+        prompt_tokens=st.prompt_tokens,
+        decode_tokens=st.completion_tokens,
+        tokenize_s=tokenize_s,
+        encode_s=st.transcribe_s,
+        prefill_s=max(st.prefill_s - tokenize_s, 0.0),
+        first_token_s=max(st.ttft_s - st.prefill_s, 0.0),
+        ttft_s=st.transcribe_s + st.ttft_s,  # from the clip to the first answer token
+        decode_s=st.decode_s,
+        finish=st.finish_reason,
+    )
+    d = timings.to_dict()
+    d.update(
+        transcribe_s=st.transcribe_s,
+        audio_s=clip.seconds,
+        rtf=st.transcribe_s / clip.seconds if clip.seconds > 0 else None,
+        answer_ttft_s=st.ttft_s,  # after the transcript: template, prefill, first token
+        heard=list(st.heard),
+        clip=clip.source,
+    )
+    return d

@@ -29,6 +29,7 @@ from .stats import summarize
 SUMMARY_KEYS = (
     "ttft_s", "tokenize_s", "encode_s", "prefill_s", "first_token_s", "prefill_tps", "decode_tps",
     "roofline_ratio", "raw_decode_tps", "overhead_ratio", "prompt_tokens", "decode_tokens", "context_mean",
+    "transcribe_s", "audio_s", "rtf", "answer_ttft_s",
 )
 
 
@@ -130,6 +131,7 @@ def _profile_bundle(
     device = device_monitor()
     pipeline = None
     raw = None
+    clip = None
     current = "load"
     rss.start()
     if device is not None:
@@ -166,11 +168,17 @@ def _profile_bundle(
                 raw = RawLlama(pipeline.bundle.llm_path(), n_ctx, threads)
             runs = []
             result: dict[str, Any] = {"kind": s.kind, "description": s.description, "status": "ok"}
+            if s.kind == "audio":
+                from .measure import profile_clip
+
+                clip = clip or profile_clip()
+                result["clip"] = {"source": clip.source, "description": clip.description,
+                                  "seconds": clip.seconds, "typed": clip.text}
             try:
                 for i in range(warmup + repeat):
                     progress.update(task, description=f"{entry['label']}: {s.name} "
                                     f"({'warm-up' if i < warmup else f'run {i - warmup + 1}/{repeat}'})")
-                    run = _run_once(s, pipeline, raw, decode_tokens)
+                    run = _run_once(s, pipeline, raw, decode_tokens, clip)
                     _add_roofline(run, tgt.shape, entry.get("bandwidth"))
                     if i >= warmup:
                         runs.append(run)
@@ -181,6 +189,8 @@ def _profile_bundle(
             result["summary"] = {k: summarize([r.get(k) for r in runs]) for k in SUMMARY_KEYS
                                  if any(r.get(k) is not None for r in runs)}
             entry["scenarios"][s.name] = result
+            if s.kind == "audio":
+                _audio_note(report, entry["label"], result)
             _snapshot(entry, rss, device)
             rpt.write_outputs(out, report, final=False)
         entry["status"] = "complete"
@@ -202,19 +212,36 @@ def _profile_bundle(
             close()
 
 
-def _run_once(s: Scenario, pipeline: Any, raw: Any, decode_tokens: int) -> dict[str, Any]:
-    from .measure import profile_image, prompt_ids, run_chat, run_image, run_prompt
+def _run_once(s: Scenario, pipeline: Any, raw: Any, decode_tokens: int, clip: Any = None) -> dict[str, Any]:
+    from .measure import profile_image, prompt_ids, run_audio, run_chat, run_image, run_prompt
     from .overhead import run_overhead
 
     if s.kind == "chat":
         return run_chat(pipeline, CHAT_QUESTION, decode_tokens).to_dict()
     if s.kind == "image":
         return run_image(pipeline, IMAGE_QUESTION, decode_tokens, profile_image()).to_dict()
+    if s.kind == "audio":
+        return run_audio(pipeline, clip, decode_tokens)
     if s.kind == "prompt":
         return run_prompt(pipeline.llm, prompt_ids(pipeline.llm, s.prompt_tokens), decode_tokens).to_dict()
     if s.kind == "overhead":
         return run_overhead(pipeline.llm, raw, s.prompt_tokens, decode_tokens)
-    raise UserError(f"scenario {s.name} cannot run on this runtime")  # audio is planned as skipped
+    raise UserError(f"scenario {s.name} cannot run on this runtime")
+
+
+def _audio_note(report: dict[str, Any], label: str, result: dict[str, Any]) -> None:
+    """Say which clip the audio scenario heard, and its real-time factor, in the report's notes."""
+    clip = result.get("clip") or {}
+    summary = result.get("summary") or {}
+    rtf = (summary.get("rtf") or {}).get("median")
+    heard = next((r.get("heard") for r in result.get("runs", []) if r.get("heard") is not None), None)
+    text = f"audio scenario ({label}): the clip is {clip.get('description', 'unknown')}"
+    if heard is not None:
+        text += f"; heard {' '.join(heard)!r}"
+    if rtf is not None:
+        text += (f"; real-time factor (transcribe_s / clip seconds) {rtf:.3f} median"
+                 " (below 1 = faster than real time); ttft is from the clip to the first answer token")
+    report["notes"].append(text)
 
 
 def _add_roofline(run: dict[str, Any], shape: ModelShape, bandwidth: dict[str, Any] | None) -> None:

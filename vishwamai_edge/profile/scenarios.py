@@ -15,7 +15,7 @@ from ..errors import UserError
 
 CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
 IMAGE_QUESTION = "Describe this picture in one sentence."
-RUNNABLE_ENCODERS = ("image",)
+RUNNABLE_ENCODERS = ("image", "audio")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class Scenario:
     def context_needed(self, decode_tokens: int, image_rows: int = 0) -> int:
         if self.kind == "image":  # the image's encoder rows, the template and the question
             return image_rows + 64 + decode_tokens
+        if self.kind == "audio":  # the template and what was heard (a short spoken question)
+            return 64 + decode_tokens
         return self.prompt_tokens + decode_tokens + 8
 
 
@@ -42,8 +44,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("prompt-2048", "prompt", "a 2048-token prompt, then a fixed number of decoded tokens", 2048),
         Scenario("image", "image", "one 640x480 image through the image encoder, then an answer",
                  encoder="image"),
-        Scenario("audio", "audio", "one audio clip through the audio encoder, then an answer",
-                 encoder="audio"),
+        Scenario("audio", "audio", "one spoken clip heard by the speech encoder (ChatSession.ask(audio=...)), "
+                 "then an answer", encoder="audio"),
         Scenario(
             "overhead", "overhead",
             "same GGUF, prompt and threads: this runtime's decode loop against raw llama-cpp-python", 128,

@@ -23,6 +23,9 @@ DEFAULT_MAX_FILE_MB = 10
 UPDATE_EVERY_S = 0.05  # batch streamed pieces: one browser update per 50 ms, not one per token
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+HEARD = "🎤 heard: "  # a user message that had audio starts with what the device heard
+HEARD_NOTHING = "🎤 heard nothing"
+LISTENING = "🎤 listening…"
 
 
 def import_gradio():
@@ -67,15 +70,38 @@ def _history_messages(history: list[dict[str, Any]], budget: MediaBudget) -> lis
         parts: list[Part] = []
         for item in content if isinstance(content, list) else [content]:
             if isinstance(item, str):
-                parts.append(TextPart(item))
+                parts.append(TextPart(_model_text(item) if msg["role"] == "user" else item))
             elif isinstance(item, dict) and item.get("text"):
-                parts.append(TextPart(item["text"]))
+                text = item["text"]
+                parts.append(TextPart(_model_text(text) if msg["role"] == "user" else text))
             elif isinstance(item, dict) and _file_path(item) and msg["role"] == "user":
                 parts.append(_history_image(_file_path(item), budget))
         parts = [p for p in parts if not isinstance(p, TextPart) or p.text]
         if parts:
             out.append(Message(msg["role"], tuple(parts)))
     return out
+
+
+def _said(text: str, audio: bool, heard: list[str] | None) -> str:
+    """The user's message as the history shows it: with audio, first what the device heard
+    (`heard` None while the worker is still listening), then any typed text."""
+    typed = text.strip() if audio else text
+    if not audio:
+        return typed
+    spoken = " ".join(h.strip() for h in heard or [] if h.strip())
+    head = LISTENING if heard is None else (HEARD + spoken if spoken else HEARD_NOTHING)
+    return f"{head}\n\n{typed}" if typed else head
+
+
+def _model_text(shown: str) -> str:
+    """A user message from the history -> the text the model reads: a turn that had audio keeps
+    what was heard, as text (the audio itself is not sent again), then what was typed, as the
+    engine joined them for that turn."""
+    if not shown.startswith(("🎤 heard", LISTENING)):
+        return shown
+    head, _, typed = shown.partition("\n\n")
+    spoken = head[len(HEARD):] if head.startswith(HEARD) else ""
+    return " ".join(t for t in (spoken.strip(), typed) if t)
 
 
 def _file_path(item: dict[str, Any]) -> str | None:
@@ -170,22 +196,32 @@ def build_ui(engine: Engine):
             active[key] = gen
         # The image goes into the history as a file (shown, and sent again with later turns);
         # text as {"type": "text"} items, which gradio keeps verbatim (a bare string is dedented).
+        # A turn with audio shows what the device heard, once the worker has it (with the first
+        # piece, or at the end); that text, not the audio, is what later turns send again.
         shown: list[dict[str, Any]] = [{"path": _shown_image(image)}] if image else []
-        said = (text or "") + ("\n\n*[audio attached]*" if audio else "")
-        if said.strip():
-            shown.append(_text(said.strip() if audio else said))
-        history += [{"role": "user", "content": shown}, {"role": "assistant", "content": [_text("")]}]
-        yield history, "", None, None, "waiting for the model…"
+        user_at = len(history)
+
+        def show_user(heard: list[str] | None) -> None:
+            said = _said(text or "", bool(audio), heard)
+            history[user_at] = {"role": "user", "content": shown + ([_text(said)] if said.strip() else [])}
+
+        history += [{"role": "user", "content": []}, {"role": "assistant", "content": [_text("")]}]
+        show_user(None)
+        yield history, "", None, None, "listening…" if audio else "waiting for the model…"
         reply, last, first, n = "", 0.0, 0.0, 0
         try:
             for piece in gen:
                 reply, n, now = reply + piece, n + 1, time.perf_counter()
+                if not first and audio:
+                    show_user(gen.heard or None)
                 first = first or now
                 if now - last >= UPDATE_EVERY_S:
                     last = now
                     history[-1] = {"role": "assistant", "content": [_text(reply)]}
                     yield history, gr.skip(), gr.skip(), gr.skip(), _live_stats(gen, first, now, n)
         except UserError as exc:
+            if audio and gen.heard:
+                show_user(gen.heard or None)
             history[-1] = {"role": "assistant", "content": [_text(reply)]}
             yield history, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
             return
@@ -194,6 +230,8 @@ def build_ui(engine: Engine):
             with lock:
                 if active.get(key) is gen:
                     del active[key]
+        if audio:
+            show_user(gen.heard or None)  # a reply with no pieces: what was heard still shows
         history[-1] = {"role": "assistant", "content": [_text(reply)]}
         yield history, gr.skip(), gr.skip(), gr.skip(), format_stats(gen.stats)
 

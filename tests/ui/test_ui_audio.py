@@ -1,0 +1,56 @@
+"""The web chat on the speech bundle (SmolLM2 + Whisper tiny.en) in headless Chromium: an uploaded
+spoken question is heard, what was heard shows in the history, and the streamed answer follows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from speech_bundles import QUESTION, question_wav, speech_bundle  # noqa: F401  (shared session fixtures)
+from test_ui_browser import WAIT_MS, wait_for_stats
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def speech_url(speech_bundle) -> Iterator[str]:
+    from in_thread_server import free_port
+
+    from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.ui.app import launch_ui
+
+    engine = Engine.load(speech_bundle, n_threads=2, max_queue=4)
+    port = free_port()
+    blocks = launch_ui(engine, "127.0.0.1", port, max_file_mb=1, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    blocks.close()
+    engine.close()
+
+
+def user_texts(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chat .user-row").all_inner_texts()]
+
+
+def test_spoken_question_heard_shown_and_answered(browser, speech_url, question_wav):
+    page = browser.new_page()
+    try:
+        page.goto(speech_url, wait_until="networkidle")
+        page.wait_for_selector("#prompt textarea")
+        page.set_input_files("#audio input[type=file]", str(question_wav))
+        page.wait_for_selector("#audio audio, #audio .waveform-container, #audio [data-testid='waveform-x']",
+                               state="attached", timeout=WAIT_MS)  # uploaded: the player shows
+        page.click("#send")
+        page.wait_for_function(
+            "q => [...document.querySelectorAll('#chat .user-row')].some(e => e.innerText.includes(q))",
+            arg=f"heard: {QUESTION}", timeout=WAIT_MS,
+        )
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#chat .bot-row')].some(e => e.innerText.includes('Paris'))",
+            timeout=WAIT_MS,
+        )
+        stats = wait_for_stats(page, "generated tokens")  # the final line: the answer is complete
+        assert "⚠️" not in stats
+        assert user_texts(page) == [f"🎤 heard: {QUESTION}"]
+        assert "Paris" in page.locator("#chat .bot-row").last.inner_text()
+    finally:
+        page.close()
