@@ -284,7 +284,8 @@ def test_jetson_build_prints_and_records_its_memory_plan(llava_dirs, tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: tiny-llava\nsource: {{kind: hf, path: {llava_dirs['clip']}}}\n"
-                      "export:\n  gguf: {outtype: f16, quants: [], imatrix: false}\n")
+                      "export:\n  gguf: {outtype: f16, quants: [], imatrix: false}\n"
+                      "  engines: {enabled: false}\n")  # AWQ of a random model: tests/test_engines_build.py
     console = Console(record=True, width=300)
     result = build(load_recipe(recipe), get_target("orin-nano-8"), tmp_path / "out", quant="f16", console=console)
     assert "memory plan: tiny-llava f16 on orin-nano-8" in console.export_text()

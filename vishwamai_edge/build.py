@@ -365,7 +365,9 @@ def stage_engines(ctx: BuildContext, hf_dir: Path, awq_source: Path | None = Non
         "build_command": plan.build_command("../trtllm-ckpt", "engine"),
     }}
     checks: dict[str, Any] = {"awq": awq}
-    if ctx.recipe.export.engines.edgellm:
+    if ctx.recipe.export.engines.edgellm and not _edgellm_installed(ctx):
+        pass
+    elif ctx.recipe.export.engines.edgellm:
         engines["edgellm"] = {}
         for variant, source in (("fp16", hf_dir), ("int4", awq_dir)):
             edge, edge_dir = stage_edgellm(ctx, source, plan, variant)
@@ -373,6 +375,18 @@ def stage_engines(ctx: BuildContext, hf_dir: Path, awq_source: Path | None = Non
                       for f in sorted(edge_dir.rglob("*")) if f.is_file()]
             engines["edgellm"][variant] = edge
     return BundlePart(files, {"engines": engines, "checks": checks}, ["trtllm"])
+
+
+def _edgellm_installed(ctx: BuildContext) -> bool:
+    from .errors import MissingDependencyError
+    from .export.edgellm import edgellm_python
+
+    try:
+        edgellm_python()
+        return True
+    except MissingDependencyError as exc:  # optional: the bundle keeps its TensorRT-LLM checkpoint
+        ctx.console.print(f"[yellow]-[/] no TensorRT Edge-LLM export: {exc} (or set export.engines.edgellm: false)")
+        return False
 
 
 def stage_edgellm(ctx: BuildContext, source: Path, plan: Any, variant: str) -> tuple[dict[str, Any], Path]:

@@ -38,3 +38,22 @@ def test_overhead_needs_llamacpp():
     other = {"llm": {"backend": "trtllm"}}
     (p,) = plan(["overhead"], other, 4096, 64)
     assert "llama.cpp bundle" in p.skip_reason
+
+
+def test_audio_scenario_plans_and_sizes():
+    speech = {**MANIFEST, "encoders": {"audio": {"kind": "whisper"}}}
+    (p,) = plan(["audio"], speech, 512, 64)
+    assert p.skip_reason is None
+    (p,) = plan(["audio"], speech, 100, 64)
+    assert "needs a context of 128" in p.skip_reason
+
+
+def test_profile_clip_without_espeak_is_a_fixed_chirp():
+    import numpy as np
+
+    from vishwamai_edge.profile.measure import CHIRP_QUESTION, profile_clip
+
+    a, b = profile_clip(espeak=None), profile_clip(espeak="no-such-espeak-ng")
+    assert a.source == b.source == "chirp" and a.seconds == 5.0 and a.sample_rate == 16000
+    assert np.array_equal(a.samples, b.samples) and a.samples.dtype == np.float32
+    assert a.text == CHIRP_QUESTION and "chirp" in a.description  # no words: a question is typed beside it

@@ -9,8 +9,6 @@ import pytest
 from speech_bundles import QUESTION, question_wav, speech_bundle  # noqa: F401  (shared session fixtures)
 from test_ui_browser import WAIT_MS, wait_for_stats
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(scope="module")
 def speech_url(speech_bundle) -> Iterator[str]:
@@ -31,6 +29,7 @@ def user_texts(page) -> list[str]:
     return [t.strip() for t in page.locator("#chat .user-row").all_inner_texts()]
 
 
+@pytest.mark.e2e
 def test_spoken_question_heard_shown_and_answered(browser, speech_url, question_wav):
     page = browser.new_page()
     try:
@@ -54,3 +53,21 @@ def test_spoken_question_heard_shown_and_answered(browser, speech_url, question_
         assert "Paris" in page.locator("#chat .bot-row").last.inner_text()
     finally:
         page.close()
+
+
+def test_heard_text_is_what_later_turns_send():
+    from vishwamai_edge.runtime.media import MediaBudget
+    from vishwamai_edge.ui.app import _history_messages, _said
+
+    assert _said("", True, None) == "🎤 listening…"
+    assert _said("", True, [QUESTION]) == f"🎤 heard: {QUESTION}"
+    assert _said("Answer briefly.", True, [QUESTION]) == f"🎤 heard: {QUESTION}\n\nAnswer briefly."
+    assert _said("", True, ["  "]) == "🎤 heard nothing"
+    assert _said("hi ", False, None) == "hi "
+    history = [{"role": "user", "content": [{"type": "text", "text": _said("Answer briefly.", True, [QUESTION])}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "🎤 heard: kept as said"}]},
+               {"role": "user", "content": [{"type": "text", "text": _said("only typed", True, [""])}]}]
+    user, bot, user2 = _history_messages(history, MediaBudget(accepts=set()))  # no audio is sent again
+    assert user.parts[0].text == f"{QUESTION} Answer briefly."  # as the engine joined that turn's parts
+    assert bot.parts[0].text == "🎤 heard: kept as said"  # only user messages are read back
+    assert user2.parts[0].text == "only typed"

@@ -178,7 +178,8 @@ def _profile_bundle(
                 for i in range(warmup + repeat):
                     progress.update(task, description=f"{entry['label']}: {s.name} "
                                     f"({'warm-up' if i < warmup else f'run {i - warmup + 1}/{repeat}'})")
-                    run = _run_once(s, pipeline, raw, decode_tokens, clip)
+                    run = (_run_once(s, pipeline, raw, decode_tokens, clip) if s.kind == "audio"
+                           else _run_once(s, pipeline, raw, decode_tokens))
                     _add_roofline(run, tgt.shape, entry.get("bandwidth"))
                     if i >= warmup:
                         runs.append(run)

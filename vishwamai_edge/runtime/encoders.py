@@ -46,6 +46,22 @@ def choose_providers(preferred: Sequence[Provider] | None, available: Sequence[s
     return chosen
 
 
+def ort_session(path: Path, providers: Sequence[Provider] | None, threads: int | None, what: str) -> Any:
+    """An ONNX Runtime session on the preferred providers this build has; one-line errors."""
+    ort = require("onnxruntime", "runtime")
+    if not path.is_file():
+        raise BundleError(f"{what} {path} does not exist")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    chosen = choose_providers(providers, ort.get_available_providers())
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # ORT raises its own exception types for a bad or truncated file
+        raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+
+
 class VisionEncoder:
     """One vision tower + projector graph in an ONNX Runtime session."""
 
@@ -70,19 +86,8 @@ class VisionEncoder:
     @classmethod
     def load(cls, path: Path | str, providers: Sequence[Provider] | None = None,
              threads: int | None = None) -> VisionEncoder:
-        ort = require("onnxruntime", "runtime")
         path = Path(path)
-        if not path.is_file():
-            raise BundleError(f"vision encoder {path} does not exist")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        chosen = choose_providers(providers, ort.get_available_providers())
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-        except Exception as exc:  # ORT raises its own exception types for a bad or truncated file
-            raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        session = ort_session(path, providers, threads, "vision encoder")
         return cls(session, path)
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:

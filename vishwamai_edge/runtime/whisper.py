@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError, InputError, require
-from .encoders import Provider, choose_providers
+from .encoders import Provider, ort_session
 
 ENCODER, DECODER_INIT, DECODER_WITH_PAST = "encoder.onnx", "decoder_init.onnx", "decoder_with_past.onnx"
 TOKENIZER, GENERATION_CONFIG, DESCRIPTION = "tokenizer.json", "generation_config.json", "whisper.json"
@@ -120,18 +120,7 @@ class DecodingSpec:
 
 
 def _session(path: Path, providers: Sequence[Provider] | None, threads: int | None) -> Any:
-    ort = require("onnxruntime", "runtime")
-    if not path.is_file():
-        raise BundleError(f"Whisper graph {path} does not exist")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    chosen = choose_providers(providers, ort.get_available_providers())
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-    except Exception as exc:  # ORT raises its own exception types for a bad or truncated file
-        raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+    return ort_session(path, providers, threads, "Whisper graph")
 
 
 class WhisperONNX:

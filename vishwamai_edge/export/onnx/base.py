@@ -268,7 +268,7 @@ def export_vision(
             if dtype == "fp16":
                 _to_fp16(fp32, tmp)
             elif dtype == "int8":
-                _to_int8(fp32, tmp)
+                to_int8(fp32, tmp)
         finally:
             if fp32 != tmp:
                 fp32.unlink(missing_ok=True)
@@ -314,19 +314,20 @@ def _to_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def _to_int8(src: Path, dst: Path) -> None:
+def to_int8(src: Path, dst: Path, op_types: list[str] | None = None) -> None:
+    """Dynamic quantisation: int8 weights per output channel, activations quantised per batch at
+    run time (MatMulInteger); needs no calibration data. `op_types` limits which ops are quantised."""
     import logging
 
     require("onnxruntime", "build")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Dynamic quantisation: int8 weights per output channel, activations quantised per
-    # batch at run time (MatMulInteger); needs no calibration images.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" advice on the root logger
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         **({"op_types_to_quantize": op_types} if op_types else {}))
     finally:
         root.setLevel(level)
 
