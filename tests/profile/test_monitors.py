@@ -1,15 +1,22 @@
 import time
 
+import numpy as np
+
 from vishwamai_edge.profile.monitors import RssSampler, device_monitor, process_maxrss_bytes
 
 
 def test_rss_sampler_samples_and_marks():
     rss = RssSampler(interval_s=0.01)
     rss.start()
+    while not rss.samples:  # the baseline is the first sample: take it before the allocation
+        time.sleep(0.01)
     rss.mark("load")
-    block = bytearray(64 * 2**20)  # touch 64 MiB so RSS moves
-    block[::4096] = b"x" * len(block[::4096])
-    time.sleep(0.1)
+    # 64 MiB written through (every page resident) and held while the sampler runs; on a loaded
+    # machine the sampler thread may be scheduled late, so give it time to see the block
+    block = np.ones(64 * 2**20, dtype=np.uint8)
+    deadline = time.monotonic() + 5
+    while max((v for _, v in rss.samples), default=0) < rss.baseline_bytes + 50 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.05)
     rss.mark("overhead")
     del block
     rss.stop()
