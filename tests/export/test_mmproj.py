@@ -12,13 +12,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from vision_models import build_tiny_llava_vision
 
-from tests.vision_models import build_tiny_llava_vision
 from vishwamai_edge.errors import ExportError
 from vishwamai_edge.export.gguf.mmproj import write_mmproj
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 IMAGE_SIZE, PATCH = 30, 6
 SIZES = {"image_size": IMAGE_SIZE, "patch_size": PATCH}
@@ -200,7 +199,7 @@ def test_rejects_siglip_and_full_strategy(tmp_path):
 
 @pytest.mark.parametrize("dtype,feature_layer", [("f32", -2), ("f16", -2), ("f32", [1, 3])])
 def test_image_embeddings_match_torch(tmp_path, tokenizer_dirs, dtype, feature_layer):
-    pytest.importorskip("llama_cpp.mtmd_cpp")
+    import llama_cpp.mtmd_cpp  # noqa: F401  (built with llama-cpp-python: a missing one is a broken install)
     hf = build_tiny_llava_vision(tmp_path / "llava", image_size=IMAGE_SIZE, patch_size=PATCH,
                                  vision_feature_layer=feature_layer)
     _, llm_gguf = _text_gguf(hf, tokenizer_dirs["llama3"], tmp_path)
@@ -227,7 +226,7 @@ def test_image_embeddings_match_torch(tmp_path, tokenizer_dirs, dtype, feature_l
 def test_greedy_tokens_match_our_embedding_path(tmp_path, tokenizer_dirs):
     """libmtmd end to end (mtmd_helper_eval_chunks) vs our backend prefilled with torch's image
     features as an EmbeddingSegment, in the token layout this llama.cpp computes."""
-    pytest.importorskip("llama_cpp.mtmd_cpp")
+    import llama_cpp.mtmd_cpp  # noqa: F401  (built with llama-cpp-python: a missing one is a broken install)
     from vishwamai_edge.runtime.backends import EmbeddingSegment, SamplingParams, TokenSegment
     from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
 

@@ -82,7 +82,8 @@ def random_pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def photo(name: str = "astronaut") -> np.ndarray:
-    data = pytest.importorskip("skimage.data")
+    from skimage import data  # the dev extra's scikit-image
+
     return getattr(data, name)()
 
 
