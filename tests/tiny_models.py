@@ -87,21 +87,26 @@ def train_bpe_tokenizer(out: Path, style: str, vocab_size: int = 600) -> Path:
     return out
 
 
-def train_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> Path:
-    """A Llama-2-style SentencePiece BPE model with byte fallback (tokenizer.model)."""
+def _llama2_style_spm(corpus: list[str], vocab_size: int) -> bytes:
+    """A serialized SentencePiece BPE model with Llama 2's settings (byte fallback, digits split)."""
     import io
 
     import sentencepiece as spm
 
-    out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
     )
-    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def train_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> Path:
+    """A Llama-2-style SentencePiece BPE model with byte fallback (tokenizer.model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(_llama2_style_spm(CORPUS, vocab_size))
     config = {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": True,
@@ -251,19 +256,8 @@ LLAMA2_CORPUS = CORPUS + [
 def train_llama2_spm_only_tokenizer(out: Path, vocab_size: int = 500) -> Path:
     """An older Llama 2 / Vicuna style folder: tokenizer.model and tokenizer_config.json only,
     no tokenizer.json, with the Llama 2 chat template ("<s>[INST] ... [/INST] ... </s>")."""
-    import io
-
-    import sentencepiece as spm
-
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(LLAMA2_CORPUS), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
-    )
-    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    (out / "tokenizer.model").write_bytes(_llama2_style_spm(LLAMA2_CORPUS, vocab_size))
     config = {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": True, "chat_template": LLAMA2_TEMPLATE,

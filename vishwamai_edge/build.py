@@ -365,9 +365,7 @@ def stage_engines(ctx: BuildContext, hf_dir: Path, awq_source: Path | None = Non
         "build_command": plan.build_command("../trtllm-ckpt", "engine"),
     }}
     checks: dict[str, Any] = {"awq": awq}
-    if ctx.recipe.export.engines.edgellm and not _edgellm_installed(ctx):
-        pass
-    elif ctx.recipe.export.engines.edgellm:
+    if ctx.recipe.export.engines.edgellm and _edgellm_installed(ctx):
         engines["edgellm"] = {}
         for variant, source in (("fp16", hf_dir), ("int4", awq_dir)):
             edge, edge_dir = stage_edgellm(ctx, source, plan, variant)

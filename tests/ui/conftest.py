@@ -33,14 +33,10 @@ def ui_engine(embedded_bundle):
 
 @pytest.fixture(scope="module")
 def ui_url(ui_engine) -> Iterator[str]:
-    from vishwamai_edge.ui.app import launch_ui
+    from in_thread_server import launched_ui
 
-    from in_thread_server import free_port
-
-    port = free_port()
-    blocks = launch_ui(ui_engine, "127.0.0.1", port, max_file_mb=MAX_FILE_MB, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    blocks.close()
+    with launched_ui(ui_engine, MAX_FILE_MB) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

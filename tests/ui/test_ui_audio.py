@@ -12,17 +12,16 @@ from test_ui_browser import WAIT_MS, wait_for_stats
 
 @pytest.fixture(scope="module")
 def speech_url(speech_bundle) -> Iterator[str]:
-    from in_thread_server import free_port
+    from in_thread_server import launched_ui
 
     from vishwamai_edge.runtime.engine import Engine
-    from vishwamai_edge.ui.app import launch_ui
 
     engine = Engine.load(speech_bundle, n_threads=2, max_queue=4)
-    port = free_port()
-    blocks = launch_ui(engine, "127.0.0.1", port, max_file_mb=1, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    blocks.close()
-    engine.close()
+    try:
+        with launched_ui(engine, 1) as url:
+            yield url
+    finally:
+        engine.close()
 
 
 def user_texts(page) -> list[str]:

@@ -27,14 +27,10 @@ def vlm_engine(vlm_bundle):
 
 @pytest.fixture(scope="module")
 def vlm_url(vlm_engine) -> Iterator[str]:
-    from in_thread_server import free_port
+    from in_thread_server import launched_ui
 
-    from vishwamai_edge.ui.app import launch_ui
-
-    port = free_port()
-    blocks = launch_ui(vlm_engine, "127.0.0.1", port, max_file_mb=1, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    blocks.close()
+    with launched_ui(vlm_engine, 1) as url:
+        yield url
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import ExportError, MissingDependencyError, UserError, require
+from ..fsutil import atomic_dir
 
 EDGELLM_VERSION = "0.11.0"
 EDGELLM_REQUIREMENT = f"tensorrt-edgellm[export]=={EDGELLM_VERSION}"
@@ -184,28 +185,18 @@ def export_edgellm(
     python = edgellm_python(venv)
     script = python.parent / EXPORT_SCRIPT
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    log = tmp / LOG_NAME
-    cmd = [str(script), str(hf_dir.resolve()), str(tmp), "--dtype", dtype]
-    if quantization:
-        cmd += ["--quantization", quantization]
-    try:
+    with atomic_dir(out_dir) as tmp:  # only a checked export is renamed to out_dir
+        log = tmp / LOG_NAME
+        cmd = [str(script), str(hf_dir.resolve()), str(tmp), "--dtype", dtype]
+        if quantization:
+            cmd += ["--quantization", quantization]
         start = time.monotonic()
         with open(log, "w") as sink:
             sink.write("$ " + " ".join(cmd) + "\n")
             sink.flush()
             try:
-                rc = subprocess.run(
-                    cmd,
-                    check=False,
-                    stdout=sink,
-                    stderr=subprocess.STDOUT,
-                    env=_clean_env(),
-                    timeout=timeout_s,
-                ).returncode
+                rc = subprocess.run(cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, env=_clean_env(),
+                                    timeout=timeout_s).returncode
             except subprocess.TimeoutExpired:
                 rc = None
         seconds = time.monotonic() - start
@@ -224,19 +215,8 @@ def export_edgellm(
             failed = _keep_log(log, out_dir)
             raise ExportError(
                 f"{EXPORT_SCRIPT} --quantization {quantization} wrote no quantized layers for {hf_dir}: "
-                f"Edge-LLM "
-                f"0.11 takes INT4 from a checkpoint that is already quantized (log: {failed})"
+                f"Edge-LLM 0.11 takes INT4 from a checkpoint that is already quantized (log: {failed})"
             )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
     result.path = out_dir
     result.dtype, result.quantization, result.seconds = dtype, quantization, round(seconds, 1)
     result.tool = " ".join([EXPORT_SCRIPT, "HF_DIR", "OUT", *cmd[3:]])

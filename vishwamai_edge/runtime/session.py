@@ -189,26 +189,6 @@ class Pipeline:
                 self._encoded.popitem(last=False)
         return text
 
-    def hear(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-        """Audio parts -> text parts of what was heard (the speech cascade); other parts unchanged."""
-        heard: list[str] = []
-        out = []
-        for m in messages:
-            content = m["content"]
-            if not isinstance(content, list) or not any(p.get("type") == "audio" for p in content):
-                out.append(m)
-                continue
-            parts = []
-            for p in content:
-                if p.get("type") == "audio":
-                    text = self.transcribe(p["samples"], p["sample_rate"])
-                    heard.append(text)
-                    parts.append({"type": "text", "text": text})
-                else:
-                    parts.append(p)
-            out.append({**m, "content": parts})
-        return out, heard
-
     def forget_images(self) -> None:
         """Drop the encoded-image and transcript cache (the profile times the encoders on every run)."""
         with self._cache_lock:
