@@ -1,3 +1,4 @@
+import mmap
 import time
 
 import numpy as np
@@ -11,14 +12,17 @@ def test_rss_sampler_samples_and_marks():
     while not rss.samples:  # the baseline is the first sample: take it before the allocation
         time.sleep(0.01)
     rss.mark("load")
-    # 64 MiB written through (every page resident) and held while the sampler runs; on a loaded
-    # machine the sampler thread may be scheduled late, so give it time to see the block
-    block = np.ones(64 * 2**20, dtype=np.uint8)
+    # 64 MiB of a fresh anonymous mapping, written through (every page resident) and held while
+    # the sampler runs. Not a numpy array: the allocator may hand back pages that earlier tests
+    # freed but that are still resident, and then RSS does not move. On a loaded machine the
+    # sampler thread may be scheduled late, so give it time to see the block.
+    block = mmap.mmap(-1, 64 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1
     deadline = time.monotonic() + 5
     while max((v for _, v in rss.samples), default=0) < rss.baseline_bytes + 50 * 2**20 and time.monotonic() < deadline:
         time.sleep(0.05)
     rss.mark("overhead")
-    del block
+    block.close()
     rss.stop()
     assert len(rss.samples) >= 5
     times = [t for t, _ in rss.samples]
