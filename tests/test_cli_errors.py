@@ -90,7 +90,7 @@ def test_prompt_longer_than_context(embedded_bundle):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["demo", "--vision"], "No such option: --vision"),  # NoSuchOption
+    (["demo", "--sight"], "No such option: --sight"),  # NoSuchOption
     (["chat"], "Missing argument"),  # MissingParameter
     (["build", "--recipe"], "requires an argument"),  # BadOptionUsage, raised without a context
     (["nosuch"], "No such command"),  # UsageError from the group

@@ -1,5 +1,6 @@
-"""A vision-language bundle for the front-end tests (API, UI): a tiny random CLIP LLaVA built to an
-F32 GGUF and an fp32 ONNX vision tower, and the in-process answers the front ends must equal."""
+"""A vision-language bundle for the front-end tests (API, UI): recipes/llava-1.5-7b.yaml run on a tiny
+random model in llava-hf/llava-1.5-7b-hf's exact layout, built to an F32 GGUF and an fp32 ONNX vision
+tower, and the in-process answers the front ends must equal."""
 
 from __future__ import annotations
 
@@ -8,33 +9,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vision_models import build_tiny_llava_chat
+from vision_models import build_tiny_llava15_hf
 
 _built: dict[str, Path] = {}  # one build per test session, however many conftests use the fixture
 
 
-def build_vlm_bundle(root: Path, tokenizer_dir: Path) -> Path:
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llava-1.5-7b.yaml"
+
+
+def build_vlm_bundle(root: Path) -> Path:
     from rich.console import Console
 
     from vishwamai_edge.build import build
     from vishwamai_edge.recipe import load_recipe
     from vishwamai_edge.targets import get_target
 
-    src = build_tiny_llava_chat(root / "src", tokenizer_dir, tower="clip")
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        f"name: tiny-llava\nsource: {{kind: hf, path: {src}}}\n"
-        "export:\n  gguf: {outtype: f32, quants: [], imatrix: false}\n  vision: {dtype: fp32}\n"
-    )
-    result = build(load_recipe(recipe), get_target("laptop-cpu"), root / "build", quant="f32",
+    src = build_tiny_llava15_hf(root / "llava-1.5-7b-hf", root / "work")
+    recipe = load_recipe(RECIPE, [f"source.path={src}", "export.gguf.outtype=f32", "export.gguf.quants=[]",
+                                  "export.gguf.imatrix=false", "export.vision.dtype=fp32"])
+    result = build(recipe, get_target("laptop-cpu"), root / "build", quant="f32",
                    console=Console(stderr=True, quiet=True))
     return result.bundle
 
 
 @pytest.fixture(scope="session")
-def vlm_bundle(tmp_path_factory, tokenizer_dirs) -> Path:
+def vlm_bundle(tmp_path_factory) -> Path:
     if "clip" not in _built:
-        _built["clip"] = build_vlm_bundle(tmp_path_factory.mktemp("vlm-bundle"), tokenizer_dirs["llama3"])
+        _built["clip"] = build_vlm_bundle(tmp_path_factory.mktemp("vlm-bundle"))
     return _built["clip"]
 
 

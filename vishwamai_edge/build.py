@@ -32,6 +32,7 @@ from . import __version__
 from .errors import ExportError, SourceError
 from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, write_json
 from .export.llava import is_llava
+from .vlm.folder import is_aligned
 from .recipe import Recipe
 from .runtime.bundle import write_manifest
 from .targets import TargetProfile
@@ -138,6 +139,21 @@ def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) 
     return out
 
 
+def stage_align(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
+    """`method: align`: frozen encoder + trained projector (+ LoRA) -> finetune/aligned/ (vlm/folder.py)."""
+    from .train.align import ALIGNED, align
+    from .train.finetune import run_fingerprint
+
+    folder = ctx.root / "finetune"
+    out = folder / ALIGNED
+    inputs = run_fingerprint(ctx.recipe, [__version__, "align", folder_fingerprint(hf_dir)], folder)
+    if up_to_date(ctx, out, inputs, "aligned") is not None:
+        return out
+    result = align(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
+    return out
+
+
 def stage_merge(ctx: BuildContext, hf_dir: Path, adapter_dir: Path) -> Path:
     """base + adapter -> merged/ (plain HF folder), checked against base + adapter unmerged."""
     from .train.merge import merge_adapter
@@ -167,6 +183,8 @@ def finetune_and_merge(
         clean_stale_temps(sub)
     ctx = BuildContext(recipe, get_target("laptop-cpu"), root, console)  # the target plays no part here
     hf_dir = stage_source(ctx)
+    if recipe.finetune is not None and recipe.finetune.method == "align":
+        return stage_align(ctx, hf_dir, resume=resume)
     adapter = stage_finetune(ctx, hf_dir, resume=resume)
     # under `accelerate launch` every process trains; only the first merges
     return stage_merge(ctx, hf_dir, adapter) if merge and _main_process() else adapter
@@ -660,11 +678,24 @@ def build(
         return BuildResult(out_dir, finish_manifest(out_dir, root, recipe.source), ctx.skipped)
     plan = stage_memory_plan(ctx, hf_dir, quant)
     checks: dict[str, Any] = {}
-    if recipe.finetune is not None:
+    if recipe.finetune is not None and recipe.finetune.method == "align":
+        hf_dir = stage_align(ctx, hf_dir)
+    elif recipe.finetune is not None:
         hf_dir = stage_merge(ctx, hf_dir, stage_finetune(ctx, hf_dir))
         checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
     parts: list[BundlePart] = []
-    if is_llava(hf_dir):
+    if is_aligned(hf_dir):  # a VLM made here: its encoder + projector to ONNX, its LLM as any other
+        from .vlm.folder import read_info
+
+        encoder, entry = stage_vision(ctx, hf_dir)
+        llm_dir = hf_dir / "llm"
+        template = json.loads((llm_dir / "tokenizer_config.json").read_text()).get("chat_template") \
+            if (llm_dir / "tokenizer_config.json").is_file() else None
+        if template is None and (llm_dir / "chat_template.jinja").is_file():
+            template = (llm_dir / "chat_template.jinja").read_text()
+        parts.append(vision_part(ctx, encoder, entry, read_info(hf_dir)["image_token"], template, None))
+        hf_dir = llm_dir
+    elif is_llava(hf_dir):
         from .export.llava import chat_template, image_token
 
         encoder, entry = stage_vision(ctx, hf_dir)

@@ -72,9 +72,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="then teach it a fictional place with LoRA (a few minutes) and ask both bundles")] = True,
+    vision: Annotated[bool, typer.Option("--vision", help="instead: give the embedded model eyes (EfficientNet-Lite0 + a projector trained here, a few minutes) and ask it about pictures it never saw")] = False,
 ) -> None:
     """Embedded model -> GGUF -> checked -> Q4_K_M bundle -> one question answered, with tokens/s;
-    then LoRA fine-tuning on a shipped set -> merged -> bundle that knows what it was taught."""
+    then LoRA fine-tuning on a shipped set -> merged -> bundle that knows what it was taught.
+    With --vision: align an image encoder to it, build the image bundle, ask about held-out pictures."""
+    if vision:
+        from .demo import run_vision_demo
+
+        run_vision_demo(out, threads)
+        return
     from .demo import run_demo
 
     run_demo(recipe, question, out, threads, finetune)
@@ -156,13 +163,14 @@ def profile(
 @app.command()
 def finetune(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML file with a finetune section")],
-    method: Annotated[Optional[str], typer.Option(help="lora, qlora (needs CUDA) or cpt (raw text); default: the recipe's")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora, qlora (needs CUDA), cpt (raw text) or align (image encoder + projector); default: the recipe's")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint")] = False,
     merge: Annotated[bool, typer.Option(help="merge the adapter into the base as well (build/<recipe>/merged)")] = True,
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: field.path=value")] = None,
 ) -> None:
-    """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training): an adapter, then merged."""
+    """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training): an adapter, then merged.
+    With method align: an aligned vision-language folder (encoder, trained projector, LLM)."""
     from .build import finetune_and_merge
     from .recipe import load_recipe
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -98,3 +99,72 @@ def run_finetune_demo(base_bundle: Path, out: Path, threads: int | None, err: Co
         print(f"{label}> {answer}", flush=True)
         err.print(f"{'[green]✓[/]' if knows else '[red]✗[/]'} {label}: "
                   f"{'mentions' if knows else 'does not mention'} {expect!r}")
+
+
+# -- vision: a VLM made here from real weights, asked about pictures it never saw ------------------
+VISION_RECIPE = Path("recipes/smollm2-135m-vision.yaml")
+# recipes/smollm2-135m-vision.yaml without its comments (a test keeps them equal)
+BUILTIN_VISION = {
+    "name": "smollm2-135m-vision",
+    "description": "SmolLM2-135M-Instruct + EfficientNet-Lite0 through a trained projector (shapes and colours)",
+    "source": {"kind": "embedded"},
+    "finetune": {
+        "method": "align", "dataset": {"shapes": {"train": 900, "eval": 60, "seed": 0}},
+        "align": {"encoder": {"kind": "efficientnet-lite0"}, "projector": {"depth": 2, "tokens": 16},
+                  "stage2_steps": 0},
+        "max_seq_len": 256, "steps": 250, "batch_size": 8, "micro_batch_size": 8, "lr": 1.0e-3,
+        "lr_schedule": "cosine", "warmup_steps": 10, "seed": 0, "eval_every": 50, "save_every": 50,
+    },
+    "export": {"gguf": {"outtype": "f16", "quants": ["q4_k_m"]}, "vision": {"dtype": "fp32", "mmproj": False}},
+    "runtime": {"n_ctx": 512, "max_tokens": 16, "temperature": 0.0},
+}
+
+
+def vision_recipe() -> Recipe:
+    return load_recipe(VISION_RECIPE) if VISION_RECIPE.is_file() else Recipe.model_validate(BUILTIN_VISION)
+
+
+def shapes_accuracy(bundle: Path, eval_jsonl: Path, threads: int | None, on_answer=None) -> dict[str, Any]:
+    """Ask the bundle every held-out question (a fresh conversation each) and score the answers:
+    right when the answer names the true colour (or kind) and no other."""
+    from .chat_cli import read_image
+    from .train.shapes import held_out_questions, named
+
+    pipeline = Pipeline.load(bundle, n_threads=threads)
+    scores: dict[str, list[bool]] = {"colour": [], "shape": []}
+    try:
+        for item in held_out_questions(eval_jsonl):
+            pixels = read_image(item["image"], pipeline)
+            answer = "".join(pipeline.session(max_tokens=16).ask(item["question"], images=[pixels])).strip()
+            right = named(answer, item["attribute"]) == item["truth"]
+            scores[item["attribute"]].append(right)
+            if on_answer is not None:
+                on_answer(item, answer, right)
+    finally:
+        pipeline.close()
+    return {k: {"right": sum(v), "asked": len(v), "accuracy": sum(v) / max(len(v), 1)} for k, v in scores.items()}
+
+
+def run_vision_demo(out: Path, threads: int | None, show: int = 12) -> dict[str, Any]:
+    """Align EfficientNet-Lite0 to the embedded SmolLM2 on the shapes set, build the Q4_K_M + ONNX
+    bundle, and ask it about held-out pictures, each answer printed next to the truth."""
+    err = Console(stderr=True)
+    recipe = vision_recipe()
+    target = get_target("laptop-cpu")
+    err.rule(f"1/2 align and build {recipe.name} for {target.name}")
+    result = build(recipe, target, out, n_threads=threads, console=err)
+    eval_jsonl = Path(out) / recipe.name / "finetune" / "shapes" / "eval.jsonl"
+    err.rule("2/2 ask the bundle about pictures of colour-and-shape pairs it was never trained on")
+    shown = [0]
+
+    def on_answer(item, answer, right):
+        if shown[0] < show:
+            shown[0] += 1
+            print(f"{item['image'].name}: {item['question']} -> {answer!r} "
+                  f"(truth: {item['truth']}) {'✓' if right else '✗'}", flush=True)
+
+    scores = shapes_accuracy(result.bundle, eval_jsonl, threads, on_answer)
+    for attribute, s in scores.items():
+        err.print(f"{attribute}: {s['right']}/{s['asked']} right ({s['accuracy']:.0%}) on held-out pictures")
+    err.print(f"[bold green]bundle:[/] {result.bundle}  (try: vishwamai-edge ui {result.bundle})")
+    return scores

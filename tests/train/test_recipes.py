@@ -32,8 +32,16 @@ def test_builtin_demo_recipe_matches_the_shipped_one():
     [
         ("finetune: {dataset: {train: a.jsonl}, lora: {rank: 8}}", "finetune.lora.rank: unknown field"),
         ("finetune: {lora: {r: 8}}", "finetune.dataset: required field is missing"),
-        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora' or 'cpt'"),
+        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora', 'cpt' or 'align'"),
         ("finetune: {dataset: {train: a.jsonl}, lr: 0}", "finetune.lr: Input should be greater than 0"),
+        ("finetune: {method: align, dataset: {shapes: {}}, align: {projector: {tokens: 10}}}",
+         "finetune.align.projector.tokens: Value error, must be a square number"),
+        ("finetune: {method: align, dataset: {shapes: {}}, align: {encoder: {kind: hf}}}",
+         "finetune.align.encoder: Value error, path: required for encoder kind 'hf'"),
+        ("finetune: {method: align, dataset: {shapes: {}}, align: {encoder: {kind: resnet}}}",
+         "finetune.align.encoder.kind: Input should be 'efficientnet-lite0' or 'hf'"),
+        ("finetune: {method: lora, dataset: {train: a.jsonl}, align: {}}", "align: only for method 'align'"),
+        ("finetune: {method: align, dataset: {train: a.jsonl, shapes: {}}}", "either a train file or shapes"),
     ],
 )
 def test_bad_finetune_fields_name_the_field(tmp_path, section, message):

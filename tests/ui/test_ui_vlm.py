@@ -119,3 +119,24 @@ def test_broken_image_refused_and_inputs_kept(vlm_page, tmp_path):
     assert stats.startswith("⚠️")
     assert page.locator("#chat .user-row").count() == 0  # refused turns stay out of the conversation
     assert page.input_value("#prompt textarea") == PROMPT
+
+
+
+def test_a_drawing_becomes_a_picture_on_white():
+    """The pad's value as gradio hands it over: RGBA layers over no background."""
+    import numpy as np
+    from PIL import Image
+
+    from vishwamai_edge.ui.app import _drawing
+
+    blank = np.zeros((224, 224, 4), np.uint8)
+    assert _drawing({"background": None, "layers": [blank], "composite": blank}) is None
+    assert _drawing({"background": None, "layers": [], "composite": None}) is None
+    stroke = blank.copy()
+    stroke[100:120, 50:150] = (255, 0, 0, 255)
+    stroke[0:10, 0:10] = (0, 0, 255, 128)  # half transparent blue over white
+    path = _drawing({"background": None, "layers": [stroke], "composite": stroke})
+    pixels = np.asarray(Image.open(path))
+    assert pixels.shape == (224, 224, 3)
+    assert tuple(pixels[110, 100]) == (255, 0, 0) and tuple(pixels[200, 200]) == (255, 255, 255)
+    assert tuple(pixels[5, 5]) == (127, 127, 255)

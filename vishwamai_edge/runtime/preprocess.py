@@ -102,6 +102,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _TYPES = {"CLIPImageProcessor": "clip", "LlavaImageProcessor": "clip", "SiglipImageProcessor": "siglip"}
 
 
+def default_spec(kind: str, size: tuple[int, int]) -> ImageProcessorSpec:
+    """The HF processor's defaults at an encoder's input size, for folders without a
+    preprocessor_config.json. clip: shortest edge, then centre crop; siglip: one resize to the
+    exact size, no crop, mean = std = 0.5."""
+    h, w = size
+    if kind == "clip":
+        return ImageProcessorSpec(kind="clip", resize="shortest_edge", shortest_edge=min(h, w),
+                                  crop_size=(h, w), mean=CLIP_MEAN, std=CLIP_STD)
+    return ImageProcessorSpec(kind="siglip", resize="exact", shortest_edge=None, size=(h, w),
+                              crop_size=None, mean=HALF, std=HALF)
+
+
 def spec_from_preprocessor_config(
     config: dict[str, Any], pad_to_square: bool | None = None
 ) -> ImageProcessorSpec:

@@ -273,7 +273,13 @@ def _expand_images(processor, text, images, ids, labels, where):
     """
     from PIL import Image
 
-    pil = [Image.open(p).convert("RGB") for p in images]
+    pil = []
+    for p in images:
+        try:
+            with Image.open(p) as im:
+                pil.append(im.convert("RGB"))  # decodes the whole file: a truncated one fails here
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"{where}: image {p} is not a readable image ({str(exc).splitlines()[0]})") from None
     enc = processor(text=[text], images=pil, return_tensors="pt", add_special_tokens=False)
     full = enc["input_ids"][0].tolist()
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)

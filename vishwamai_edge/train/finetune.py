@@ -65,20 +65,32 @@ class TrainResult:
 
 
 # -- inputs --------------------------------------------------------------------------------
-def dataset_paths(recipe: Recipe) -> tuple[Path, Path | None]:
+def dataset_paths(recipe: Recipe, work_dir: Path | None = None) -> tuple[Path, Path | None]:
+    """The train and eval files; a generated picture set (`dataset.shapes`) is drawn into `work_dir`."""
     spec = _spec(recipe)
+    if spec.dataset.shapes is not None:
+        from .shapes import write_shapes
+
+        if work_dir is None:
+            raise FinetuneError("dataset.shapes needs a work folder to draw the pictures into")
+        sh = spec.dataset.shapes
+        files = write_shapes(Path(work_dir) / "shapes", sh.train, sh.eval, sh.seed, sh.size)
+        return files.train, files.eval
+    assert spec.dataset.train is not None
     train = recipe.resolve(spec.dataset.train)
     return train, recipe.resolve(spec.dataset.eval) if spec.dataset.eval else None
 
 
-def run_fingerprint(recipe: Recipe, base_fingerprint: Any) -> str:
+def run_fingerprint(recipe: Recipe, base_fingerprint: Any, work_dir: Path | None = None) -> str:
     """What a finished adapter depends on: the base, the data's bytes, the training settings."""
     spec = _spec(recipe)
-    files = [p for p in dataset_paths(recipe) if p is not None]
-    hashes = []
-    for p in files:
-        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
-            hashes.append(sha256_file(f) if f.is_file() else None)
+    hashes: list[Any] = []
+    if spec.dataset.shapes is not None:  # the pictures are a function of these settings and the code
+        hashes = ["shapes", spec.dataset.shapes.model_dump()]
+    else:
+        for p in (p for p in dataset_paths(recipe, work_dir) if p is not None):
+            for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+                hashes.append(sha256_file(f) if f.is_file() else None)
     # Saving and eval cadence do not change the weights.
     settings = spec.model_dump(mode="json", exclude={"save_every", "keep_checkpoints", "eval_every", "merge"})
     return sha256_json(["finetune", base_fingerprint, hashes, settings])
@@ -90,10 +102,10 @@ def _spec(recipe: Recipe) -> FinetuneSpec:
     return recipe.finetune
 
 
-def read_records(recipe: Recipe) -> tuple[list[D.Record], list[D.Record]]:
+def read_records(recipe: Recipe, work_dir: Path | None = None) -> tuple[list[D.Record], list[D.Record]]:
     """The train and eval records, validated line by line (before any model is loaded)."""
     spec = _spec(recipe)
-    train_path, eval_path = dataset_paths(recipe)
+    train_path, eval_path = dataset_paths(recipe, work_dir)
     fmt = "text" if spec.method == "cpt" and spec.dataset.format == "auto" else spec.dataset.format
     train_records = D.read_dataset(train_path, fmt)
     eval_records = D.read_dataset(eval_path, fmt) if eval_path else []
@@ -106,7 +118,6 @@ def prepare_examples(
     recipe: Recipe, records: tuple[list[D.Record], list[D.Record]], tokenizer, processor=None
 ) -> tuple[list[D.Example], list[D.Example], D.EncodeStats]:
     spec = _spec(recipe)
-    train_path, _ = dataset_paths(recipe)
     train_records, eval_records = records
 
     def encode(records):
@@ -117,7 +128,8 @@ def prepare_examples(
     train, stats = encode(train_records)
     evals, _ = encode(eval_records) if eval_records else ([], None)
     if not train:
-        raise D.DatasetError(f"{train_path}: no example has an assistant token within finetune.max_seq_len")
+        where = train_records[0].where.rsplit(":", 1)[0] if train_records else str(recipe.path)
+        raise D.DatasetError(f"{where}: no example has an assistant token within finetune.max_seq_len")
     if spec.packing:
         train, evals = D.pack(train, spec.max_seq_len), D.pack(evals, spec.max_seq_len)
     return train, evals, stats
@@ -393,12 +405,19 @@ def _save_adapter(model, loaded, out: Path, hf_dir: Path, result: TrainResult, r
         write_json(tmp / "training.json", {**result.to_dict(), "run_id": run_id})
 
 
-def _checkpoint_run_id(ckpt: Path) -> str | None:
+def checkpoint_state(ckpt: Path) -> dict[str, Any] | None:
+    """A checkpoint's trainer state; None for a half-written or foreign file (then it is not ours)."""
     torch = require("torch", "build")
-    try:
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False).get("run_id")
-    except Exception:  # noqa: BLE001 (a half-written or foreign file: treat as not ours)
+    try:  # our own file (optimizer state needs the full unpickler)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001
         return None
+    return state if isinstance(state, dict) else None
+
+
+def _checkpoint_run_id(ckpt: Path) -> str | None:
+    state = checkpoint_state(ckpt)
+    return state.get("run_id") if state else None
 
 
 def _peak_memory_mb(torch) -> float:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError, UserError, require
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, Engine, Generation, Message, RequestStats
@@ -166,16 +168,38 @@ def _pass_uploads_through(image) -> None:
     image.preprocess = lambda payload: None if payload is None else (payload.path or payload.url)
 
 
+def _drawing(sketch: Any) -> str | None:
+    """A picture drawn on the pad, flattened onto white and saved in gradio's cache (the history
+    shows it like an upload); None when nothing is drawn."""
+    if not isinstance(sketch, dict) or not any(
+            layer is not None and np.asarray(layer)[..., -1].any() for layer in sketch.get("layers") or []):
+        return None
+    import io
+
+    from gradio.processing_utils import save_bytes_to_cache
+    from gradio.utils import get_upload_folder
+    from PIL import Image
+
+    rgba = np.asarray(sketch["composite"], dtype=np.uint8)
+    alpha = rgba[..., 3:4].astype(np.float32) / 255
+    flat = (rgba[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(flat).save(buf, format="PNG")
+    return save_bytes_to_cache(buf.getvalue(), "drawing.png", get_upload_folder())
+
+
 def build_ui(engine: Engine):
     gr = import_gradio()
     defaults = engine.defaults
     active: dict[str, Generation] = {}  # browser session -> its running turn, for the stop button
     lock = threading.Lock()
 
-    def respond(text, image, audio, history, system, temperature, top_p, max_tokens, seed, request: gr.Request):
+    def respond(text, image, audio, history, system, temperature, top_p, max_tokens, seed, sketch=None,
+                request: gr.Request = None):
         history = list(history or [])
         key = request.session_hash or ""
         try:
+            image = image or _drawing(sketch)  # an upload wins over a drawing
             budget = engine.media_budget()  # one per turn: the history's images count with the new ones
             past = _history_messages(history, budget)
             parts = _user_parts(text or "", image, audio, budget)
@@ -262,6 +286,9 @@ def build_ui(engine: Engine):
                 image = gr.Image(label="Image (optional)", type="filepath", sources=["upload", "clipboard"],
                                  elem_id="image", height=180)
                 _pass_uploads_through(image)
+                with gr.Accordion("…or draw one", open=False, visible="image" in engine.media_budget().accepts):
+                    sketch = gr.Sketchpad(elem_id="sketch", type="numpy", image_mode="RGBA", canvas_size=(224, 224),
+                                          height=260, label="Drawing (sent when no image is uploaded)")
                 audio = gr.Audio(label="Audio (optional)", type="filepath", sources=["upload", "microphone"],
                                  elem_id="audio", format=None)  # no conversion: our decoder checks it
                 with gr.Accordion("Settings", open=False):
@@ -275,7 +302,7 @@ def build_ui(engine: Engine):
                     seed = gr.Number(0, label="seed", precision=0)
                 clear = gr.Button("Clear conversation")
 
-        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed]
+        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed, sketch]
         outputs = [chatbot, textbox, image, audio, stats]
         send.click(respond, inputs, outputs, api_name="chat")
         textbox.submit(respond, inputs, outputs, api_visibility="private")

@@ -242,7 +242,7 @@ def export_vision(
 ) -> VisionExportInfo:
     """Export a LLaVA model's vision tower + projector to `out_path` and check it against torch.
 
-    `source` is a LLaVA folder or model. `spec` overrides the folder's preprocessing
+    `source` is a LLaVA folder or model, or an aligned folder (`align`). `spec` overrides the folder's preprocessing
     (e.g. `pad_to_square`); `check_images` are (H, W, 3) uint8 photos for the check,
     on top of two random images. Raises ExportError when ONNX Runtime's output is
     outside `tolerance` (default: TOLERANCE[dtype]); nothing is left at `out_path` then.
@@ -251,11 +251,10 @@ def export_vision(
 
     if dtype not in DTYPES:
         raise ExportError(f"unknown vision export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    src = load_vision_source(source)
-    family = family_for(src.config)
-    spec = spec or src.spec or family.default_spec()
-    graph = family.graph(src.tower, src.projector).eval()
-    h, w = family.image_size
+    vg = vision_graph(source)
+    spec = spec or vg.spec
+    graph = vg.module
+    h, w = vg.image_size
     if spec.output_size != (h, w):
         got = "images of varying size" if spec.output_size is None else f"{spec.output_size} images"
         raise ExportError(f"the preprocessing gives {got} but the vision tower takes {h}x{w}")
@@ -268,13 +267,13 @@ def export_vision(
             if dtype == "fp16":
                 _to_fp16(fp32, tmp)
             elif dtype == "int8":
-                to_int8(fp32, tmp)
+                to_int8(fp32, tmp, vg.int8_op_types)
         finally:
             if fp32 != tmp:
                 fp32.unlink(missing_ok=True)
         pixels = _check_inputs(spec, check_images)
         check = check_against_torch(graph, tmp, pixels, threads=threads)
-        limits = tolerance or TOLERANCE[dtype]
+        limits = tolerance or {**TOLERANCE, **vg.tolerance}[dtype]
         check["tolerance"] = dict(limits)
         if check["max_rel_diff"] > limits["max_rel_diff"] or check["min_cosine"] < limits["min_cosine"]:
             raise ExportError(
@@ -283,10 +282,42 @@ def export_vision(
                 f"{check['min_cosine']:.6f} (allowed {limits['min_cosine']})"
             )
     return VisionExportInfo(
-        path=out_path, family=family.name, dtype=dtype, opset=opset, image_size=(h, w),
-        n_tokens=check["n_tokens"], hidden=check["hidden"], vision_hidden=int(family.vision.hidden_size),
-        feature_layer=family.layers, select_strategy=family.strategy, preprocess=spec.to_dict(), check=check,
+        path=out_path, family=vg.family, dtype=dtype, opset=opset, image_size=(h, w),
+        n_tokens=check["n_tokens"], hidden=check["hidden"], vision_hidden=vg.vision_hidden,
+        feature_layer=vg.feature_layer, select_strategy=vg.select_strategy, preprocess=spec.to_dict(), check=check,
     )
+
+
+@dataclass
+class VisionGraph:
+    """What the export traces (pixels -> rows in the LLM's width) and what the manifest says of it."""
+
+    module: Any
+    family: str
+    image_size: tuple[int, int]
+    spec: ImageProcessorSpec  # the source's preprocessing (or the family's defaults)
+    vision_hidden: int
+    feature_layer: int | list[int]
+    select_strategy: str
+    tolerance: dict[str, dict[str, float]] = field(default_factory=dict)  # per dtype, over TOLERANCE
+    int8_op_types: list[str] | None = None  # what int8 quantises; None: every op ONNX Runtime can
+
+
+def vision_graph(source: Path | str | Any) -> VisionGraph:
+    """A LLaVA folder or model, or an aligned folder (`align`'s output, vlm/folder.py)."""
+    from ...vlm.folder import is_aligned, load_aligned
+
+    if isinstance(source, (str, Path)) and is_aligned(Path(source)):
+        aligned = load_aligned(Path(source))
+        enc = aligned.encoder
+        return VisionGraph(aligned.vision_graph(), f"aligned-{enc.name}", tuple(enc.image_size), aligned.spec,
+                           enc.dim, enc.settings.get("feature_layer", enc.settings.get("blocks", -1)), "full",
+                           dict(enc.tolerance), enc.int8_op_types)
+    src = load_vision_source(source)
+    family = family_for(src.config)
+    return VisionGraph(family.graph(src.tower, src.projector).eval(), family.name, family.image_size,
+                       src.spec or family.default_spec(), int(family.vision.hidden_size), family.layers,
+                       family.strategy)
 
 
 def _torch_export(graph: Any, path: Path, image_size: tuple[int, int], opset: int) -> None:

@@ -7,7 +7,7 @@ penultimate layer, before any post-layernorm); "default" drops the CLS token
 
 from __future__ import annotations
 
-from ...runtime.preprocess import CLIP_MEAN, CLIP_STD, ImageProcessorSpec
+from ...runtime.preprocess import ImageProcessorSpec, default_spec
 from .base import VisionFamily, register
 
 
@@ -17,7 +17,4 @@ class CLIPFamily(VisionFamily):
     has_cls = True
 
     def default_spec(self) -> ImageProcessorSpec:
-        # CLIPImageProcessor's defaults at the tower's size: shortest edge, then centre crop
-        h, w = self.image_size
-        return ImageProcessorSpec(kind="clip", resize="shortest_edge", shortest_edge=min(h, w),
-                                  crop_size=(h, w), mean=CLIP_MEAN, std=CLIP_STD)
+        return default_spec("clip", self.image_size)

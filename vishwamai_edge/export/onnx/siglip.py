@@ -8,7 +8,7 @@ model as it was trained and as HF runs it.
 
 from __future__ import annotations
 
-from ...runtime.preprocess import HALF, ImageProcessorSpec
+from ...runtime.preprocess import ImageProcessorSpec, default_spec
 from .base import VisionFamily, register
 
 
@@ -18,7 +18,4 @@ class SiglipFamily(VisionFamily):
     has_cls = False
 
     def default_spec(self) -> ImageProcessorSpec:
-        # SiglipImageProcessor's defaults: one resize to the exact size, no crop, mean = std = 0.5
-        h, w = self.image_size
-        return ImageProcessorSpec(kind="siglip", resize="exact", shortest_edge=None, size=(h, w),
-                                  crop_size=None, mean=HALF, std=HALF)
+        return default_spec("siglip", self.image_size)

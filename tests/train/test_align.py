@@ -1,0 +1,214 @@
+"""`method: align` on a tiny random LLM with the real EfficientNet-Lite0 (and a tiny CLIP tower):
+stages, exact resume, the aligned folder, its ONNX export against torch, and the user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from ft_helpers import write_jsonl
+from PIL import Image
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from vishwamai_edge.errors import UserError
+from vishwamai_edge.export.onnx import export_vision
+from vishwamai_edge.recipe import Recipe
+from vishwamai_edge.train import data as D
+from vishwamai_edge.train.align import ALIGNED, align
+from vishwamai_edge.train.shapes import COLOURS, HELD_OUT, KINDS, SHAPES, combinations, named, write_shapes
+from vishwamai_edge.vlm.folder import load_aligned, read_info
+from vishwamai_edge.vlm.projector import make_projector, pooling_matrix
+
+QUIET = Console(stderr=True, quiet=True)
+CLI = [sys.executable, "-m", "vishwamai_edge.cli"]
+
+
+def spec(tmp_path, llm_dir, **finetune) -> dict:
+    ft = {"method": "align", "dataset": {"shapes": {"train": 12, "eval": 6, "size": 64}}, "steps": 4,
+          "batch_size": 4, "micro_batch_size": 2, "max_seq_len": 128, "lr": 1e-3, "save_every": 1,
+          "keep_checkpoints": 10, "lora": {"r": 4, "alpha": 8},
+          "align": {"projector": {"tokens": 4}, "stage2_steps": 2}}
+    ft.update(finetune)
+    return {"name": "tiny-vlm", "source": {"kind": "hf", "path": str(llm_dir)}, "finetune": ft}
+
+
+def recipe(tmp_path, llm_dir, **finetune) -> Recipe:
+    r = Recipe.model_validate(spec(tmp_path, llm_dir, **finetune))
+    r.path = tmp_path / "tiny-vlm.yaml"
+    return r
+
+
+class Stop(Exception):
+    pass
+
+
+def weights(folder):
+    out = {f"projector.{k}": v for k, v in load_file(str(folder / "projector.safetensors")).items()}
+    for f in sorted((folder / "llm").glob("*.safetensors")):
+        out.update({f"llm.{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_shapes_split_by_combination_and_reproducible(tmp_path):
+    assert len(HELD_OUT) == 6 and all(c in COLOURS and s in SHAPES for c, s in HELD_OUT)
+    train = combinations(held_out=False)
+    assert {c for c, _ in train} == set(COLOURS) and {s for _, s in train} == set(KINDS)
+    assert all((c, s) in train for c in COLOURS for s in KINDS if s not in SHAPES)  # extra kinds: every colour
+    a = write_shapes(tmp_path / "a", 24, 6, seed=3, size=48)
+    b = write_shapes(tmp_path / "b", 24, 6, seed=3, size=48)
+    assert a.train.read_text() == b.train.read_text()
+    assert (a.root / "images/train-00007.png").read_bytes() == (b.root / "images/train-00007.png").read_bytes()
+    rows = [json.loads(x) for x in a.eval.read_text().splitlines()]
+    assert {(r["colour"], r["shape"]) for r in rows} == set(HELD_OUT)
+    assert not {(json.loads(x)["colour"], json.loads(x)["shape"]) for x in a.train.read_text().splitlines()} & HELD_OUT
+    c = write_shapes(tmp_path / "c", 24, 6, seed=4, size=48)
+    assert c.train.read_text() != a.train.read_text() or \
+        (c.root / "images/train-00000.png").read_bytes() != (a.root / "images/train-00000.png").read_bytes()
+
+
+def test_an_answer_names_one_colour_or_kind():
+    assert named("It is red.", "colour") == "red"
+    assert named("It is red and blue.", "colour") is None
+    assert named("It is a star.", "shape") == "star"  # a wrong kind is named, not ignored
+    assert named("No idea.", "shape") is None
+
+
+def test_pooling_matrix_averages_adaptive_bins():
+    m = pooling_matrix((7, 7), 4)  # 7 cells into 2 bins: 0..3 and 3..6 (overlapping on 3, as adaptive pooling)
+    x = torch.randn(1, 49, 5)
+    want = torch.nn.functional.adaptive_avg_pool2d(x.transpose(1, 2).reshape(1, 5, 7, 7), 2).flatten(2).transpose(1, 2)
+    assert torch.allclose(m @ x, want, atol=1e-6)
+    assert torch.allclose(m.sum(1), torch.ones(4))
+
+
+def test_stages_resume_exactly_and_write_the_aligned_folder(tiny_model, tmp_path):
+    llm_dir = tiny_model("llama")
+    r = recipe(tmp_path, llm_dir)
+    full = align(r, llm_dir, tmp_path / "full", "run", console=QUIET)
+    assert full.steps == 6 and [h["stage"] for h in full.history] == [1, 1, 1, 1, 2, 2]
+    assert full.target_modules > 0 and full.eval_loss is not None
+    folder = tmp_path / "full" / ALIGNED
+    info = read_info(folder)
+    assert info["projector"] == {"depth": 2, "tokens": 4, "grid": [14, 14], "in_dim": 80, "hidden": 64,
+                                 "out_dim": 64, "activation": "gelu"}
+    assert info["encoder"]["family"] == "efficientnet-lite0"
+    tok = transformers.AutoTokenizer.from_pretrained(folder / "llm")
+    assert tok.convert_tokens_to_ids("<image>") == info["image_token"]["id"]
+    assert "training" in info and info["training"]["merge_check"]["max_abs_diff"] < 0.1
+    # the LLM changed in stage 2 (LoRA merged), the encoder did not
+    base = transformers.AutoModelForCausalLM.from_pretrained(llm_dir).state_dict()
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(folder / "llm").state_dict()
+    assert any((base[k] - tuned[k]).abs().max() > 1e-6 for k in base if "q_proj" in k)
+
+    # interrupted in stage 1 and again in stage 2, resumed each time: the same weights at the end
+    for stop_at in (2, 5):
+        def stop(step, loss, at=stop_at):
+            if step == at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            align(r, llm_dir, tmp_path / f"cut{stop_at}", "run", console=QUIET, on_step=stop)
+        resumed = align(r, llm_dir, tmp_path / f"cut{stop_at}", "run", resume=True, console=QUIET)
+        assert resumed.resumed_from == stop_at
+        want, got = weights(folder), weights(tmp_path / f"cut{stop_at}" / ALIGNED)
+        assert want.keys() == got.keys()
+        worst = max(float((want[k] - got[k]).abs().max()) for k in want)
+        assert worst < 1e-6, (stop_at, worst)
+
+
+def test_stage_one_leaves_the_llm_as_it_was(tiny_model, tmp_path):
+    llm_dir = tiny_model("llama")
+    r = recipe(tmp_path, llm_dir, steps=2, align={"projector": {"tokens": 1, "depth": 1}, "stage2_steps": 0})
+    align(r, llm_dir, tmp_path / "s1", "run", console=QUIET)
+    base = transformers.AutoModelForCausalLM.from_pretrained(llm_dir).state_dict()
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s1" / ALIGNED / "llm").state_dict()
+    for k, v in base.items():
+        rows = v.shape[0]
+        assert torch.equal(tuned[k][:rows], v), k  # embeddings gained one row (<image>); nothing else moved
+
+
+def test_aligned_export_matches_torch_in_every_dtype(tiny_model, tmp_path):
+    llm_dir = tiny_model("llama")
+    r = recipe(tmp_path, llm_dir, steps=1, align={"projector": {"tokens": 16}, "stage2_steps": 0})
+    align(r, llm_dir, tmp_path / "a", "run", console=QUIET)
+    folder = tmp_path / "a" / ALIGNED
+    for dtype, rel in (("fp32", 1e-4), ("fp16", 3e-2), ("int8", 0.1)):
+        info = export_vision(folder, tmp_path / f"vision-{dtype}.onnx", dtype, threads=2)
+        assert (info.n_tokens, info.hidden, info.image_size) == (16, 64, (224, 224))
+        assert info.check["max_rel_diff"] < rel
+        assert info.preprocess["pad_to_square"] is True
+
+
+def test_clip_tower_from_an_hf_folder(tiny_model, tmp_path):
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    transformers.CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    llm_dir = tiny_model("llama")
+    r = recipe(tmp_path, llm_dir, steps=1, align={
+        "encoder": {"kind": "hf", "path": str(tmp_path / "clip"), "feature_layer": -2},
+        "projector": {"tokens": 16}, "stage2_steps": 0})
+    align(r, llm_dir, tmp_path / "c", "run", console=QUIET)
+    aligned = load_aligned(tmp_path / "c" / ALIGNED)
+    assert aligned.encoder.grid == (4, 4) and aligned.encoder.dim == 32  # CLS dropped: 16 patches
+    info = export_vision(tmp_path / "c" / ALIGNED, tmp_path / "clip.onnx", "fp32", threads=2)
+    assert info.n_tokens == 16 and info.check["max_rel_diff"] < 1e-4
+
+
+# -- user errors: one line, naming the file and line or the field -----------------------------------
+def image_rows(image: str) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": "Red."}]}]
+
+
+def test_a_missing_or_broken_image_names_the_line(tiny_model, tmp_path):
+    llm_dir = tiny_model("llama")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:40])
+    for name, message in (("gone.png", "does not exist"), ("broken.png", "is not a readable image"),
+                          ("cut.png", "is not a readable image")):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", image_rows("ok.png") + image_rows(name))
+        r = recipe(tmp_path, llm_dir, dataset={"train": str(data)})
+        with pytest.raises(D.DatasetError) as err:
+            align(r, llm_dir, tmp_path / "x", "run", console=QUIET)
+        text = str(err.value)
+        assert f"{data}:2" in text and name in text and message in text and "\n" not in text
+
+
+def test_unknown_encoder_and_wrong_projector_width(tiny_model, tmp_path):
+    llm_dir = tiny_model("llama")
+    r = recipe(tmp_path, llm_dir, align={"encoder": {"kind": "hf", "path": str(llm_dir)}})
+    with pytest.raises(UserError, match=r"finetune.align.encoder.path: .* holds a 'llama' model; align takes"):
+        align(r, llm_dir, tmp_path / "x", "run", console=QUIET)
+    torch.manual_seed(0)
+    other = make_projector(80, 32, (14, 14), 4)  # for an LLM 32 wide; the tiny one is 64
+    save_file(dict(other.state_dict()), str(tmp_path / "p.safetensors"))
+    r = recipe(tmp_path, llm_dir, align={"projector": {"tokens": 4, "init": str(tmp_path / "p.safetensors")}})
+    with pytest.raises(UserError, match=r"finetune.align.projector.init: .* width 32 .* needs width 64"):
+        align(r, llm_dir, tmp_path / "y", "run", console=QUIET)
+
+
+def test_recipe_field_errors_exit_2_with_one_line(tiny_model, tmp_path):
+    llm_dir = tiny_model("llama")
+    bad = spec(tmp_path, llm_dir, align={"projector": {"tokens": 5}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    out = subprocess.run([*CLI, "finetune", "--recipe", str(path), "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "finetune.align.projector.tokens" in out.stderr and "square" in out.stderr
+    assert "Traceback" not in out.stderr
+    bad = spec(tmp_path, llm_dir, align={"encoder": {"kind": "hf", "path": str(llm_dir)}})
+    path.write_text(yaml.safe_dump(bad))
+    out = subprocess.run([*CLI, "finetune", "--recipe", str(path), "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "holds a 'llama' model" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,387 @@
+"""`method: align`: attach a frozen pretrained image encoder to an LLM through a trained projector.
+
+    stage 1 (`steps` at `lr`)               the projector alone learns to map the encoder's features
+                                            to rows the frozen LLM reads (LLaVA's pre-training stage)
+    stage 2 (`align.stage2_steps` at        LoRA on the LLM (the `lora` section) trains with the projector
+             `align.stage2_lr`)             (LLaVA's instruction-tuning stage); merged at the end
+
+Data are the chat JSONL the text fine-tuning reads, with image parts (or the generated
+shapes set). An image is one placeholder token in the chat; in training it is repeated
+`projector.tokens` times and the projector's rows are scattered into those positions of the
+input embeddings, which is what the device does with the same rows. The encoder is frozen
+and sees no augmentation, so each image is encoded once, before training.
+
+Steps, data order, checkpoints and resume work as in `finetune.py` (the examples and random
+draws of step s are a function of (seed, s)), so an interrupted run resumed from its latest
+checkpoint ends at the same weights. The result is an aligned folder (vlm/folder.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from ..errors import quiet_transformers, require
+from ..fsutil import atomic_dir, clean_stale_temps, write_json
+from ..recipe import FinetuneSpec, Recipe
+from ..runtime.chat_template import CHATML_TEMPLATE, render_chat
+from ..runtime.preprocess import preprocess
+from ..vlm import encoders as E
+from ..vlm.folder import image_chat_template, load_projector_weights, splice, write_aligned
+from ..vlm.projector import make_projector
+from . import data as D
+from .finetune import (
+    CHECKPOINTS,
+    STATE_FILE,
+    TrainResult,
+    _n_targets,
+    _peak_memory_mb,
+    _progress,
+    _spec,
+    checkpoint_state,
+    latest_checkpoint,
+    lr_at,
+    prepare_examples,
+    read_records,
+    step_indices,
+    total_steps,
+)
+from .lora import FinetuneError, training_dtype
+from .targets import resolve_target_modules
+
+ALIGNED = "aligned"
+
+
+class AlignProcessor:
+    """What `data.encode_chat` needs of a multimodal processor, for an encoder + projector made here:
+    the chat template (rendered as the device renders it), the tokenizer, and per image the
+    placeholder repeated `tokens` times with the frozen encoder's features."""
+
+    def __init__(self, tokenizer: Any, template: str, image_text: str, tokens: int, encoder: Any):
+        self.tokenizer = tokenizer
+        self.chat_template = template
+        self.image_token = image_text
+        self.tokens = tokens
+        self.encoder = encoder
+        self._features: dict[bytes, Any] = {}  # by pixel digest: a picture asked about twice is encoded once
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        return render_chat(self.chat_template, messages, bos_token=self.tokenizer.bos_token or "",
+                           eos_token=self.tokenizer.eos_token or "", add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, text: list[str], images: list[Any], return_tensors: str = "pt",
+                 add_special_tokens: bool = False) -> dict[str, Any]:
+        torch = require("torch", "train")
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        ids = self.tokenizer(text[0], add_special_tokens=add_special_tokens)["input_ids"]
+        expanded = [t for tok in ids for t in ([tok] * self.tokens if tok == image_id else [tok])]
+        feats = torch.stack([self.features(np.asarray(im.convert("RGB"))) for im in images])
+        return {"input_ids": torch.tensor([expanded]), "image_features": feats}
+
+    def features(self, pixels: np.ndarray) -> Any:
+        torch = require("torch", "train")
+        key = hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()
+        if key not in self._features:
+            with torch.no_grad():
+                x = torch.from_numpy(preprocess(pixels, self.encoder.spec)[None])
+                self._features[key] = self.encoder.module(x)[0]
+        return self._features[key]
+
+
+def add_image_token(tokenizer: Any, llm: Any, text: str) -> dict[str, Any]:
+    """The image placeholder as a special token; a new one gets the mean embedding row (it is never
+    read, the projector's rows replace it, but the output layer of a tied model keeps it)."""
+    torch = require("torch", "train")
+    if text not in tokenizer.get_vocab():
+        tokenizer.add_tokens([text], special_tokens=True)
+        old = llm.get_input_embeddings().weight.shape[0]
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            emb = llm.get_input_embeddings().weight
+            emb[old:] = emb[:old].mean(0)
+            out = llm.get_output_embeddings()
+            if out is not None and out.weight is not emb:
+                out.weight[old:] = out.weight[:old].mean(0)
+    return {"text": text, "id": int(tokenizer.convert_tokens_to_ids(text))}
+
+
+def _core(llm: Any) -> Any:
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def _logits_at_labels(llm: Any, projector: Any, batch: dict[str, Any], image_id: int, device: Any):
+    """Logits at the positions that predict a labelled token, and those labels."""
+    core = _core(llm)
+    ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    embeds = core.get_input_embeddings()(ids)
+    if "image_features" in batch:
+        rows = projector(batch["image_features"].to(device))
+        embeds = splice(embeds, ids, rows, image_id)
+    hidden = core.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False).last_hidden_state
+    keep = labels[:, 1:] != D.IGNORE
+    # only the answer's positions go through the output layer: most of a prompt has no loss
+    return core.lm_head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep]
+
+
+def _loss_sum(llm, projector, batch, image_id, device):
+    import torch.nn.functional as F
+
+    logits, labels = _logits_at_labels(llm, projector, batch, image_id, device)
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _add_lora(llm: Any, spec: FinetuneSpec, where: str) -> tuple[Any, list[str]]:
+    torch = require("torch", "train")
+    peft = require("peft", "train")
+    targets = resolve_target_modules(llm, spec.lora.target_modules, where)
+    torch.manual_seed(spec.seed * 31 + 1)  # the adapters' initial weights: a function of the seed
+    config = peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return peft.get_peft_model(llm, config), targets
+
+
+def _trainable(llm: Any, projector: Any) -> list[Any]:
+    return list(projector.parameters()) + [p for p in llm.parameters() if p.requires_grad]
+
+
+def _save_checkpoint(out_dir: Path, step: int, llm, projector, optimizer, state: dict[str, Any], keep: int) -> None:
+    torch = require("torch", "train")
+    peft = require("peft", "train")
+    from safetensors.torch import save_file
+
+    final = out_dir / CHECKPOINTS / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()},
+                  str(tmp / "projector.safetensors"))
+        if hasattr(llm, "get_base_model"):
+            lora = peft.get_peft_model_state_dict(llm, save_embedding_layers=False)  # frozen
+            save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+        torch.save({**state, "step": step, "optimizer": optimizer.state_dict()}, tmp / STATE_FILE)
+    for old in sorted((out_dir / CHECKPOINTS).glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def align(
+    recipe: Recipe,
+    hf_dir: Path,
+    out_dir: Path,
+    run_id: str,
+    resume: bool | None = None,
+    console: Console | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Stage 1 (+ stage 2) on `recipe.finetune`; write `out_dir/aligned`. `resume` as in `finetune`."""
+    torch = require("torch", "train")
+    transformers = quiet_transformers()
+    peft = require("peft", "train")
+    from safetensors.torch import load_file
+
+    spec = _spec(recipe)
+    assert spec.align is not None
+    a = spec.align
+    where = str(recipe.path or recipe.name)
+    console = console or Console(stderr=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = training_dtype(spec, device.type)
+    out_dir = Path(out_dir)
+
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and resume is False:
+        raise FinetuneError(f"{out_dir / CHECKPOINTS} holds a checkpoint ({ckpt.name}); pass --resume to continue "
+                            f"from it, or delete {out_dir} to start over")
+    state = checkpoint_state(ckpt) if ckpt is not None else None
+    if ckpt is not None and (state is None or state.get("run_id") != run_id):
+        if resume:
+            raise FinetuneError(f"checkpoint {ckpt} was made from other data or settings than the recipe's now; "
+                                f"delete {ckpt.parent} to start over")
+        console.print(f"[yellow]![/] settings changed: discarding {ckpt.parent}")
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
+        ckpt, state = None, None
+    clean_stale_temps(out_dir / CHECKPOINTS)
+
+    records = read_records(recipe, out_dir)  # a bad line fails now, before any model is loaded
+    encoder_path = recipe.resolve(a.encoder.path) if a.encoder.path else None
+    with console.status("loading the encoder and the LLM, encoding the images"):
+        encoder = E.load_pretrained(a.encoder.kind, encoder_path, a.encoder.feature_layer)
+        encoder.module.to(device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        image_token = add_image_token(tokenizer, llm, a.image_token)
+        tokenizer.chat_template = image_chat_template(tokenizer.chat_template or CHATML_TEMPLATE, a.image_token)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        width = llm.config.hidden_size
+        torch.manual_seed(spec.seed)  # the projector's initial weights
+        projector = make_projector(encoder.dim, width, encoder.grid, _tokens(a.projector.tokens, encoder, where),
+                                   a.projector.depth, a.projector.hidden).to(device)
+        if a.projector.init is not None:
+            load_projector_weights(recipe.resolve(a.projector.init), projector, f"{where}: finetune.align.projector.init")
+        processor = AlignProcessor(tokenizer, tokenizer.chat_template, a.image_token, projector.tokens, encoder)
+        train, evals, stats = prepare_examples(recipe, records, tokenizer, processor)
+    if not any("image_features" in ex.extra for ex in train):
+        raise D.DatasetError(f"{where}: finetune.dataset: no training example has an image; align trains on "
+                             "pictures (content parts {\"type\": \"image\", \"image\": \"path.png\"})")
+
+    s1 = total_steps(spec, len(train))
+    s2 = a.stage2_steps
+    steps = s1 + s2
+    stage2_spec = spec.model_copy(update={"lr": a.stage2_lr, "warmup_steps": 0})
+    targets: list[str] = []
+
+    def optimizer_for(params):
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+    start = 0
+    history: list[dict[str, float]] = []
+    if state is not None and ckpt is not None:
+        start = int(state["step"])
+        history = state["history"]
+        projector.load_state_dict(load_file(str(ckpt / "projector.safetensors")))
+        if start > s1 or (ckpt / "lora.safetensors").is_file():
+            llm, targets = _add_lora(llm, spec, where)
+            peft.set_peft_model_state_dict(llm, load_file(str(ckpt / "lora.safetensors")))
+        console.print(f"resuming from {ckpt.name} (step {start} of {steps})")
+    optimizer = optimizer_for(_trainable(llm, projector))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    pad_id = tokenizer.pad_token_id
+    image_id = image_token["id"]
+    console.print(
+        f"align: {encoder.name} ({encoder.grid[0]}x{encoder.grid[1]} x {encoder.dim}) -> projector "
+        f"(depth {projector.depth}, {projector.tokens} tokens x {width}) -> {hf_dir.name}; {len(train)} training "
+        f"examples, {len(evals)} eval; stage 1: {s1} steps" + (f", stage 2 (LoRA): {s2} steps" if s2 else "")
+        + f" of {spec.batch_size}, on {device.type}"
+    )
+
+    def step_loss(step: int) -> tuple[float, int]:
+        idx = step_indices(step, spec.batch_size, len(train), spec.seed)
+        n_target = sum(_n_targets(train[i]) for i in idx)
+        total, tokens = 0.0, 0
+        for i in range(0, len(idx), spec.micro_batch_size):
+            batch = D.collate([train[j] for j in idx[i : i + spec.micro_batch_size]], pad_id)
+            tokens += batch.pop("n_tokens")
+            loss_sum = _loss_sum(llm, projector, batch, image_id, device)
+            (loss_sum / max(n_target, 1)).backward()
+            total += loss_sum.item()
+        return total / max(n_target, 1), tokens
+
+    def evaluate() -> float:
+        total, n = 0.0, 0
+        projector.eval()
+        llm.eval()
+        with torch.no_grad():
+            for i in range(0, len(evals), spec.micro_batch_size):
+                chunk = evals[i : i + spec.micro_batch_size]
+                batch = D.collate(chunk, pad_id)
+                batch.pop("n_tokens")
+                total += _loss_sum(llm, projector, batch, image_id, device).item()
+                n += sum(_n_targets(e) for e in chunk)
+        projector.train()
+        llm.train()
+        return total / max(n, 1)
+
+    projector.train()
+    llm.train()
+    tokens_run, seconds_run, eval_loss = 0, 0.0, None
+    with _progress(console, disable=False) as progress:
+        task = progress.add_task("aligning", total=steps, completed=start, loss=float("nan"), tps=0.0)
+        for step in range(start, steps):
+            if step == s1 and s2 and not hasattr(llm, "get_base_model"):  # stage 2 begins
+                llm, targets = _add_lora(llm, spec, where)
+                llm.train()
+                optimizer = optimizer_for(_trainable(llm, projector))
+            t0 = time.perf_counter()
+            torch.manual_seed(spec.seed * 7919 + step * 104729)  # dropout: a function of the step
+            lr = lr_at(step, spec, s1) if step < s1 else lr_at(step - s1, stage2_spec, s2)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, tokens = step_loss(step)
+            if spec.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(_trainable(llm, projector), spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss):
+                raise FinetuneError(f"the training loss became {loss} at step {step + 1}; lower finetune.lr")
+            dt = time.perf_counter() - t0
+            tokens_run += tokens
+            seconds_run += dt
+            done = step + 1
+            record = {"step": done, "stage": 1 if step < s1 else 2, "loss": round(loss, 6), "lr": lr,
+                      "tokens_per_s": round(tokens / dt, 1)}
+            if evals and spec.eval_every and done % spec.eval_every == 0 and done < steps:
+                record["eval_loss"] = round(evaluate(), 6)
+            history.append(record)
+            progress.update(task, completed=done, loss=loss, tps=tokens_run / max(seconds_run, 1e-9))
+            if not console.is_terminal and (done % 10 == 0 or done == steps):
+                console.print(f"step {done}/{steps}: loss {loss:.4f}, {tokens_run / seconds_run:.0f} tokens/s")
+            if done % spec.save_every == 0 and done < steps:
+                _save_checkpoint(out_dir, done, llm, projector, optimizer, {"run_id": run_id, "history": history},
+                                 spec.keep_checkpoints)
+            if on_step is not None:
+                on_step(done, loss)
+        if evals:
+            eval_loss = evaluate()
+
+    merge = _merge(llm, projector, evals or train, pad_id, image_id, device, spec) if s2 else None
+    if merge is not None:
+        llm = merge.pop("model")
+    result = TrainResult(
+        adapter=str(out_dir / ALIGNED), method="align", steps=steps, examples=len(train),
+        final_loss=history[-1]["loss"] if history else float("nan"),
+        eval_loss=round(eval_loss, 6) if eval_loss is not None else None,
+        train_tokens=tokens_run, tokens_per_s=round(tokens_run / max(seconds_run, 1e-9), 1),
+        seconds=round(seconds_run, 1), resumed_from=start or None, peak_memory_mb=round(_peak_memory_mb(torch), 1),
+        target_modules=len(targets), trainable_params=sum(p.numel() for p in _trainable(llm, projector)),
+        history=history,
+    )
+    training = {**result.to_dict(), "run_id": run_id, "stage1_steps": s1, "stage2_steps": s2,
+                "merge_check": merge, "base": str(Path(hf_dir).resolve())}
+    with atomic_dir(out_dir / ALIGNED) as tmp:
+        write_aligned(tmp, encoder, projector.cpu().eval(), llm.cpu(), tokenizer, image_token,
+                      {k: v for k, v in training.items() if k != "history"})
+        write_json(tmp / "training.json", training)
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # the aligned folder supersedes them
+    console.print(f"[green]✓[/] aligned: final loss {result.final_loss:.4f}"
+                  + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+                  + f", {result.tokens_per_s:.0f} tokens/s, {result.seconds:.0f} s")
+    return result
+
+
+def _tokens(tokens: int, encoder: Any, where: str) -> int:
+    cells = encoder.grid[0] * encoder.grid[1]
+    if math.isqrt(tokens) > min(encoder.grid):
+        raise FinetuneError(f"{where}: finetune.align.projector.tokens: {tokens} is more than the encoder's "
+                            f"{encoder.grid[0]}x{encoder.grid[1]} grid gives ({cells} cells)")
+    return tokens
+
+
+def _merge(llm, projector, examples, pad_id, image_id, device, spec: FinetuneSpec) -> dict[str, Any]:
+    """Merge stage 2's LoRA into the LLM; its answer-position logits must not move beyond the
+    merge tolerance on a few examples."""
+    torch = require("torch", "train")
+    batch = D.collate(examples[: min(8, len(examples))], pad_id)
+    batch.pop("n_tokens")
+    llm.eval()
+    projector.eval()
+    with torch.no_grad():
+        before, _ = _logits_at_labels(llm, projector, batch, image_id, device)
+        merged = llm.merge_and_unload()
+        after, _ = _logits_at_labels(merged, projector, batch, image_id, device)
+    diff = float((before - after).abs().max())
+    if diff > spec.merge.tolerance:
+        raise FinetuneError(f"merging the LoRA moved the logits by {diff:.3g} (finetune.merge.tolerance "
+                            f"{spec.merge.tolerance})")
+    return {"model": merged, "max_abs_diff": diff, "tolerance": spec.merge.tolerance}

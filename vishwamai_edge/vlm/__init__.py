@@ -1,0 +1,1 @@
+"""Vision-language models made here: pretrained encoders, projectors, the aligned folder."""
