@@ -109,8 +109,9 @@ BAD = {
                       "messages.0.content.0"),
     "over_40_megapixels": (lambda n_ctx: image_turn(huge_png()), "10000x10000 pixels; the limit is 40 megapixels",
                            "invalid_image", "messages.0.content.0"),
+    # 9 rows per image (the tiny llava-1.5: 42 px, patch 14), so n_ctx // 9 + 1 images cannot fit
     "more_images_than_the_context": (lambda n_ctx: image_turn(*[data_url(photo(30, 30, i))
-                                                                for i in range(n_ctx // 25 + 1)]),
+                                                                for i in range(n_ctx // 9 + 1)]),
                                      "context holds", "context_length_exceeded", "messages"),
     "audio_part": (lambda n_ctx: [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "wav"}},
