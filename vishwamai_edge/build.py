@@ -688,12 +688,10 @@ def build(
         from .vlm.folder import read_info
 
         encoder, entry = stage_vision(ctx, hf_dir)
+        from .export.llava import chat_template
+
         llm_dir = hf_dir / "llm"
-        template = json.loads((llm_dir / "tokenizer_config.json").read_text()).get("chat_template") \
-            if (llm_dir / "tokenizer_config.json").is_file() else None
-        if template is None and (llm_dir / "chat_template.jinja").is_file():
-            template = (llm_dir / "chat_template.jinja").read_text()
-        parts.append(vision_part(ctx, encoder, entry, read_info(hf_dir)["image_token"], template, None))
+        parts.append(vision_part(ctx, encoder, entry, read_info(hf_dir)["image_token"], chat_template(llm_dir), None))
         hf_dir = llm_dir
     elif is_llava(hf_dir):
         from .export.llava import chat_template, image_token
