@@ -32,6 +32,7 @@ from . import __version__
 from .errors import ExportError, SourceError
 from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, write_json
 from .export.llava import is_llava
+from .export.vila import is_vila
 from .vlm.folder import is_aligned
 from .recipe import Recipe
 from .runtime.bundle import write_manifest
@@ -48,6 +49,7 @@ class BuildContext:
     n_threads: int | None = None
     _reference: Any = None
     skipped: list[str] = field(default_factory=list)
+    size: Any = None  # memory_plan.ModelSize of the source, set by stage_memory_plan
 
     def reference(self, hf_dir: Path):
         """The torch model, loaded only when a check actually has to run."""
@@ -95,9 +97,10 @@ def mark_done(artifact: Path, inputs: str, result: dict[str, Any]) -> None:
     size = artifact.stat().st_size if artifact.is_file() else None
     write_json(_stamp_path(artifact), {"inputs": inputs, "size": size, "result": result})
 
-def folder_fingerprint(folder: Path) -> list[tuple[str, int, int]]:
+def folder_fingerprint(folder: Path, recursive: bool = False) -> list[tuple[str, int, int]]:
+    files = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()
     )
 
 # -- stages --------------------------------------------------------------------------------
@@ -197,15 +200,26 @@ def _main_process() -> bool:
 def stage_memory_plan(ctx: BuildContext, hf_dir: Path, quant: str) -> dict[str, Any]:
     """Weights + KV cache + encoders + runtime against the target's memory, before any work:
     a bundle that cannot run there stops the build with the numbers and what would fit."""
-    from .export.llava import read_config
-    from .memory_plan import check_fits, model_size, plan_memory
+    from .memory_plan import check_fits, plan_memory
 
-    size = model_size(read_config(hf_dir), ctx.recipe.name)
+    size = ctx.size = source_size(hf_dir, ctx.recipe.name)
     plan = plan_memory(size, ctx.target, quant, ctx.recipe.runtime.n_ctx, "llamacpp", ctx.recipe.export.vision.dtype)
     check_fits(plan)  # one line with the numbers and what would fit
     if ctx.target.jetson:
         ctx.console.print(f"memory plan: {plan.line()}", soft_wrap=True, highlight=False)
     return plan.to_dict()
+
+
+def source_size(hf_dir: Path, name: str) -> Any:
+    """memory_plan.ModelSize of the source: a plain LM, a LLaVA folder (text + vision config) or a VILA folder."""
+    from .export.llava import read_config
+    from .memory_plan import model_size
+
+    if is_vila(hf_dir):
+        from .export.vila import model_size as vila_size, read_vila
+
+        return vila_size(read_vila(hf_dir), name)
+    return model_size(read_config(hf_dir), name)
 
 
 def stage_split_llm(ctx: BuildContext, hf_dir: Path) -> Path:
@@ -225,19 +239,15 @@ def stage_split_llm(ctx: BuildContext, hf_dir: Path) -> Path:
 def stage_vision(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Vision tower + projector -> ONNX at the recipe's dtype, checked against torch."""
     from .export.onnx import export_vision
-    from .runtime.preprocess import spec_from_preprocessor_config
 
     spec = ctx.recipe.export.vision
     out = ctx.root / "export" / f"vision-{spec.dtype}.onnx"
-    inputs = sha256_json(["vision", __version__, folder_fingerprint(hf_dir), spec.model_dump()])
+    inputs = sha256_json(["vision", __version__, folder_fingerprint(hf_dir, recursive=is_vila(hf_dir)),
+                          spec.model_dump()])
     if (cached := up_to_date(ctx, out, inputs, out.name)) is not None:
         return out, cached
-    processor = None
-    if spec.pad_to_square is not None:
-        config = json.loads((hf_dir / "preprocessor_config.json").read_text())
-        processor = spec_from_preprocessor_config(config, pad_to_square=spec.pad_to_square)
     with ctx.console.status(f"exporting the vision encoder to {out.name} and checking it against torch"):
-        info = export_vision(hf_dir, out, spec.dtype, spec=processor, threads=ctx.n_threads)
+        info = export_vision(hf_dir, out, spec.dtype, pad_to_square=spec.pad_to_square, threads=ctx.n_threads)
     result = info.to_dict()
     result["file"] = out.name
     mark_done(out, inputs, result)
@@ -245,6 +255,38 @@ def stage_vision(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]
     ctx.console.print(f"[green]✓[/] {out.name}: {info.n_tokens} tokens x {info.hidden} per image, "
                       f"max rel diff {c['max_rel_diff']:.3g}, min cosine {c['min_cosine']:.6f}")
     return out, result
+
+
+def stage_vila(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path, Path | None]:
+    """A VILA folder: vision tower + mlp_downsample projector -> ONNX (checked against our torch
+    reference), and its LLM as a plain HF folder with the VILA1.5 chat template. A TinyChat AWQ
+    LLM (VILA *-AWQ) becomes our AWQ GEMM folder, codes and scales unchanged, and is dequantized
+    for the GGUF export. Returns the vision part, the LLM folder and the AWQ folder (or None)."""
+    from .export.tinychat import find_checkpoint, write_awq_folder
+    from .export.vila import IMAGE_TEXT, VICUNA_V1_TEMPLATE, check_llm, read_vila, with_template, write_llm_folder
+
+    layout = read_vila(root)
+    check_llm(layout)
+    pt = find_checkpoint(layout.llm_dir)
+    encoder, entry = stage_vision(ctx, root)
+    part = vision_part(ctx, encoder, entry, {"text": IMAGE_TEXT, "id": None}, VICUNA_V1_TEMPLATE, None)
+    if pt is None:
+        out = ctx.root / "llm-hf"
+        inputs = sha256_json(["vila-llm", __version__, folder_fingerprint(layout.llm_dir)])
+        if up_to_date(ctx, out, inputs, "llm-hf") is None:
+            with atomic_dir(out) as tmp:
+                write_llm_folder(layout, tmp)
+            mark_done(out, inputs, {})
+        return part, out, None
+    awq = ctx.root / "export" / "awq-int4-tinychat"
+    inputs = sha256_json(["tinychat", __version__, folder_fingerprint(layout.llm_dir)])
+    if up_to_date(ctx, awq, inputs, awq.name) is None:
+        with ctx.console.status(f"reading {pt.name} (TinyChat AWQ) into an AWQ GEMM checkpoint, codes unchanged"):
+            write_awq_folder(pt, layout.llm_dir, awq)
+            with_template(layout.llm_dir, awq)
+        mark_done(awq, inputs, {"pre_quantized": "tinychat", "file": pt.name})
+        ctx.console.print(f"[green]✓[/] {pt.name}: INT4 codes, zero points and scales taken as they are")
+    return part, stage_dequantize_awq(ctx, awq), awq
 
 
 def stage_speech(ctx: BuildContext) -> BundlePart:
@@ -351,10 +393,12 @@ def stage_awq(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, Any]]:
     return out, numbers
 
 
-def stage_engines(ctx: BuildContext, hf_dir: Path, awq_source: Path | None = None) -> BundlePart:
+def stage_engines(ctx: BuildContext, hf_dir: Path, awq_source: Path | None = None,
+                  image_rows: int | None = None) -> BundlePart:
     """AWQ INT4 -> TensorRT-LLM checkpoint + engine plan and build script (finished on the device,
     or here when TensorRT-LLM is installed); and the TensorRT Edge-LLM export. A pre-quantized
-    AWQ source (`awq_source`) is used as it is, never quantized again."""
+    AWQ source (`awq_source`) is used as it is, never quantized again. `image_rows`: the image
+    encoder's rows per image, which size the engine's prompt table."""
     from .export.engine_plan import plan_engine, run_build
     from .export.llava import read_config
     from .export.trtllm import write_trtllm_checkpoint
@@ -370,8 +414,13 @@ def stage_engines(ctx: BuildContext, hf_dir: Path, awq_source: Path | None = Non
     if up_to_date(ctx, ckpt, inputs, ckpt.name) is None:
         write_trtllm_checkpoint(awq_dir, ckpt)
         mark_done(ckpt, inputs, {})
-    plan = plan_engine(model_size(read_config(hf_dir), ctx.recipe.name), ctx.target, ctx.recipe.runtime.n_ctx,
-                       "int4_awq")
+    size = ctx.size or model_size(read_config(hf_dir), ctx.recipe.name)
+    plan = plan_engine(size, ctx.target, ctx.recipe.runtime.n_ctx, "int4_awq", rows_per_image=image_rows or None,
+                       encoder_dtype=ctx.recipe.export.vision.dtype)
+    ctx.console.print(f"engine plan: {plan.max_batch_size} sequence(s) of {plan.max_seq_len} tokens, prompt table "
+                      f"{plan.max_prompt_embedding_table_size} rows, KV cache {plan.kv_cache_budget_gb:.2f} GB "
+                      f"({plan.kv_cache_free_gpu_mem_fraction:.0%} of the {plan.free_after_engine_gb:.2f} GB free "
+                      f"after the engine)", soft_wrap=True, highlight=False)
     plan_dir = ctx.root / "export" / f"engine-plan-{ctx.target.name}"
     build = run_build(plan, plan_dir, ckpt_dir="../trtllm-ckpt", engine_dir="engine")
     ctx.console.print(f"[green]✓[/] TensorRT-LLM checkpoint and engine plan ({'engine built' if build['built'] else 'run llm/engine-plan/build.sh on the device'})")
@@ -700,10 +749,16 @@ def build(
         parts.append(vision_part(ctx, encoder, entry, image_token(hf_dir).to_dict(), chat_template(hf_dir),
                                  stage_mmproj(ctx, hf_dir)))
         hf_dir = stage_split_llm(ctx, hf_dir)
+    elif is_vila(hf_dir):
+        part, hf_dir, vila_awq = stage_vila(ctx, hf_dir)
+        parts.append(part)
+        awq_source = awq_source or vila_awq
     if recipe.speech is not None:
         parts.append(stage_speech(ctx))
     if wants_engines(ctx, hf_dir):
-        parts.append(stage_engines(ctx, hf_dir, awq_source))
+        image = next((p.manifest["encoders"]["image"] for p in parts if "image" in p.manifest.get("encoders", {})),
+                     None)
+        parts.append(stage_engines(ctx, hf_dir, awq_source, image["n_tokens"] if image else None))
     base, base_result = stage_export_gguf(ctx, hf_dir)
     checks[recipe.export.gguf.outtype] = base_result
     quants = list(dict.fromkeys([*recipe.export.gguf.quants, quant]))

@@ -179,8 +179,9 @@ def pickles_to_safetensors(src: Path, out_dir: Path) -> Path:
     stamp = out_dir / ".from-snapshot"
     if stamp.is_file() and stamp.read_text() == str(src):
         return out_dir
-    torch = require("torch", "build")
     from safetensors.torch import save_file
+
+    from .pickles import load_tensors
 
     shards = sorted(p for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth") and p.is_file())
     with atomic_dir(out_dir) as tmp:
@@ -188,7 +189,7 @@ def pickles_to_safetensors(src: Path, out_dir: Path) -> Path:
         weight_map: dict[str, str] = {}
         for shard in shards:
             (tmp / shard.name).unlink()
-            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            state = load_tensors(shard, mmap=True)
             name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
             save_file({k: v.contiguous() for k, v in state.items()}, tmp / name, metadata={"format": "pt"})
             weight_map.update({k: name for k in state})

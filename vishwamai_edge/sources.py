@@ -67,6 +67,10 @@ def check_hf_dir(path: Path) -> Path:
         raise SourceError(f"model folder {path} does not exist")
     if not (path / "config.json").is_file():
         raise SourceError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+    from .export.vila import is_vila
+
+    if is_vila(path):  # weights in llm/, vision_tower/, mm_projector/: export/vila.py checks each
+        return path
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise SourceError(f"model folder {path} has no weights (*.safetensors)")
     return path

@@ -418,7 +418,7 @@ def write_hf_awq(result: AwqResult, hf_dir: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         for f in Path(hf_dir).iterdir():
             if f.is_file() and f.name not in ("config.json", "source.json", ".complete") and not f.name.endswith(
-                    (".safetensors", ".bin", ".safetensors.index.json")):
+                    (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json")):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "awq.json").write_text(json.dumps(result.numbers(), indent=2) + "\n")

@@ -79,6 +79,7 @@ class Detokenizer:
 
 
 IMAGE_CACHE = 8  # encoded images a pipeline keeps for the turns that follow
+IMAGE_SENTINEL = -200  # where an image goes in a prompt tokenized around a text placeholder (VILA's value)
 
 
 @dataclass
@@ -122,6 +123,12 @@ class Pipeline:
         self._cache_lock = threading.Lock()
         placeholder = bundle.llm.get("image_token") or {}
         self.image_token_id: int | None = placeholder.get("id") if "image" in self.encoders else None
+        # A placeholder with no id is no vocabulary entry (VILA's `<image>`): the prompt is tokenized
+        # piece by piece around its text and a sentinel marks each image, as VILA's own
+        # tokenizer_image_token does with IMAGE_TOKEN_INDEX; the sentinel never reaches the LLM.
+        self.image_split_text: str | None = None
+        if "image" in self.encoders and placeholder.get("text") and placeholder.get("id") is None:
+            self.image_split_text, self.image_token_id = placeholder["text"], IMAGE_SENTINEL
         # templates written for image parts (LLaVA's) read text from part lists only
         self.structured_content = "image" in self.encoders
 
@@ -317,7 +324,15 @@ class ChatSession:
             bos_token=_special_text(self.llm, "bos"),
             eos_token=_special_text(self.llm, "eos"),
         )
-        tokens = self.llm.tokenize(prompt, add_special=True, parse_special=True)
+        split = self.pipeline.image_split_text
+        if split is None:
+            tokens = self.llm.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            first, *rest = prompt.split(split)
+            tokens = self.llm.tokenize(first, add_special=True, parse_special=True)
+            for chunk in rest:
+                tokens += [IMAGE_SENTINEL] + (self.llm.tokenize(chunk, add_special=False, parse_special=True)
+                                              if chunk else [])
         bos = self.llm.special_token("bos")
         if len(tokens) > 1 and bos is not None and tokens[0] == tokens[1] == bos[0]:
             tokens = tokens[1:]  # the template wrote BOS and the tokenizer added another

@@ -156,8 +156,9 @@ class EfficientNetLite0(ImageEncoderFamily):
 
     @classmethod
     def pretrained(cls) -> EfficientNetLite0:
-        torch = require("torch", "train")
-        state = torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
+        from ..pickles import load_tensors
+
+        state = load_tensors(efficientnet_lite0_weights())
         return cls(_efficientnet_module(state, cls.BLOCKS), cls.GRID, cls.DIM, cls.IMAGE, cls.spec(),
                    {"blocks": cls.BLOCKS})
 

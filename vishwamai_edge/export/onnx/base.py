@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -236,14 +236,16 @@ def export_vision(
     *,
     opset: int = OPSET,
     spec: ImageProcessorSpec | None = None,
+    pad_to_square: bool | None = None,
     check_images: list[np.ndarray] | None = None,
     tolerance: dict[str, float] | None = None,
     threads: int | None = None,
 ) -> VisionExportInfo:
     """Export a LLaVA model's vision tower + projector to `out_path` and check it against torch.
 
-    `source` is a LLaVA folder or model, or an aligned folder (`align`). `spec` overrides the folder's preprocessing
-    (e.g. `pad_to_square`); `check_images` are (H, W, 3) uint8 photos for the check,
+    `source` is a LLaVA folder or model, an aligned folder (`align`) or a VILA folder. `spec` overrides the
+    folder's preprocessing, `pad_to_square` (when not None) its padding to a square; `check_images` are
+    (H, W, 3) uint8 photos for the check,
     on top of two random images. Raises ExportError when ONNX Runtime's output is
     outside `tolerance` (default: TOLERANCE[dtype]); nothing is left at `out_path` then.
     """
@@ -253,6 +255,8 @@ def export_vision(
         raise ExportError(f"unknown vision export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     vg = vision_graph(source)
     spec = spec or vg.spec
+    if pad_to_square is not None:
+        spec = replace(spec, pad_to_square=pad_to_square)
     graph = vg.module
     h, w = vg.image_size
     if spec.output_size != (h, w):
@@ -304,8 +308,13 @@ class VisionGraph:
 
 
 def vision_graph(source: Path | str | Any) -> VisionGraph:
-    """A LLaVA folder or model, or an aligned folder (`align`'s output, vlm/folder.py)."""
+    """A LLaVA folder or model, an aligned folder (`align`'s output, vlm/folder.py) or a VILA folder."""
     from ...vlm.folder import is_aligned, load_aligned
+    from ..vila import is_vila, load_vila_vision
+
+    if isinstance(source, (str, Path)) and is_vila(Path(source)):
+        v = load_vila_vision(Path(source))
+        return VisionGraph(v.module, "vila", v.image_size, v.spec, v.vision_hidden, v.select_layer, v.select_feature)
 
     if isinstance(source, (str, Path)) and is_aligned(Path(source)):
         aligned = load_aligned(Path(source))
