@@ -70,6 +70,8 @@ class LlamaCppBackend:
         self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._evaluated: list[int] = []  # token id per KV position (_EMBEDDING_KEY for embeddings)
         self._abort: Callable[[], bool] | None = None
+        self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
+        self._active_adapter: tuple[str, float] | None = None
 
         # Polled by ggml between graph nodes while a batch is evaluated: a long prefill stops
         # within milliseconds of a cancel. Installed once; it asks nothing unless a prefill is running.
@@ -203,6 +205,38 @@ class LlamaCppBackend:
     def reset(self) -> None:
         self._truncate(0)
 
+    # -- LoRA adapters -----------------------------------------------------------------
+    def load_adapter(self, name: str, path: Path | str) -> None:
+        """Load a LoRA GGUF for this model (it stays off until `use_adapter`)."""
+        path = Path(path)
+        _log_state["errors"] = []
+        adapter = self._lib.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:  # a NULL pointer object, not None
+            detail = _log_state["errors"][0] if _log_state["errors"] else "unknown error"
+            raise BundleError(f"llama.cpp cannot load the adapter {path}: {detail}")
+        self._adapters[name] = adapter
+
+    def use_adapter(self, name: str | None, scale: float = 1.0) -> None:
+        """Apply adapter `name` (None: the base alone) at `scale` from the next prefill on. A change
+        empties the KV cache: positions computed under another adapter are never reused."""
+        want = None if name is None else (name, float(scale))
+        if want == self._active_adapter:
+            return
+        if name is not None and name not in self._adapters:
+            raise InputError(f"no adapter {name!r} is loaded; loaded: {', '.join(sorted(self._adapters)) or 'none'}")
+        if name is None:
+            self._lib.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            adapters = (self._lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            scales = (ctypes.c_float * 1)(scale)
+            self._lib.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
+        self._active_adapter = want
+        self.reset()
+
+    @property
+    def adapter(self) -> str | None:
+        return self._active_adapter[0] if self._active_adapter else None
+
     def _truncate(self, keep: int) -> None:
         mem = self._lib.llama_get_memory(self._ctx)
         if keep == 0:
@@ -318,6 +352,11 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         if self._ctx:
+            if self._active_adapter is not None:  # no context may hold an adapter that is freed
+                self._lib.llama_set_adapters_lora(self._ctx, None, 0, None)
+            for adapter in self._adapters.values():
+                self._lib.llama_adapter_lora_free(adapter)
+            self._adapters.clear()
             self._lib.llama_batch_free(self._token_batch)
             self._lib.llama_free(self._ctx)
             self._lib.llama_model_free(self._model)
