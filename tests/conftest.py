@@ -116,3 +116,34 @@ def embedded_build(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_bundle(embedded_build) -> Path:
     return embedded_build.bundle
+
+
+ADAPTER_NAME = "marrowick"
+
+
+@pytest.fixture(scope="session")
+def adapter_bundle(embedded_build, tmp_path_factory):
+    """A copy of the embedded Q4_K_M bundle with the Marrowick LoRA added by `build --add-to`, trained
+    beside the base build (the same stamps as tests/train/test_e2e_finetune.py: one training).
+    Returns (bundle, (sha256, mtime, inode) of its model file before, the same after)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from vishwamai_edge.demo import FINETUNE_RECIPE
+    from vishwamai_edge.fsutil import sha256_file
+
+    root = Path(__file__).parents[1]
+    bundle = tmp_path_factory.mktemp("adapter-bundle") / "laptop-cpu"
+    shutil.copytree(embedded_build.bundle, bundle)
+    model = bundle / json.loads((bundle / "manifest.json").read_text())["llm"]["file"]
+    before = (sha256_file(model), model.stat().st_mtime_ns, model.stat().st_ino)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vishwamai_edge.cli", "build", "--recipe", str(root / FINETUNE_RECIPE), "--add-to",
+         str(bundle), "--out", str(embedded_build.bundle.parents[1]), "--threads", "2", "--set",
+         f"export.adapter.name={ADAPTER_NAME}"], capture_output=True, text=True, timeout=1200, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(bundle), ADAPTER_NAME]
+    after = (sha256_file(model), model.stat().st_mtime_ns, model.stat().st_ino)
+    return bundle, before, after

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import ExportError, SourceError
-from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, write_json
+from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, weights_digest, write_json
 from .export.llava import is_llava
 from .export.vila import is_vila
 from .vlm.folder import is_aligned
@@ -505,6 +505,7 @@ def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, 
         ["gguf", __version__, folder_fingerprint(hf_dir), spec.gguf.model_dump(), spec.verify.model_dump()]
     )
     if (cached := up_to_date(ctx, out, inputs, out.name)) is not None:
+        cached.setdefault("weights_digest", weights_digest(hf_dir))  # stamps written before adapters existed
         return out, cached
 
     from rich.progress import Progress
@@ -516,7 +517,9 @@ def stage_export_gguf(ctx: BuildContext, hf_dir: Path) -> tuple[Path, dict[str, 
             progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     check = _check(ctx, hf_dir, out)
-    result = {"format": spec.gguf.outtype, "tensor_types": info.tensor_types, "check": check}
+    # what a LoRA adapter for this bundle must have been trained on (vishwamai_edge/adapters.py)
+    result = {"format": spec.gguf.outtype, "tensor_types": info.tensor_types, "check": check,
+              "weights_digest": weights_digest(hf_dir)}
     v = spec.verify
     if check["max_abs_diff"] > v.tolerance or check["top1_agreement"] < v.min_top1_agreement:
         out.unlink()
@@ -653,7 +656,9 @@ def stage_package(
             },
             "backends": list(dict.fromkeys(["llamacpp"] + [b for part in parts for b in part.backends])),
             "llm": {"backend": "llamacpp", "format": "gguf", "quant": quant, "file": rel,
-                    "tensor_types": checks[quant]["tensor_types"]},
+                    "tensor_types": checks[quant]["tensor_types"],
+                    "weights_digest": next((c["weights_digest"] for c in checks.values() if "weights_digest" in c),
+                                           None)},
             "checks": {name: c["check"] for name, c in checks.items()},
             "runtime": ctx.recipe.runtime.model_dump(),
             "source": {"kind": ctx.recipe.source.kind,

@@ -76,6 +76,7 @@ def run_chat(
     show_stats: bool,
     images: list[Path] | None = None,
     audio: list[Path] | None = None,
+    adapter: str | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
@@ -85,6 +86,7 @@ def run_chat(
         system_prompt=system if system is not None else defaults.get("system_prompt"),
         sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 0.0)),
         max_tokens=max_tokens or defaults.get("max_tokens", 512),
+        adapter=adapter,
     )
 
     pending: list = []  # images for the next turn

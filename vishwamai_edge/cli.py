@@ -36,10 +36,18 @@ def build(
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for checks and quantization")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: field.path=value")] = None,
+    add_to: Annotated[Optional[Path], typer.Option("--add-to", help="instead: add the recipe's LoRA fine-tune to this existing bundle as an adapter (the base untouched)")] = None,
 ) -> None:
     """Build a device bundle from a recipe (resumable: finished stages are skipped)."""
-    from .build import build as run_build
     from .recipe import load_recipe
+
+    if add_to is not None:
+        from .adapters import add_adapter
+
+        added = add_adapter(load_recipe(recipe, set_), add_to, out, threads, console=err)
+        typer.echo(f"{added.bundle} {added.name}")
+        return
+    from .build import build as run_build
     from .targets import get_target
 
     result = run_build(load_recipe(recipe, set_), get_target(target), out, quant, threads, console=err)
@@ -58,11 +66,12 @@ def chat(
     stats: Annotated[bool, typer.Option(help="print time to first token and tokens/s after each reply")] = True,
     image: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="image file for the first message (repeatable)")] = None,
     audio: Annotated[Optional[list[Path]], typer.Option("--audio", "-a", help="spoken question (WAV) for the first message; heard, then answered")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="apply this LoRA adapter of the bundle (its manifest's adapters)")] = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
-    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio)
+    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter)
 
 
 @app.command()

@@ -65,6 +65,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def weights_digest(folder: Path) -> str:
+    """sha256 over a model folder's weight files (name and content): the identity of its weights,
+    which an adapter must have been trained on."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    return sha256_json([(p.name, sha256_file(p)) for p in files])
+
+
 def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -88,8 +88,18 @@ class EngineSpec(Strict):
     edgellm: bool = Field(True, description="also export for TensorRT Edge-LLM (its own venv: .ci/install-edgellm)")
 
 
+class AdapterSpec(Strict):
+    """`build --add-to BUNDLE`: the recipe's LoRA fine-tune as a LoRA GGUF in an existing bundle."""
+
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+                             description="the adapter's name in the bundle and in requests; default: the recipe's")
+    outtype: Literal["f16", "f32"] = Field("f16", description="type of the LoRA A/B matrices")
+    scale: float = Field(1.0, gt=0, description="applied as scale * alpha / r, like PEFT at 1.0")
+
+
 class ExportSpec(Strict):
     gguf: GGUFSpec = Field(default_factory=GGUFSpec)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     vision: VisionSpec = Field(default_factory=VisionSpec)
     engines: EngineSpec = Field(default_factory=EngineSpec)

@@ -182,12 +182,21 @@ class TorchReference:
         return self._cache[prompt]
 
 
-def check_gguf(reference: TorchReference, gguf_path: Path, prompts: list[str], n_threads: int | None = None) -> LogitCheck:
+def check_gguf(reference: TorchReference, gguf_path: Path, prompts: list[str], n_threads: int | None = None,
+               adapter: tuple[Path, float] | None = None) -> LogitCheck:
+    """llama.cpp on `gguf_path` (with a LoRA `adapter` (file, scale) applied) against the torch reference."""
     from ..runtime.backends import TokenSegment
     from ..runtime.backends.llamacpp import LlamaCppBackend
 
     chat = chat_check_prompt(reference.tokenizer)
     backend = LlamaCppBackend.load(gguf_path, n_ctx=512, n_threads=n_threads)
+    if adapter is not None:
+        try:
+            backend.load_adapter("checked", adapter[0])
+        except BaseException:
+            backend.close()
+            raise
+        backend.use_adapter("checked", adapter[1])
     diffs, means, top1, tok_same, hf_same = [], [], 0, 0, 0
     try:
         for prompt in prompts:

@@ -160,3 +160,20 @@ def write_manifest(root: Path, manifest: dict[str, Any], files: list[str]) -> Pa
     manifest["files"] = {rel: file_entry(root, rel) for rel in files}
     write_json(root / MANIFEST, manifest)
     return root / MANIFEST
+
+
+def add_files(root: Path, files: list[str], updates: dict[str, Any]) -> dict[str, Any]:
+    """Add `files` (already in place under root) to an existing bundle's manifest and merge `updates`
+    into its top-level sections; the files already listed are not hashed again. Written atomically."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    for rel in files:
+        _inside(root, rel)
+        manifest["files"][rel] = file_entry(root, rel)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key] = {**manifest[key], **value}
+        else:
+            manifest[key] = value
+    write_json(root / MANIFEST, manifest)
+    return manifest
+

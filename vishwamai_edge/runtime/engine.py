@@ -68,6 +68,7 @@ class ChatRequest:
     # Drop the oldest exchanges when the conversation outgrows the context (a chat page's
     # history); off for the API, where the client owns the history and gets a 400 instead.
     trim_history: bool = False
+    adapter: str | None = None  # a LoRA adapter of the bundle to answer with (None: the base model)
 
 
 # -- stream -------------------------------------------------------------------------------
@@ -275,9 +276,15 @@ class Engine:
         self._worker.join()
         self.pipeline.close()
 
+    @property
+    def model_ids(self) -> dict[str, str | None]:
+        """What requests may name as `model`: the bundle, and `<bundle>:<adapter>` per LoRA adapter."""
+        return {self.model_id: None, **{f"{self.model_id}:{name}": name for name in self.pipeline.adapters}}
+
     def _check(self, request: ChatRequest) -> None:
         if not request.messages:
             raise InputError("the conversation has no messages")
+        self.pipeline.check_adapter(request.adapter)
         if request.max_tokens < 1:
             raise InputError("max_tokens must be at least 1")
         budget = self.media_budget()
@@ -350,7 +357,8 @@ class Engine:
         import psutil
 
         req = gen.request
-        session = ChatSession(self.pipeline, sampling=req.sampling, max_tokens=req.max_tokens, stop=list(req.stop))
+        session = ChatSession(self.pipeline, sampling=req.sampling, max_tokens=req.max_tokens, stop=list(req.stop),
+                              adapter=req.adapter)
         stats = RequestStats(session.last_stats, queue_wait_s=time.perf_counter() - gen.submitted_at,
                              model_bytes=self._model_bytes)
         try:

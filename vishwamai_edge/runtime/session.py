@@ -150,10 +150,29 @@ class Pipeline:
         )
         try:
             encoders = load_encoders(bundle, n_threads)
+            load_adapters(bundle, llm)
         except BaseException:
             llm.close()
             raise
         return cls(bundle, llm, encoders)
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """The bundle's LoRA adapters: name -> manifest entry (file, scale, check ...)."""
+        entries = self.bundle.manifest.get("adapters") or {}
+        return entries if hasattr(self.llm, "use_adapter") else {}
+
+    def check_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.adapters:
+            have = ", ".join(sorted(self.adapters)) or "none"
+            raise InputError(f"this bundle has no adapter {name!r} (adapters: {have})")
+
+    def use_adapter(self, name: str | None) -> None:
+        """Apply adapter `name` (None: the base alone) to what is generated next."""
+        self.check_adapter(name)
+        if hasattr(self.llm, "use_adapter"):
+            scale = float(self.adapters[name].get("scale", 1.0)) if name else 1.0
+            self.llm.use_adapter(name, scale)
 
     def session(self, **kwargs: Any) -> ChatSession:
         kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.get("system_prompt"))
@@ -230,6 +249,26 @@ def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any
     return out
 
 
+def load_adapters(bundle: Bundle, llm: LLMBackend) -> None:
+    """The manifest's `adapters` section into the backend (off until a request names one). Each was
+    built for this bundle's base weights; a manifest that says otherwise is refused."""
+    entries = bundle.manifest.get("adapters") or {}
+    if not entries:
+        return
+    if not isinstance(entries, dict):
+        raise BundleError(f"bundle {bundle.root}: manifest adapters must be a mapping")
+    if not hasattr(llm, "load_adapter"):
+        return  # a backend without run-time LoRA: the bundle serves its base (Pipeline.adapters is empty)
+    base = bundle.llm.get("weights_digest")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise BundleError(f"bundle {bundle.root}: manifest adapters.{name} has no file")
+        if entry.get("base_digest") != base:
+            raise BundleError(f"bundle {bundle.root}: adapter {name!r} was made for other base weights than the "
+                              "bundle's model")
+        llm.load_adapter(name, bundle.file(entry["file"]))
+
+
 class ChatSession:
     """A conversation. `ask` streams the reply to a user turn and records both turns."""
 
@@ -240,9 +279,12 @@ class ChatSession:
         sampling: SamplingParams | None = None,
         max_tokens: int = 512,
         stop: list[str] | None = None,
+        adapter: str | None = None,
     ):
         self.pipeline = pipeline
         self.llm = pipeline.llm
+        pipeline.check_adapter(adapter)
+        self.adapter = adapter  # the LoRA adapter every reply of this conversation uses (None: the base)
         self.sampling = sampling or SamplingParams()
         self.max_tokens = max_tokens
         self.stop = list(stop or [])
@@ -369,6 +411,7 @@ class ChatSession:
                 f"the prompt is {prompt.size} tokens but the context holds {self.llm.n_ctx}; "
                 "shorten it (fewer images) or load the bundle with a larger context"
             )
+        self.pipeline.use_adapter(self.adapter)  # a change empties the KV cache (no prefix mixes adapters)
         segments: list[Segment] = [TokenSegment(prompt.tokens)]
         if prompt.images:
             t = time.perf_counter()

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -65,18 +66,21 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 
     v1 = APIRouter(prefix="/v1")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
+    def model_card(model_id: str) -> dict[str, Any]:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
+        if engine.model_ids[model_id] is not None:  # a LoRA adapter on the bundle's model
+            card["parent"] = engine.model_id
+        return card
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in engine.model_ids]}
 
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id != engine.model_id:
+        if model_id not in engine.model_ids:
             raise _unknown_model(model_id, engine)
-        return model_card()
+        return model_card(model_id)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -86,15 +90,16 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})") from None
         req = parse_request(data)
-        if req.model != engine.model_id:
+        if req.model not in engine.model_ids:
             raise _unknown_model(req.model, engine)
         chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
+        chat = replace(chat, adapter=engine.model_ids[req.model])
         try:
             gen = engine.submit(chat)
         except Exception as exc:
             raise api_error_for(exc) from None
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        completion = Completion(engine.model_id, include_usage)
+        completion = Completion(req.model, include_usage)
         pieces = gen.astream(idle_s=POLL_S)
         try:
             first = await _first_piece(pieces, request)
@@ -166,7 +171,8 @@ class _Disconnected(APIError):
 
 
 def _unknown_model(name: str, engine: Engine) -> APIError:
-    return APIError(404, f"the model {name!r} does not exist here; this server serves {engine.model_id!r}",
+    served = ", ".join(repr(m) for m in engine.model_ids)
+    return APIError(404, f"the model {name!r} does not exist here; this server serves {served}",
                     param="model", code="model_not_found")
 
 

@@ -194,8 +194,11 @@ def build_ui(engine: Engine):
     active: dict[str, Generation] = {}  # browser session -> its running turn, for the stop button
     lock = threading.Lock()
 
+    base_choice = "base model"
+    adapters = sorted(engine.pipeline.adapters)
+
     def respond(text, image, audio, history, system, temperature, top_p, max_tokens, seed, sketch=None,
-                request: gr.Request = None):
+                adapter=None, request: gr.Request = None):
         history = list(history or [])
         key = request.session_hash or ""
         try:
@@ -210,6 +213,7 @@ def build_ui(engine: Engine):
                 max_tokens=int(max_tokens),
                 sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0)),
                 trim_history=True,  # a long chat keeps going: the oldest turns make room
+                adapter=None if adapter in (None, "", base_choice) else adapter,
             ))
         except UserError as exc:
             # Shown, not added to the conversation: the inputs stay so the user can fix and resend.
@@ -291,6 +295,9 @@ def build_ui(engine: Engine):
                                           height=260, label="Drawing (sent when no image is uploaded)")
                 audio = gr.Audio(label="Audio (optional)", type="filepath", sources=["upload", "microphone"],
                                  elem_id="audio", format=None)  # no conversion: our decoder checks it
+                # LoRA adapters the bundle carries: switching one costs no reload
+                adapter = gr.Dropdown([base_choice, *adapters], value=base_choice, label="adapter",
+                                      elem_id="adapter", visible=bool(adapters), interactive=True)
                 with gr.Accordion("Settings", open=False):
                     system = gr.Textbox(label="system prompt", value=defaults.get("system_prompt") or "", lines=2)
                     temperature = gr.Slider(0.0, 2.0, value=float(defaults.get("temperature", 0.0)), step=0.05,
@@ -302,7 +309,7 @@ def build_ui(engine: Engine):
                     seed = gr.Number(0, label="seed", precision=0)
                 clear = gr.Button("Clear conversation")
 
-        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed, sketch]
+        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed, sketch, adapter]
         outputs = [chatbot, textbox, image, audio, stats]
         send.click(respond, inputs, outputs, api_name="chat")
         textbox.submit(respond, inputs, outputs, api_visibility="private")
