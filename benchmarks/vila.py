@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import timed
+
 LLM = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2560, "intermediate_size": 6912,
        "num_hidden_layers": 32, "num_attention_heads": 20, "num_key_value_heads": 20, "vocab_size": 32000,
        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
@@ -111,14 +113,6 @@ def real_shape_folder(out: Path) -> Path:
     return out
 
 
-def timed(fn, runs: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -145,7 +139,6 @@ def speed(args: argparse.Namespace) -> None:
     vision = load_vila_vision(src)
     with torch.no_grad():
         rows = [("torch eager", "fp32", timed(lambda: vision.module(torch.from_numpy(x)), args.runs), None, None)]
-    del vision
     for dtype in filter(None, args.dtypes.split(",")):
         path = args.out / f"vision-{dtype}.onnx"
         t0 = time.perf_counter()

@@ -19,6 +19,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from timing import timed
 from types import SimpleNamespace
 
 
@@ -41,14 +43,6 @@ def vit_l_336_llava(layers: int):
     return SimpleNamespace(config=config, vision_tower=tower, multi_modal_projector=projector)
 
 
-def timed(fn, runs: int) -> list[float]:
-    fn()  # warm-up: first-run allocations and ORT's lazy initialisation
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
