@@ -74,3 +74,37 @@ def build_tiny_whisper(out: Path, multilingual: bool = False, seed: int = 0, d_m
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
     return out
+
+
+def build_tiny_whisper_encoder_folder(out: Path, seed: int = 0, d_model: int = 32, layers: int = 1) -> Path:
+    """An HF Whisper folder whose encoder is what counts (align attaches only the encoder): 80 mels,
+    3000 frames in, 1500 out, as every Whisper. Small decoder vocabulary: no tokenizer is needed."""
+    import torch
+    import transformers as T
+
+    config = T.WhisperConfig(
+        vocab_size=128, num_mel_bins=80, d_model=d_model, encoder_layers=layers, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model, max_source_positions=1500, max_target_positions=64,
+        decoder_start_token_id=1, bos_token_id=0, eos_token_id=0, pad_token_id=0, init_std=0.3,
+    )
+    config.architectures = ["WhisperForConditionalGeneration"]
+    torch.manual_seed(seed)
+    T.WhisperForConditionalGeneration(config).eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_tone(path: Path, hz: float, seconds: float = 1.0, rate: int = 16_000, seed: int = 0) -> Path:
+    """A 16-bit mono WAV of a sine at `hz` with a little noise (each clip differs)."""
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.5 * np.sin(2 * np.pi * hz * t) + 0.02 * np.random.default_rng(seed).standard_normal(t.size)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return path

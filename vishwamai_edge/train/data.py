@@ -10,7 +10,8 @@ Chat examples are rendered with the tokenizer's chat template, exactly as the ru
 renders a conversation, and only the assistant turns (with their end-of-turn token)
 carry a loss. Raw text is concatenated and cut into blocks, every token trained.
 Message content may also be a list of parts, `{"type": "text", "text": ...}` and
-`{"type": "image", "image": "relative/path.png"}`, for vision-language models.
+`{"type": "image", "image": "relative/path.png"}`, for vision-language models, or
+`{"type": "audio", "audio": "relative/path.wav"}`, for an LLM with an audio encoder (align).
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
         content = m.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") in ("text", "image")):
-                    raise DatasetError(f"{where}: messages.{i}.content.{j}: a part is {{'type': 'text'|'image', ...}}")
+                if not (isinstance(part, dict) and part.get("type") in ("text", "image", "audio")):
+                    raise DatasetError(f"{where}: messages.{i}.content.{j}: a part is "
+                                       "{'type': 'text'|'image'|'audio', ...}")
         elif not isinstance(content, str):
             raise DatasetError(f"{where}: messages.{i}.content: must be a string or a list of parts")
     if not any(m["role"] == "assistant" for m in messages):
@@ -206,10 +208,16 @@ def encode_chats(records: list[Record], tokenizer, max_seq_len: int, processor=N
 def encode_chat(rec: Record, tokenizer, processor=None) -> Example:
     messages = rec.messages or []
     render = processor if processor is not None else tokenizer
-    images = [_image_path(p, rec) for m in messages if isinstance(m["content"], list)
+    images = [_media_path(p, rec, "image") for m in messages if isinstance(m["content"], list)
               for p in m["content"] if p.get("type") == "image"]
-    if images and processor is None:
+    audio = [_media_path(p, rec, "audio") for m in messages if isinstance(m["content"], list)
+             for p in m["content"] if p.get("type") == "audio"]
+    hears = getattr(processor, "modality", "image") == "audio"
+    if images and (processor is None or hears):
         raise DatasetError(f"{rec.where}: has images, but the model is not a vision-language model")
+    if audio and not hears:
+        raise DatasetError(f"{rec.where}: has audio, but the model has no audio encoder (align with encoder "
+                           "kind whisper)")
 
     def text(msgs: list[dict[str, Any]], gen: bool = False) -> str:
         try:
@@ -232,7 +240,11 @@ def encode_chat(rec: Record, tokenizer, processor=None) -> Example:
     ids, labels = _tokenize_with_spans(tokenizer if processor is None else processor.tokenizer, full, spans)
     extra: dict[str, Any] = {}
     if processor is not None and images:
-        ids, labels, extra = _expand_images(processor, full, images, ids, labels, rec.where)
+        ids, labels, extra = _expand_media(processor, full, {"images": _read_images(images, rec.where)},
+                                           processor.image_token, ids, labels, rec.where)
+    elif audio:
+        ids, labels, extra = _expand_media(processor, full, {"audio": _read_audio(audio, rec.where)},
+                                           processor.audio_token, ids, labels, rec.where)
     return Example(ids, labels, extra=extra)
 
 
@@ -256,33 +268,56 @@ def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> 
     return ids, labels
 
 
-def _image_path(part: dict[str, Any], rec: Record) -> Path:
-    ref = part.get("image") or part.get("path")
+def _media_path(part: dict[str, Any], rec: Record, kind: str) -> Path:
+    ref = part.get(kind) or part.get("path")
     if not isinstance(ref, str):
-        raise DatasetError(f"{rec.where}: an image part needs 'image': a file path")
+        an = "an" if kind[0] in "aeiou" else "a"
+        raise DatasetError(f"{rec.where}: {an} {kind} part needs '{kind}': a file path")
     path = Path(ref) if Path(ref).is_absolute() else rec.base_dir / ref
     if not path.is_file():
-        raise DatasetError(f"{rec.where}: image {path} does not exist")
+        raise DatasetError(f"{rec.where}: {kind} {path} does not exist")
     return path
 
 
-def _expand_images(processor, text, images, ids, labels, where):
-    """The processor's input ids (each image placeholder expanded to its patch tokens) and pixels.
-
-    Labels are expanded alongside: image tokens never carry a loss.
-    """
+def _read_images(paths: list[Path], where: str) -> list[Any]:
     from PIL import Image
 
     pil = []
-    for p in images:
+    for p in paths:
         try:
             with Image.open(p) as im:
                 pil.append(im.convert("RGB"))  # decodes the whole file: a truncated one fails here
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"{where}: image {p} is not a readable image ({str(exc).splitlines()[0]})") from None
-    enc = processor(text=[text], images=pil, return_tensors="pt", add_special_tokens=False)
+    return pil
+
+
+def _read_audio(paths: list[Path], where: str) -> list[tuple[Any, int]]:
+    """(mono float32 samples, rate) per file, decoded as the device decodes an upload."""
+    from ..runtime.media import audio_part
+
+    out = []
+    for p in paths:
+        try:
+            part = audio_part(p.read_bytes())
+        except UserError as exc:
+            raise DatasetError(f"{where}: audio {p} is not readable audio ({exc})") from None
+        out.append((part.samples, part.sample_rate))
+    return out
+
+
+def _expand_media(processor, text, media, placeholder, ids, labels, where):
+    """The processor's input ids (each image or audio placeholder expanded to its rows) and its inputs
+    (`media`: images= or audio=).
+
+    Labels are expanded alongside: placeholder tokens never carry a loss.
+    """
+    try:
+        enc = processor(text=[text], **media, return_tensors="pt", add_special_tokens=False)
+    except UserError as exc:  # e.g. audio longer than the encoder's window
+        raise DatasetError(f"{where}: {exc}") from None
     full = enc["input_ids"][0].tolist()
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
     n_placeholders = ids.count(image_id)
     per_image = (len(full) - (len(ids) - n_placeholders)) // max(n_placeholders, 1)
     new_ids, new_labels = [], []
@@ -291,7 +326,7 @@ def _expand_images(processor, text, images, ids, labels, where):
         new_ids += [t] * reps
         new_labels += [IGNORE if t == image_id else lab] * reps
     if new_ids != full:
-        raise DatasetError(f"{where}: cannot align the processor's image tokens with the chat template's")
+        raise DatasetError(f"{where}: cannot align the processor's placeholder tokens with the chat template's")
     extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
     return new_ids, new_labels, extra
 

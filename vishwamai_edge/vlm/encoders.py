@@ -12,6 +12,9 @@ The encoder stays frozen. Families:
 - `clip`, `siglip`: the vision tower of an HF folder (CLIPVisionModel / CLIPModel,
   SiglipVisionModel / SiglipModel), features from `hidden_states[feature_layer]`, CLIP's CLS
   dropped (as LLaVA does).
+- `whisper` (audio): the encoder of an HF Whisper folder; Whisper's log-mel of one 30 s window
+  (batch, n_mels, 3000) in, its last hidden state (batch, 1500, d_model) out, one frame per 20 ms,
+  seen as a (1500 x 1) grid that the projector stacks (vlm/projector.py).
 
 In an aligned folder the encoder lives in `encoder/`: `model.safetensors`, and for the HF
 families the tower's `config.json`; `vlm.json` names the family (vlm/folder.py).
@@ -27,11 +30,11 @@ from typing import Any, ClassVar
 from ..errors import ExportError, SourceError, quiet_transformers, require
 from ..runtime.preprocess import HALF, ImageProcessorSpec, default_spec, spec_from_preprocessor_config
 
-_REGISTRY: dict[str, type[ImageEncoderFamily]] = {}
+_REGISTRY: dict[str, type[EncoderFamily]] = {}
 
 
 def register(name: str):
-    def wrap(cls: type[ImageEncoderFamily]) -> type[ImageEncoderFamily]:
+    def wrap(cls: type[EncoderFamily]) -> type[EncoderFamily]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -43,27 +46,24 @@ def family_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-class ImageEncoderFamily:
-    """A loaded, frozen encoder: `module(pixels) -> (batch, tokens, dim)` on a `grid`."""
+class EncoderFamily:
+    """A loaded, frozen encoder: `module(inputs) -> (batch, tokens, dim)` on a `grid`."""
 
     name: ClassVar[str]
+    modality: ClassVar[str] = "image"  # the chat part it reads: image | audio
     tolerance: ClassVar[dict[str, dict[str, float]]] = {}  # ONNX check limits per dtype, where they differ
     int8_op_types: ClassVar[list[str] | None] = None  # ops the int8 export quantises; None: all it can
 
-    def __init__(self, module: Any, grid: tuple[int, int], dim: int, image_size: tuple[int, int],
-                 spec: ImageProcessorSpec, settings: dict[str, Any]):
+    def __init__(self, module: Any, grid: tuple[int, int], dim: int, settings: dict[str, Any]):
         self.module = module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.grid = grid
         self.dim = dim
-        self.image_size = image_size
-        self.spec = spec
         self.settings = settings  # what vlm.json records to load it again
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.name, "grid": list(self.grid), "dim": self.dim, "image_size": list(self.image_size),
-                **self.settings}
+        return {"family": self.name, "grid": list(self.grid), "dim": self.dim, **self.settings}
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -73,8 +73,22 @@ class ImageEncoderFamily:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
-    def load_saved(cls, folder: Path, info: dict[str, Any]) -> ImageEncoderFamily:
+    def load_saved(cls, folder: Path, info: dict[str, Any]) -> EncoderFamily:
         raise NotImplementedError
+
+
+class ImageEncoderFamily(EncoderFamily):
+    """Pixels (batch, 3, H, W), preprocessed by `spec`, in."""
+
+    def __init__(self, module: Any, grid: tuple[int, int], dim: int, image_size: tuple[int, int],
+                 spec: ImageProcessorSpec, settings: dict[str, Any]):
+        super().__init__(module, grid, dim, settings)
+        self.image_size = image_size
+        self.spec = spec
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.name, "grid": list(self.grid), "dim": self.dim, "image_size": list(self.image_size),
+                **self.settings}
 
 
 # -- EfficientNet-Lite0 --------------------------------------------------------------------------
@@ -239,11 +253,59 @@ class SiglipTower(_HFTower):
     processor_kind = "siglip"
 
 
+# -- audio: Whisper's encoder ---------------------------------------------------------------------
+@register("whisper")
+class WhisperAudioEncoder(EncoderFamily):
+    """Whisper's encoder in eager attention (what the ONNX export traces). `settings`: n_mels and
+    n_frames, the log-mel input it takes (80 or 128 bins, 3000 frames: one 30 s window)."""
+
+    modality = "audio"
+
+    @classmethod
+    def _wrap(cls, encoder: Any) -> WhisperAudioEncoder:
+        torch = require("torch", "train")
+        config = encoder.config
+
+        class Features(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.encoder = encoder
+
+            def forward(self, input_features):
+                return self.encoder(input_features=input_features, return_dict=True).last_hidden_state
+
+        frames = int(config.max_source_positions)
+        # conv1 (stride 1) then conv2 (stride 2): two log-mel frames per encoder frame
+        return cls(Features(), (frames, 1), int(config.d_model),
+                   {"n_mels": int(config.num_mel_bins), "n_frames": 2 * frames})
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> WhisperAudioEncoder:
+        transformers = quiet_transformers()
+        torch = require("torch", "train")
+        try:
+            model = transformers.WhisperModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{folder}: cannot load the Whisper model ({str(exc).splitlines()[0]})") from None
+        return cls._wrap(model.get_encoder())
+
+    def save(self, folder: Path) -> None:
+        self.module.encoder.save_pretrained(folder)
+
+    @classmethod
+    def load_saved(cls, folder: Path, info: dict[str, Any]) -> WhisperAudioEncoder:
+        torch = require("torch", "train")
+        quiet_transformers()
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return cls._wrap(WhisperEncoder.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager"))
+
+
 def _spec_of(info: dict[str, Any], fallback: ImageProcessorSpec) -> ImageProcessorSpec:
     return ImageProcessorSpec.from_dict(info["preprocess"]) if "preprocess" in info else fallback
 
 
-def load_pretrained(kind: str, path: Path | None, feature_layer: int = -2) -> ImageEncoderFamily:
+def load_pretrained(kind: str, path: Path | None, feature_layer: int = -2) -> EncoderFamily:
     """The recipe's `finetune.align.encoder`, loaded and frozen."""
     if kind == "efficientnet-lite0":
         return EfficientNetLite0.pretrained()
@@ -256,6 +318,11 @@ def load_pretrained(kind: str, path: Path | None, feature_layer: int = -2) -> Im
         model_type = json.loads(config_path.read_text()).get("model_type")
     except json.JSONDecodeError as exc:
         raise SourceError(f"finetune.align.encoder.path: {config_path} is not valid JSON ({exc})") from None
+    if kind == "whisper":
+        if model_type != "whisper":
+            raise SourceError(f"finetune.align.encoder.path: {folder} holds a {model_type!r} model; encoder kind "
+                              "whisper takes an HF Whisper folder")
+        return WhisperAudioEncoder.from_folder(folder)
     for cls in _REGISTRY.values():
         if issubclass(cls, _HFTower) and model_type in cls.model_types:
             return cls.from_folder(folder, feature_layer)
@@ -264,7 +331,7 @@ def load_pretrained(kind: str, path: Path | None, feature_layer: int = -2) -> Im
                       f"towers {', '.join(known)} (kind hf) or efficientnet-lite0")
 
 
-def load_saved(folder: Path, info: dict[str, Any]) -> ImageEncoderFamily:
+def load_saved(folder: Path, info: dict[str, Any]) -> EncoderFamily:
     """The encoder of an aligned folder (`encoder/`), as vlm.json describes it."""
     family = info.get("family")
     if family not in _REGISTRY:

@@ -15,6 +15,9 @@ vlm.json:
      "image_token": {"text": "<image>", "id": 49152},
      "training": {...}}
 
+An audio encoder (family whisper) writes `"modality": "audio"` and n_mels / n_frames in `encoder`,
+`"stack"` in `projector`, and `audio_token` ({"text": "<audio>", "id": ...}) instead of `image_token`.
+
 An image is one placeholder token in the rendered chat; its `tokens` projector rows take
 that token's place, in training (the placeholder repeated, rows scattered in) as on the
 device (`runtime.session.Prompt`).
@@ -41,9 +44,10 @@ def is_aligned(folder: Path) -> bool:
     return (Path(folder) / INFO).is_file()
 
 
-def image_chat_template(template: str, image_text: str) -> str:
-    """The LLM's own chat template behind a preamble that turns part lists into strings, each image
-    part becoming `image_text`: training and the runtime (which passes parts) render the same text."""
+def image_chat_template(template: str, image_text: str, kind: str = "image") -> str:
+    """The LLM's own chat template behind a preamble that turns part lists into strings, each part of
+    `kind` (image, audio) becoming `image_text`: training and the runtime (which passes parts) render
+    the same text."""
     marker = json.dumps(image_text)
     preamble = (
         "{%- set flat = namespace(messages=[]) -%}"
@@ -51,7 +55,7 @@ def image_chat_template(template: str, image_text: str) -> str:
         "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
         "{%- else -%}{%- set acc = namespace(text='') -%}"
         "{%- for p in m['content'] -%}"
-        "{%- if p['type'] == 'image' -%}{%- set acc.text = acc.text ~ " + marker + " -%}"
+        "{%- if p['type'] == " + json.dumps(kind) + " -%}{%- set acc.text = acc.text ~ " + marker + " -%}"
         "{%- else -%}{%- set acc.text = acc.text ~ p['text'] -%}{%- endif -%}"
         "{%- endfor -%}{%- set text = acc.text -%}{%- endif -%}"
         "{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': text}] -%}"
@@ -62,7 +66,7 @@ def image_chat_template(template: str, image_text: str) -> str:
 
 
 def splice(embeds: Any, input_ids: Any, rows: Any, image_id: int) -> Any:
-    """Each image-token position of `input_ids` takes the next projector row, in order."""
+    """Each placeholder position (image or audio) of `input_ids` takes the next projector row, in order."""
     mask = (input_ids == image_id).unsqueeze(-1)
     rows = rows.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
     if int(mask.sum()) != rows.shape[0]:
@@ -74,7 +78,7 @@ def splice(embeds: Any, input_ids: Any, rows: Any, image_id: int) -> Any:
 class Aligned:
     folder: Path
     info: dict[str, Any]
-    encoder: Any  # vlm.encoders.ImageEncoderFamily
+    encoder: Any  # vlm.encoders.EncoderFamily
     projector: Any
 
     @property
@@ -82,15 +86,21 @@ class Aligned:
         return self.folder / "llm"
 
     @property
+    def modality(self) -> str:
+        return str(self.info["encoder"].get("modality", "image"))
+
+    @property
     def image_token(self) -> dict[str, Any]:
-        return dict(self.info["image_token"])
+        """The placeholder (image or audio) whose positions take the projector's rows."""
+        return dict(self.info[f"{self.modality}_token"])
 
     @property
     def spec(self) -> ImageProcessorSpec:
         return self.encoder.spec
 
     def vision_graph(self) -> Any:
-        """encoder -> projector as one torch module: what the ONNX export traces and checks."""
+        """encoder -> projector as one torch module (pixels, or log-mel for audio, in): what the ONNX
+        export traces and checks."""
         torch = require("torch", "train")
         encoder, projector = self.encoder.module, self.projector
 
@@ -99,8 +109,8 @@ class Aligned:
                 super().__init__()
                 self.encoder, self.projector = encoder, projector
 
-            def forward(self, pixel_values):
-                return self.projector(self.encoder(pixel_values))
+            def forward(self, inputs):
+                return self.projector(self.encoder(inputs))
 
         return EncoderAndProjector().eval()
 
@@ -116,9 +126,13 @@ def write_aligned(out: Path, encoder: Any, projector: Any, llm: Any, tokenizer: 
     save_file(state, str(out / "projector.safetensors"), metadata={"format": "pt"})
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
-    info = {"format": FORMAT, "version": VERSION,
-            "encoder": {**encoder.describe(), "preprocess": encoder.spec.to_dict()},
-            "projector": projector.describe(), "image_token": image_token, "training": training}
+    described = encoder.describe()
+    if encoder.modality == "image":
+        described["preprocess"] = encoder.spec.to_dict()
+    else:
+        described["modality"] = encoder.modality
+    info = {"format": FORMAT, "version": VERSION, "encoder": described, "projector": projector.describe(),
+            f"{encoder.modality}_token": image_token, "training": training}
     (out / INFO).write_text(json.dumps(info, indent=2))
 
 
@@ -130,7 +144,8 @@ def read_info(folder: Path) -> dict[str, Any]:
         raise ExportError(f"{path} cannot be read ({exc})") from None
     if info.get("format") != FORMAT or info.get("version") != VERSION:
         raise ExportError(f"{path} is not a {FORMAT} v{VERSION} description")
-    for key in ("encoder", "projector", "image_token"):
+    modality = info.get("encoder", {}).get("modality", "image") if isinstance(info.get("encoder"), dict) else "image"
+    for key in ("encoder", "projector", f"{modality}_token"):
         if not isinstance(info.get(key), dict):
             raise ExportError(f"{path}: {key}: missing")
     return info
@@ -169,6 +184,6 @@ def load_aligned(folder: Path) -> Aligned:
                           f"hidden_size {width} ({llm_config})")
     encoder = E.load_saved(folder / "encoder", info["encoder"])
     projector = make_projector(int(p["in_dim"]), int(p["out_dim"]), tuple(p["grid"]), int(p["tokens"]),
-                               int(p["depth"]), int(p["hidden"]))
+                               int(p["depth"]), int(p["hidden"]), int(p.get("stack", 1)))
     load_projector_weights(folder / "projector.safetensors", projector, f"{folder / INFO}: projector")
     return Aligned(folder, info, encoder, projector.eval())

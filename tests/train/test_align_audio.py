@@ -1,0 +1,149 @@
+"""`method: align` with an audio encoder: a tiny random Whisper encoder, a frame-stacking projector and
+a tiny random LLM; audio parts in the chat JSONL. Stages, exact resume, the aligned folder, the
+ONNX export of encoder + projector against torch, and the user errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ft_helpers import write_jsonl
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from whisper_models import build_tiny_whisper_encoder_folder, write_tone  # noqa: E402
+
+from vishwamai_edge.errors import UserError  # noqa: E402
+from vishwamai_edge.recipe import Recipe  # noqa: E402
+from vishwamai_edge.train import data as D  # noqa: E402
+from vishwamai_edge.train.align import ALIGNED, align  # noqa: E402
+from vishwamai_edge.vlm.folder import load_aligned, read_info  # noqa: E402
+from vishwamai_edge.vlm.projector import make_projector  # noqa: E402
+
+QUIET = Console(stderr=True, quiet=True)
+STACK = 10  # 1500 Whisper frames -> 150 rows per clip
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory) -> Path:
+    return build_tiny_whisper_encoder_folder(tmp_path_factory.mktemp("whisper-enc"))
+
+
+def tone_rows(folder: Path, n: int = 8) -> list[dict]:
+    """Low tones are answered "Low.", high ones "High."; each clip a file next to the JSONL."""
+    rows = []
+    for i in range(n):
+        high = i % 2 == 1
+        name = f"tone-{i}.wav"
+        write_tone(folder / name, 1800.0 + 40 * i if high else 220.0 + 20 * i, seconds=0.5 + 0.1 * i, seed=i)
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "audio", "audio": name}, {"type": "text", "text": "Pitch?"}]},
+            {"role": "assistant", "content": "High." if high else "Low."}]})
+    return rows
+
+
+def spec(llm_dir: Path, whisper: Path, data: Path, **align_over) -> dict:
+    a = {"encoder": {"kind": "whisper", "path": str(whisper)}, "projector": {"stack": STACK}, "stage2_steps": 2}
+    a.update(align_over)
+    return {"name": "tiny-audio", "source": {"kind": "hf", "path": str(llm_dir)}, "finetune": {
+        "method": "align", "dataset": {"train": str(data), "eval_fraction": 0.25}, "steps": 4, "batch_size": 2,
+        "micro_batch_size": 1, "max_seq_len": 256, "lr": 1e-3, "save_every": 1, "keep_checkpoints": 10,
+        "lora": {"r": 4, "alpha": 8}, "align": a}}
+
+
+def recipe(tmp_path, llm_dir, whisper, data, **align_over) -> Recipe:
+    r = Recipe.model_validate(spec(llm_dir, whisper, data, **align_over))
+    r.path = tmp_path / "tiny-audio.yaml"
+    return r
+
+
+def weights(folder: Path) -> dict:
+    out = {f"projector.{k}": v for k, v in load_file(str(folder / "projector.safetensors")).items()}
+    for f in sorted((folder / "llm").glob("*.safetensors")):
+        out.update({f"llm.{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_audio_align_stages_resume_exactly_and_write_the_folder(tiny_model, whisper_dir, tmp_path):
+    llm_dir = tiny_model("llama")
+    data = write_jsonl(tmp_path / "tones.jsonl", tone_rows(tmp_path))
+    r = recipe(tmp_path, llm_dir, whisper_dir, data)
+    full = align(r, llm_dir, tmp_path / "full", "run", console=QUIET)
+    assert full.steps == 6 and [h["stage"] for h in full.history] == [1, 1, 1, 1, 2, 2]
+    folder = tmp_path / "full" / ALIGNED
+    info = read_info(folder)
+    assert info["encoder"]["family"] == "whisper" and info["encoder"]["modality"] == "audio"
+    assert info["encoder"]["n_mels"] == 80 and info["encoder"]["n_frames"] == 3000
+    assert info["projector"] == {"depth": 2, "tokens": 150, "grid": [1500, 1], "in_dim": 32, "hidden": 64,
+                                 "out_dim": 64, "activation": "gelu", "stack": STACK}
+    assert info["audio_token"]["text"] == "<audio>" and "image_token" not in info
+    aligned = load_aligned(folder)
+    assert aligned.modality == "audio" and aligned.projector.tokens == 150
+    with torch.no_grad():  # the stacked projector: rows of 10 consecutive frames, in order
+        feats = torch.randn(1, 1500, 32)
+        first = aligned.projector.layers[0](feats[:, :10].reshape(1, 1, 320))
+        assert torch.allclose(aligned.projector.layers[0](feats.reshape(1, 150, 320))[:, :1], first, atol=1e-6)
+
+    for stop_at in (2, 5):  # interrupted in stage 1 and in stage 2, resumed: the same weights at the end
+        def stop(step, loss, at=stop_at):
+            if step == at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            align(r, llm_dir, tmp_path / f"cut{stop_at}", "run", console=QUIET, on_step=stop)
+        resumed = align(r, llm_dir, tmp_path / f"cut{stop_at}", "run", resume=True, console=QUIET)
+        assert resumed.resumed_from == stop_at
+        want, got = weights(folder), weights(tmp_path / f"cut{stop_at}" / ALIGNED)
+        assert want.keys() == got.keys()
+        worst = max(float((want[k] - got[k]).abs().max()) for k in want)
+        assert worst < 1e-6, (stop_at, worst)
+
+
+def test_a_file_that_is_not_audio_names_the_line(tiny_model, whisper_dir, tmp_path):
+    llm_dir = tiny_model("llama")
+    rows = tone_rows(tmp_path, 2)
+    (tmp_path / "notes.wav").write_text("not audio at all")
+    write_tone(tmp_path / "long.wav", 440.0, seconds=31.0)
+    for name, message in (("notes.wav", "is not readable audio"), ("gone.wav", "does not exist"),
+                          ("long.wav", "takes up to 30 s")):
+        bad = {"messages": [{"role": "user", "content": [{"type": "audio", "audio": name}]},
+                            {"role": "assistant", "content": "Low."}]}
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows + [bad])
+        with pytest.raises(D.DatasetError) as err:
+            align(recipe(tmp_path, llm_dir, whisper_dir, data), llm_dir, tmp_path / "x", "run", console=QUIET)
+        text = str(err.value)
+        assert f"{data}:3" in text and name in text and message in text and "\n" not in text, text
+
+
+def test_projector_width_mismatch_and_recipe_fields(tiny_model, whisper_dir, tmp_path):
+    llm_dir = tiny_model("llama")
+    data = write_jsonl(tmp_path / "tones.jsonl", tone_rows(tmp_path, 2))
+    torch.manual_seed(0)
+    other = make_projector(32, 48, (1500, 1), 150, stack=STACK)  # for an LLM 48 wide; the tiny one is 64
+    save_file(dict(other.state_dict()), str(tmp_path / "p.safetensors"))
+    r = recipe(tmp_path, llm_dir, whisper_dir, data, projector={"stack": STACK, "init": str(tmp_path / "p.safetensors")})
+    with pytest.raises(UserError, match=r"finetune.align.projector.init: .* width 48 .* needs width 64"):
+        align(r, llm_dir, tmp_path / "y", "run", console=QUIET)
+    with pytest.raises(ValueError, match="projector.tokens: an audio projector"):
+        Recipe.model_validate(spec(llm_dir, whisper_dir, data, projector={"tokens": 16}))
+    with pytest.raises(ValueError, match="projector.stack: frame stacking is for audio"):
+        Recipe.model_validate(spec(llm_dir, whisper_dir, data, encoder={"kind": "efficientnet-lite0"}))
+    r = recipe(tmp_path, llm_dir, llm_dir, data)  # a llama folder given as the Whisper encoder
+    with pytest.raises(UserError, match=r"finetune.align.encoder.path: .* holds a 'llama' model; encoder kind whisper"):
+        align(r, llm_dir, tmp_path / "z", "run", console=QUIET)
+
+
+def test_audio_parts_need_an_audio_encoder(tiny_model, tmp_path):
+    """A text fine-tune or an image align given audio parts: a one-line error naming the line."""
+    from vishwamai_edge.train.data import Record, encode_chat
+
+    rec = Record("set.jsonl:4", messages=tone_rows(tmp_path, 1)[0]["messages"], base_dir=tmp_path)
+    with pytest.raises(D.DatasetError, match=r"set.jsonl:4: has audio, but the model has no audio encoder"):
+        encode_chat(rec, None)
