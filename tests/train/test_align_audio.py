@@ -147,3 +147,27 @@ def test_audio_parts_need_an_audio_encoder(tiny_model, tmp_path):
     rec = Record("set.jsonl:4", messages=tone_rows(tmp_path, 1)[0]["messages"], base_dir=tmp_path)
     with pytest.raises(D.DatasetError, match=r"set.jsonl:4: has audio, but the model has no audio encoder"):
         encode_chat(rec, None)
+
+
+def test_audio_export_matches_torch(tiny_model, whisper_dir, tmp_path):
+    from vishwamai_edge.export.onnx.audio import export_audio
+
+    llm_dir = tiny_model("llama")
+    data = write_jsonl(tmp_path / "tones.jsonl", tone_rows(tmp_path, 2))
+    r = recipe(tmp_path, llm_dir, whisper_dir, data, stage2_steps=0)
+    align(r.model_copy(update={"finetune": r.finetune.model_copy(update={"steps": 1})}), llm_dir, tmp_path / "a",
+          "run", console=QUIET)
+    folder = tmp_path / "a" / ALIGNED
+    for dtype, rel in (("fp32", 1e-4), ("fp16", 1e-2)):
+        info = export_audio(folder, tmp_path / f"audio-{dtype}.onnx", dtype, threads=2)
+        print(dtype, info.check)
+        assert (info.n_tokens, info.hidden, info.n_mels, info.n_frames, info.stack) == (150, 64, 80, 3000, STACK)
+        assert info.check["clips"] == 4 and info.check["max_rel_diff"] < rel
+    with pytest.raises(UserError, match="reads images, not audio"):
+        from vishwamai_edge.train.shapes import write_shapes  # noqa: F401  (an image aligned folder)
+        img = Recipe.model_validate({"name": "img", "source": {"kind": "hf", "path": str(llm_dir)}, "finetune": {
+            "method": "align", "dataset": {"shapes": {"train": 12, "eval": 6, "size": 64}}, "steps": 1,
+            "batch_size": 2, "micro_batch_size": 2, "align": {"projector": {"tokens": 1, "depth": 1}}}})
+        img.path = tmp_path / "img.yaml"
+        align(img, llm_dir, tmp_path / "img", "run", console=QUIET)
+        export_audio(tmp_path / "img" / ALIGNED, tmp_path / "x.onnx")

@@ -2,7 +2,9 @@
 
 A vision graph takes `pixel_values` (batch, 3, H, W) float32 and returns `image_embeds`
 (batch, tokens, llm_hidden), already in the language model's width, so its rows can
-be spliced into the prompt as they are.
+be spliced into the prompt as they are. An audio graph in embeddings mode does the same
+from Whisper's log-mel (`input_features` -> `audio_embeds`); a speech-to-text bundle's
+audio encoder instead transcribes (`SpeechEncoder`, the cascade).
 """
 
 from __future__ import annotations
@@ -148,12 +150,82 @@ class ImageEncoder:
         self.vision.close()
 
 
+AUDIO_INPUT, AUDIO_OUTPUT = "input_features", "audio_embeds"
+
+
+class AudioEmbeddingEncoder:
+    """A bundle's audio encoder + projector in ONNX Runtime (manifest `encoders.audio`, mode
+    embeddings): audio samples in, one (tokens, llm_hidden) block of rows per clip out, spliced at
+    the audio placeholder like an image's rows. Each clip is one 30 s Whisper window at most.
+
+    Graph contract: input `input_features` float32 (batch, n_mels, n_frames), Whisper's log-mel;
+    output `audio_embeds` float32 (batch, tokens, llm_hidden)."""
+
+    mode = "embeddings"
+
+    def __init__(self, session: Any, path: Path, n_mels: int, n_tokens: int, hidden: int):
+        self.session = session
+        self.path = path
+        self.providers: list[str] = list(session.get_providers())
+        self.n_mels = n_mels
+        self.n_tokens = n_tokens
+        self.hidden = hidden
+
+    @classmethod
+    def load(cls, path: Path | str, n_mels: int, n_tokens: int, hidden: int,
+             providers: Sequence[Provider] | None = None, threads: int | None = None) -> AudioEmbeddingEncoder:
+        path = Path(path)
+        session = ort_session(path, providers, threads, "audio encoder")
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        if AUDIO_INPUT not in inputs or AUDIO_OUTPUT not in outputs:
+            raise BundleError(f"{path} is not an audio encoder graph (needs input {AUDIO_INPUT!r} and output "
+                              f"{AUDIO_OUTPUT!r})")
+        got = tuple(outputs[AUDIO_OUTPUT][1:])
+        if inputs[AUDIO_INPUT][1] != n_mels or got != (n_tokens, hidden):
+            raise BundleError(f"{path} takes {inputs[AUDIO_INPUT][1]} mel bins and gives {got[0]} x {got[1]} "
+                              f"embeddings; the manifest says {n_mels} bins, {n_tokens} x {hidden}")
+        return cls(session, path, n_mels, n_tokens, hidden)
+
+    @classmethod
+    def from_manifest(cls, path: Path, entry: dict[str, Any], threads: int | None = None,
+                      providers: Sequence[Provider] | None = None) -> AudioEmbeddingEncoder:
+        """`entry` is the manifest's `encoders.audio` (export.onnx.audio's AudioExportInfo.to_dict())."""
+        try:
+            n_mels, n_tokens, hidden = int(entry["n_mels"]), int(entry["n_tokens"]), int(entry["hidden"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"the manifest's audio encoder entry is incomplete ({exc})") from None
+        return cls.load(path, n_mels, n_tokens, hidden, providers or entry.get("providers"), threads)
+
+    def features(self, clips: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
+        from .audio import window_features
+
+        return np.stack([window_features(samples, rate, self.n_mels) for samples, rate in clips])
+
+    def run(self, features: np.ndarray) -> np.ndarray:
+        """(n, n_mels, frames) float32 log-mel -> (n, tokens, hidden) float32."""
+        out = self.session.run([AUDIO_OUTPUT], {AUDIO_INPUT: np.ascontiguousarray(features, dtype=np.float32)})[0]
+        return out.astype(np.float32, copy=False)
+
+    def encode(self, clips: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """(samples, sample rate) per clip -> its embedding rows."""
+        if not clips:
+            return []
+        out = self.run(self.features(clips))
+        return [out[i] for i in range(out.shape[0])]
+
+    def close(self) -> None:
+        self.session = None
+
+
 class SpeechEncoder:
     """A bundle's Whisper in ONNX Runtime: audio samples in, the text heard out.
 
     Speech reaches the LLM as text (a cascade): the transcript is what the person is shown as
     heard, and what the model answers. Audio longer than one 30 s window is cut into windows,
     each decoded greedily with the KV cache, and the texts are joined."""
+
+    mode = "transcribe"
 
     def __init__(self, whisper: Any):
         self.whisper = whisper

@@ -18,6 +18,7 @@ import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -265,26 +266,10 @@ def export_vision(
 
     out_path = Path(out_path)
     with atomic_file(out_path) as tmp:
-        fp32 = tmp.with_name(tmp.name + ".fp32") if dtype != "fp32" else tmp
-        try:
-            _torch_export(graph, fp32, (h, w), opset)
-            if dtype == "fp16":
-                _to_fp16(fp32, tmp)
-            elif dtype == "int8":
-                to_int8(fp32, tmp, vg.int8_op_types)
-        finally:
-            if fp32 != tmp:
-                fp32.unlink(missing_ok=True)
+        write_dtype(lambda fp32: _torch_export(graph, fp32, (h, w), opset), tmp, dtype, vg.int8_op_types)
         pixels = _check_inputs(spec, check_images)
         check = check_against_torch(graph, tmp, pixels, threads=threads)
-        limits = tolerance or {**TOLERANCE, **vg.tolerance}[dtype]
-        check["tolerance"] = dict(limits)
-        if check["max_rel_diff"] > limits["max_rel_diff"] or check["min_cosine"] < limits["min_cosine"]:
-            raise ExportError(
-                f"the {dtype} vision encoder differs from torch beyond tolerance: max rel diff "
-                f"{check['max_rel_diff']:.3g} (allowed {limits['max_rel_diff']:.3g}), min cosine "
-                f"{check['min_cosine']:.6f} (allowed {limits['min_cosine']})"
-            )
+        within(check, tolerance or {**TOLERANCE, **vg.tolerance}[dtype], "vision encoder", dtype)
     return VisionExportInfo(
         path=out_path, family=vg.family, dtype=dtype, opset=opset, image_size=(h, w),
         n_tokens=check["n_tokens"], hidden=check["hidden"], vision_hidden=vg.vision_hidden,
@@ -330,18 +315,48 @@ def vision_graph(source: Path | str | Any) -> VisionGraph:
 
 
 def _torch_export(graph: Any, path: Path, image_size: tuple[int, int], opset: int) -> None:
+    torch = require("torch", "build")
+    torch_export(graph, path, torch.zeros(2, 3, *image_size), INPUT, OUTPUT, opset)
+
+
+def torch_export(graph: Any, path: Path, example: Any, input_name: str, output_name: str, opset: int) -> None:
+    """One input, one output, the batch axis dynamic, every other axis as in `example`."""
     import warnings
 
     torch = require("torch", "build")
-    example = torch.zeros(2, 3, *image_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation notices about code we do not own
         # The TorchScript exporter: it needs no onnxscript and gives plain opset-17 graphs.
         torch.onnx.export(
             graph, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT], output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            input_names=[input_name], output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
             do_constant_folding=True,
+        )
+
+
+def write_dtype(fp32_export: Callable[[Path], None], tmp: Path, dtype: str, int8_op_types: list[str] | None) -> None:
+    """`fp32_export(path)` writes the fp32 graph; `tmp` gets it in `dtype` (fp16 or int8 made from it)."""
+    fp32 = tmp.with_name(tmp.name + ".fp32") if dtype != "fp32" else tmp
+    try:
+        fp32_export(fp32)
+        if dtype == "fp16":
+            _to_fp16(fp32, tmp)
+        elif dtype == "int8":
+            to_int8(fp32, tmp, int8_op_types)
+    finally:
+        if fp32 != tmp:
+            fp32.unlink(missing_ok=True)
+
+
+def within(check: dict[str, Any], limits: dict[str, float], what: str, dtype: str) -> None:
+    """Record `limits` in `check`; ExportError when the ONNX graph is outside them."""
+    check["tolerance"] = dict(limits)
+    if check["max_rel_diff"] > limits["max_rel_diff"] or check["min_cosine"] < limits["min_cosine"]:
+        raise ExportError(
+            f"the {dtype} {what} differs from torch beyond tolerance: max rel diff "
+            f"{check['max_rel_diff']:.3g} (allowed {limits['max_rel_diff']:.3g}), min cosine "
+            f"{check['min_cosine']:.6f} (allowed {limits['min_cosine']})"
         )
 
 
@@ -405,6 +420,11 @@ def check_against_torch(
         single = encoder.encode(pixels[:1])  # batch 1 on the same graph: the batch axis is dynamic
     finally:
         encoder.close()
+    return {"images": int(pixels.shape[0]), **output_diffs(got, single, want)}
+
+
+def output_diffs(got: np.ndarray, single: np.ndarray, want: np.ndarray) -> dict[str, Any]:
+    """ONNX Runtime's (batch, tokens, hidden) output, and its first item run alone, against torch's."""
     if got.shape != want.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from torch's {want.shape}")
     got = np.concatenate([got, single])
@@ -412,7 +432,6 @@ def check_against_torch(
     diff = np.abs(got - want)
     cos = _cosine(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
     return {
-        "images": int(pixels.shape[0]),
         "n_tokens": int(want.shape[1]),
         "hidden": int(want.shape[2]),
         "max_abs_diff": float(diff.max()),
