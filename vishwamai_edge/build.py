@@ -10,6 +10,7 @@ one costs seconds.
     build/<recipe>/export/model-f16.gguf   converted + checked against torch
     build/<recipe>/export/model-q4_k_m.gguf
     build/<recipe>/export/vision-fp16.onnx vision tower + projector (VLMs), checked against torch
+    build/<recipe>/export/audio-fp32.onnx  an aligned audio encoder + projector, checked against torch
     build/<recipe>/export/mmproj-f16.gguf  the same for stock llama.cpp (CLIP towers)
     build/<recipe>/<target>/               the bundle: llm/..., encoders/..., manifest.json
 """
@@ -310,6 +311,34 @@ def stage_speech(ctx: BuildContext) -> BundlePart:
              "providers": list(_encoder_providers(ctx.target))}
     return BundlePart(folder_part(out, rel_dir), {"encoders": {"audio": entry}, "checks": {"speech": cached["check"]}},
                       ["onnxruntime"])
+
+
+def stage_audio_embeddings(ctx: BuildContext, aligned: Path) -> BundlePart:
+    """An aligned folder with an audio encoder: encoder + projector -> ONNX, checked against torch. The
+    bundle's audio parts then enter the LLM as embedding rows (manifest `encoders.audio`, mode
+    embeddings), not through a transcript."""
+    from .export.llava import chat_template
+    from .export.onnx.audio import export_audio
+    from .vlm.folder import read_info
+
+    dtype = ctx.recipe.export.audio.dtype
+    out = ctx.root / "export" / f"audio-{dtype}.onnx"
+    inputs = sha256_json(["audio", __version__, folder_fingerprint(aligned), dtype])
+    if (cached := up_to_date(ctx, out, inputs, out.name)) is None:
+        with ctx.console.status(f"exporting the audio encoder to {out.name} and checking it against torch"):
+            info = export_audio(aligned, out, dtype, threads=ctx.n_threads)
+        cached = info.to_dict()
+        mark_done(out, inputs, cached)
+        c = cached["check"]
+        ctx.console.print(f"[green]✓[/] {out.name}: {info.n_tokens} tokens x {info.hidden} per clip, "
+                          f"max rel diff {c['max_rel_diff']:.3g}, min cosine {c['min_cosine']:.6f}")
+    rel = "encoders/audio.onnx"
+    return BundlePart([(out, rel)], {
+        "encoders": {"audio": {**cached, "file": rel, "providers": list(_encoder_providers(ctx.target))}},
+        "llm": {"audio_token": read_info(aligned)["audio_token"],
+                **({"chat_template": t} if (t := chat_template(aligned / "llm")) else {})},
+        "checks": {"audio": cached["check"]},
+    }, ["onnxruntime"])
 
 
 def _speech_source(ctx: BuildContext) -> Path:
@@ -741,12 +770,15 @@ def build(
     if is_aligned(hf_dir):  # a VLM made here: its encoder + projector to ONNX, its LLM as any other
         from .vlm.folder import read_info
 
-        encoder, entry = stage_vision(ctx, hf_dir)
-        from .export.llava import chat_template
+        info = read_info(hf_dir)
+        if info["encoder"].get("modality") == "audio":
+            parts.append(stage_audio_embeddings(ctx, hf_dir))
+        else:
+            encoder, entry = stage_vision(ctx, hf_dir)
+            from .export.llava import chat_template
 
-        llm_dir = hf_dir / "llm"
-        parts.append(vision_part(ctx, encoder, entry, read_info(hf_dir)["image_token"], chat_template(llm_dir), None))
-        hf_dir = llm_dir
+            parts.append(vision_part(ctx, encoder, entry, info["image_token"], chat_template(hf_dir / "llm"), None))
+        hf_dir = hf_dir / "llm"
     elif is_llava(hf_dir):
         from .export.llava import chat_template, image_token
 

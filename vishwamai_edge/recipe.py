@@ -78,6 +78,12 @@ class VisionSpec(Strict):
     pad_to_square: bool | None = Field(None, description="LLaVA-1.5's `image_aspect_ratio: pad`; default: the folder's")
 
 
+class AudioExportSpec(Strict):
+    """An LLM with an audio encoder of its own (align with encoder kind whisper): its encoder + projector."""
+
+    dtype: Literal["fp32", "fp16", "int8"] = Field("fp32", description="the ONNX audio encoder the bundle carries")
+
+
 class EngineSpec(Strict):
     """What targets with TensorRT (Jetson Orin, CUDA PCs) also get: AWQ INT4, the TensorRT-LLM
     checkpoint and its engine plan, and the TensorRT Edge-LLM export (Llama family)."""
@@ -102,6 +108,7 @@ class ExportSpec(Strict):
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     vision: VisionSpec = Field(default_factory=VisionSpec)
+    audio: AudioExportSpec = Field(default_factory=AudioExportSpec)
     engines: EngineSpec = Field(default_factory=EngineSpec)
 
 
@@ -274,6 +281,14 @@ class Recipe(Strict):
     finetune: FinetuneSpec | None = None
     speech: SpeechSpec | None = None
     path: Path | None = Field(None, exclude=True, description="the file it was read from (set by load)")
+
+    @model_validator(mode="after")
+    def _one_way_to_hear(self) -> Recipe:
+        a = self.finetune.align if self.finetune is not None else None
+        if a is not None and a.encoder.kind == "whisper" and self.speech is not None:
+            raise ValueError("speech: this model hears audio through its own encoder (finetune.align.encoder.kind "
+                             "whisper); a speech section would transcribe the same audio parts: keep one of the two")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -300,20 +300,22 @@ class Engine:
                     budget.charge_seconds(part.samples.size / part.sample_rate)
 
     def _session_messages(self, request: ChatRequest) -> tuple[list[dict[str, Any]], list[str]]:
-        """Engine messages -> the session's (a string, or parts when a message carries images),
-        with audio parts heard as text; also returns what was heard."""
+        """Engine messages -> the session's (a string, or parts when a message carries images or audio
+        the LLM hears itself), other audio parts heard as text; also returns what was heard."""
         out, heard = [], []
         for m in request.messages:
             parts: list[dict[str, Any]] = []
             for p in m.parts:
                 if isinstance(p, ImagePart):
                     parts.append({"type": "image", "pixels": p.pixels})
+                elif isinstance(p, AudioPart) and self.pipeline.audio_embeds:  # the LLM hears it itself
+                    parts.append({"type": "audio", "samples": p.samples, "rate": p.sample_rate})
                 elif isinstance(p, AudioPart):
                     heard.append(self.pipeline.transcribe(p.samples, p.sample_rate))
                     parts.append({"type": "text", "text": heard[-1]})
                 else:
                     parts.append({"type": "text", "text": p.text})
-            if any(p["type"] == "image" for p in parts):
+            if any(p["type"] in ("image", "audio") for p in parts):
                 out.append({"role": m.role, "content": parts})
             else:
                 out.append({"role": m.role, "content": " ".join(p["text"] for p in parts if p["text"])})

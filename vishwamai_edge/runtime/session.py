@@ -1,10 +1,13 @@
 """Chat on a loaded pipeline: template, prefill, streamed and incrementally detokenized text.
 
 Messages are `{"role", "content"}` dicts; content is a string, or a list of parts
-`{"type": "text", "text": ...}` and `{"type": "image", "pixels": (H, W, 3) uint8}`.
-The chat template writes one placeholder token per image (LLaVA's `<image>`); the
-image encoder's rows replace it in the prompt as an embedding segment, so an image
-takes `n_tokens` positions of the context and is never part of a reused KV prefix.
+`{"type": "text", "text": ...}`, `{"type": "image", "pixels": (H, W, 3) uint8}` and, for
+bundles whose audio encoder feeds the LLM (manifest `encoders.audio.mode` embeddings),
+`{"type": "audio", "samples": (n,) float32, "rate": Hz}`. The chat template writes one
+placeholder token per image (LLaVA's `<image>`) or audio clip (`<audio>`); the encoder's rows
+replace it in the prompt as an embedding segment, so an image takes `n_tokens` positions of
+the context and is never part of a reused KV prefix. Other bundles with an audio encoder
+transcribe audio first and send the text (the speech-to-text cascade).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class GenerationStats:
     completion_tokens: int = 0
     prefill_s: float = 0.0  # prompt evaluation, including the first sampled token's logits
     images: int = 0
-    encode_s: float = 0.0  # image encoders (inside prefill_s and ttft_s)
+    audio_clips: int = 0  # audio parts that entered the LLM as embeddings
+    encode_s: float = 0.0  # image and audio encoders (inside prefill_s and ttft_s)
     heard: list[str] = field(default_factory=list)  # transcripts of the turn's audio parts
     transcribe_s: float = 0.0  # speech to text, before the prompt is built
     ttft_s: float = 0.0  # request start -> first text out
@@ -84,22 +88,29 @@ IMAGE_SENTINEL = -200  # where an image goes in a prompt tokenized around a text
 
 @dataclass
 class Prompt:
-    """A rendered, tokenized conversation: one placeholder token per image, images in that order."""
+    """A rendered, tokenized conversation: one placeholder token per image (and per audio clip,
+    embeddings mode), each kind in its order."""
 
     tokens: list[int]
     images: list[np.ndarray]
     image_positions: list[int]
     tokens_per_image: int = 0
+    audio: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (samples, rate)
+    audio_positions: list[int] = field(default_factory=list)
+    tokens_per_audio: int = 0
 
     @property
     def size(self) -> int:
-        """Context positions it takes: each image's placeholder becomes the encoder's rows."""
-        return len(self.tokens) + len(self.images) * (self.tokens_per_image - 1)
+        """Context positions it takes: each placeholder becomes the encoder's rows."""
+        return (len(self.tokens) + len(self.images) * (self.tokens_per_image - 1)
+                + len(self.audio) * (self.tokens_per_audio - 1))
 
-    def segments(self, embeddings: list[np.ndarray]) -> list[Segment]:
+    def segments(self, embeddings: list[np.ndarray], audio_embeddings: list[np.ndarray] | tuple = ()) -> list[Segment]:
         out: list[Segment] = []
         start = 0
-        for pos, rows in zip(self.image_positions, embeddings):
+        placed = sorted([*zip(self.image_positions, embeddings), *zip(self.audio_positions, audio_embeddings)],
+                        key=lambda item: item[0])
+        for pos, rows in placed:
             if pos > start:
                 out.append(TokenSegment(self.tokens[start:pos]))
             out.append(EmbeddingSegment(rows))
@@ -129,8 +140,16 @@ class Pipeline:
         self.image_split_text: str | None = None
         if "image" in self.encoders and placeholder.get("text") and placeholder.get("id") is None:
             self.image_split_text, self.image_token_id = placeholder["text"], IMAGE_SENTINEL
+        # an audio encoder either feeds the LLM rows at `audio_token` (embeddings) or transcribes (cascade)
+        self.audio_embeds = getattr(self.encoders.get("audio"), "mode", None) == "embeddings"
+        self.audio_token_id: int | None = None
+        if self.audio_embeds:
+            self.audio_token_id = (bundle.llm.get("audio_token") or {}).get("id")
+            if not isinstance(self.audio_token_id, int):
+                raise BundleError(f"bundle {bundle.root}: manifest llm.audio_token has no id, but encoders.audio "
+                                  "gives embeddings")
         # templates written for image parts (LLaVA's) read text from part lists only
-        self.structured_content = "image" in self.encoders
+        self.structured_content = "image" in self.encoders or self.audio_embeds
 
     @classmethod
     def load(
@@ -183,11 +202,21 @@ class Pipeline:
         page does): the last few are kept by content digest and not encoded again."""
         keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes() + str(im.shape).encode(), digest_size=16).digest()
                 for im in images]
+        return self._encode_cached(keys, images, self.encoders["image"].encode)
+
+    def encode_audio(self, clips: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """Embedding rows per (samples, rate) clip, cached as images are (embeddings mode)."""
+        keys = [b"rows" + hashlib.blake2b(np.ascontiguousarray(x).tobytes() + str(rate).encode(),
+                                          digest_size=16).digest() for x, rate in clips]
+        return self._encode_cached(keys, clips, self.encoders["audio"].encode)
+
+    def _encode_cached(self, keys: list[bytes], items: list[Any], encode: Callable[[list[Any]], list[np.ndarray]]
+                       ) -> list[np.ndarray]:
         with self._cache_lock:
             found = {k: self._encoded[k] for k in keys if k in self._encoded}
         missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
-            for i, rows in zip(missing, self.encoders["image"].encode([images[i] for i in missing])):
+            for i, rows in zip(missing, encode([items[i] for i in missing])):
                 found[keys[i]] = rows
         with self._cache_lock:
             for k in keys:
@@ -203,6 +232,9 @@ class Pipeline:
         if encoder is None:
             raise InputError("this bundle has no audio encoder; send text only, or build a bundle with a "
                              "speech section (recipes/smollm2-135m-whisper.yaml)")
+        if self.audio_embeds:
+            raise InputError("this bundle's audio encoder feeds the LLM directly and writes no transcript; "
+                             "send the audio as a chat part")
         key = b"audio" + hashlib.blake2b(np.ascontiguousarray(samples).tobytes() + str(sample_rate).encode(),
                                          digest_size=16).digest()
         with self._cache_lock:
@@ -228,7 +260,7 @@ class Pipeline:
 
 def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any]:
     """The manifest's `encoders` section: kind -> a loaded encoder (ONNX Runtime sessions)."""
-    from .encoders import ImageEncoder, SpeechEncoder
+    from .encoders import AudioEmbeddingEncoder, ImageEncoder, SpeechEncoder
 
     entries = bundle.manifest.get("encoders") or {}
     if not isinstance(entries, dict):
@@ -238,6 +270,9 @@ def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any
         for kind, entry in entries.items():
             if kind == "image" and isinstance(entry, dict) and "file" in entry:
                 out[kind] = ImageEncoder.from_manifest(bundle.file(entry["file"]), entry, threads=n_threads)
+            elif kind == "audio" and isinstance(entry, dict) and entry.get("mode") == "embeddings":
+                out[kind] = AudioEmbeddingEncoder.from_manifest(bundle.file(entry.get("file", "")), entry,
+                                                                threads=n_threads)
             elif kind == "audio" and isinstance(entry, dict):
                 out[kind] = SpeechEncoder.from_bundle(bundle, entry, threads=n_threads)
             else:
@@ -303,15 +338,18 @@ class ChatSession:
         if not text.strip() and not images and not audio:
             raise InputError("the message is empty")
         t = time.perf_counter()
-        heard = [self.pipeline.transcribe(samples, rate) for samples, rate in audio]
+        embedded = list(audio) if self.pipeline.audio_embeds else []  # the LLM hears these itself
+        heard = [] if embedded else [self.pipeline.transcribe(samples, rate) for samples, rate in audio]
         transcribe_s = time.perf_counter() - t
-        if audio and not any(h.strip() for h in heard) and not text.strip() and not images:
+        if audio and not embedded and not any(h.strip() for h in heard) and not text.strip() and not images:
             raise InputError("nothing was heard in the audio (silence?)")
         spoken = " ".join(h for h in heard if h.strip())
         text = f"{spoken} {text}".strip() if spoken else text
         content: str | list[dict[str, Any]] = text
-        if images:
-            content = [*({"type": "image", "pixels": p} for p in images), {"type": "text", "text": text}]
+        if images or embedded:
+            content = [*({"type": "image", "pixels": p} for p in images),
+                       *({"type": "audio", "samples": x, "rate": r} for x, r in embedded),
+                       {"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content})
         self.messages, _ = self.fit_history(self.messages)
         reply: list[str] = []
@@ -344,20 +382,30 @@ class ChatSession:
         return messages, dropped
 
     def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
-        """Render and tokenize `messages`; images stay placeholders, collected in their order."""
-        images = [part["pixels"] for m in messages if isinstance(m["content"], list)
-                  for part in m["content"] if part.get("type") == "image"]
+        """Render and tokenize `messages`; images and audio stay placeholders, collected in their order."""
+        parts = [part for m in messages if isinstance(m["content"], list) for part in m["content"]]
+        images = [part["pixels"] for part in parts if part.get("type") == "image"]
+        clips = [(part["samples"], part["rate"]) for part in parts if part.get("type") == "audio"]
         tokens = self.prompt_tokens(messages)
-        if not images:
-            return Prompt(tokens, [], [])
-        encoder, token_id = self.pipeline.encoders.get("image"), self.pipeline.image_token_id
-        if encoder is None or token_id is None:
-            raise InputError("this bundle has no image encoder; send text only, or build a bundle from a "
-                             "multimodal recipe")
-        positions = [i for i, t in enumerate(tokens) if t == token_id]
-        if len(positions) != len(images):
-            raise InputError(f"the chat template placed {len(positions)} image markers for {len(images)} images")
-        return Prompt(tokens, images, positions, encoder.n_tokens)
+        prompt = Prompt(tokens, [], [])
+        if images:
+            encoder, token_id = self.pipeline.encoders.get("image"), self.pipeline.image_token_id
+            if encoder is None or token_id is None:
+                raise InputError("this bundle has no image encoder; send text only, or build a bundle from a "
+                                 "multimodal recipe")
+            positions = [i for i, t in enumerate(tokens) if t == token_id]
+            if len(positions) != len(images):
+                raise InputError(f"the chat template placed {len(positions)} image markers for {len(images)} images")
+            prompt.images, prompt.image_positions, prompt.tokens_per_image = images, positions, encoder.n_tokens
+        if clips:
+            if not self.pipeline.audio_embeds:
+                raise InputError("this bundle's LLM takes no audio rows; audio parts are transcribed by `ask`")
+            positions = [i for i, t in enumerate(tokens) if t == self.pipeline.audio_token_id]
+            if len(positions) != len(clips):
+                raise InputError(f"the chat template placed {len(positions)} audio markers for {len(clips)} clips")
+            prompt.audio, prompt.audio_positions = clips, positions
+            prompt.tokens_per_audio = self.pipeline.encoders["audio"].n_tokens
+        return prompt
 
     def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         prompt = render_chat(
@@ -384,7 +432,7 @@ class ChatSession:
         """What the template sees: no pixels, and parts or a string as the template expects."""
         content = message["content"]
         if isinstance(content, list):
-            parts = [{"type": "image"} if p.get("type") == "image" else p for p in content]
+            parts = [{"type": p["type"]} if p.get("type") in ("image", "audio") else p for p in content]
             if self.pipeline.structured_content:
                 return {**message, "content": parts}
             return {**message, "content": "".join(p.get("text", "") for p in parts)}
@@ -403,8 +451,8 @@ class ChatSession:
         cancelled = cancelled or (lambda: False)
         start = time.perf_counter()
         prompt = self.prompt(messages)
-        stats = GenerationStats(prompt_tokens=prompt.size, images=len(prompt.images), heard=list(heard or []),
-                                transcribe_s=transcribe_s)
+        stats = GenerationStats(prompt_tokens=prompt.size, images=len(prompt.images), audio_clips=len(prompt.audio),
+                                heard=list(heard or []), transcribe_s=transcribe_s)
         self.last_stats = stats
         if prompt.size >= self.llm.n_ctx:  # before encoding images that cannot fit anyway
             raise ContextOverflowError(
@@ -413,9 +461,10 @@ class ChatSession:
             )
         self.pipeline.use_adapter(self.adapter)  # a change empties the KV cache (no prefix mixes adapters)
         segments: list[Segment] = [TokenSegment(prompt.tokens)]
-        if prompt.images:
+        if prompt.images or prompt.audio:
             t = time.perf_counter()
-            segments = prompt.segments(self.pipeline.encode_images(prompt.images))
+            segments = prompt.segments(self.pipeline.encode_images(prompt.images) if prompt.images else [],
+                                       self.pipeline.encode_audio(prompt.audio) if prompt.audio else [])
             stats.encode_s = time.perf_counter() - t
         try:
             self.llm.prefill(segments, abort=cancelled)
