@@ -185,3 +185,30 @@ def test_a_manifest_that_disagrees_with_the_graph_is_refused(built, tmp_path):
                                           r"manifest says 80 bins, 150 x 48") as err:
         Pipeline.load(bundle, n_threads=1)
     assert "\n" not in str(err.value)
+
+
+def test_chat_audio_command_and_the_profile_audio_run(built):
+    import subprocess
+    import sys
+
+    from vishwamai_edge.profile.measure import ProfileClip, run_audio
+    from vishwamai_edge.runtime.session import Pipeline
+
+    root, result = built
+    proc = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "chat", str(result.bundle), "--audio",
+                           str(root / "t1.wav"), "-p", "Pitch?", "--max-tokens", "4", "--threads", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 audio clip(s) encoded" in proc.stderr and "transcribed" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "chat", str(result.bundle), "--audio",
+                           str(root / "tones.jsonl"), "-p", "Pitch?", "--max-tokens", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    pipeline = Pipeline.load(result.bundle, n_threads=2)
+    try:
+        samples, rate = read_wav(root / "t2.wav")
+        run = run_audio(pipeline, ProfileClip(samples, rate, "chirp", "a tone", "Pitch?"), 4)
+        assert run["transcribe_s"] == 0.0 and run["encode_s"] > 0 and run["rtf"] > 0 and run["heard"] == []
+    finally:
+        pipeline.close()

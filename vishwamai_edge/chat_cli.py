@@ -14,7 +14,9 @@ from .runtime.session import ChatSession, GenerationStats, Pipeline
 
 
 def format_stats(s: GenerationStats) -> str:
-    images = f", {s.images} image(s) encoded in {s.encode_s * 1000:.0f} ms" if s.images else ""
+    encoded = " and ".join(x for x in (f"{s.images} image(s)" if s.images else "",
+                                       f"{s.audio_clips} audio clip(s)" if s.audio_clips else "") if x)
+    images = f", {encoded} encoded in {s.encode_s * 1000:.0f} ms" if encoded else ""
     images += f", audio transcribed in {s.transcribe_s * 1000:.0f} ms" if s.heard else ""
     return (
         f"{s.prompt_tokens} prompt tokens{images}, {s.completion_tokens} generated, "

@@ -340,7 +340,7 @@ class ChatSession:
         t = time.perf_counter()
         embedded = list(audio) if self.pipeline.audio_embeds else []  # the LLM hears these itself
         heard = [] if embedded else [self.pipeline.transcribe(samples, rate) for samples, rate in audio]
-        transcribe_s = time.perf_counter() - t
+        transcribe_s = time.perf_counter() - t if heard else 0.0
         if audio and not embedded and not any(h.strip() for h in heard) and not text.strip() and not images:
             raise InputError("nothing was heard in the audio (silence?)")
         spoken = " ".join(h for h in heard if h.strip())
