@@ -212,3 +212,11 @@ def test_chat_audio_command_and_the_profile_audio_run(built):
         assert run["transcribe_s"] == 0.0 and run["encode_s"] > 0 and run["rtf"] > 0 and run["heard"] == []
     finally:
         pipeline.close()
+
+
+def test_the_ui_shows_audio_heard_as_rows_and_resends_only_the_typed_text():
+    from vishwamai_edge.ui.app import _model_text, _said
+
+    shown = _said("Pitch?", True, [], embedded=True)
+    assert shown == "🎤 audio, heard by the model itself\n\nPitch?" and _model_text(shown) == "Pitch?"
+    assert _model_text(_said("", True, [], embedded=True)) == ""

@@ -28,6 +28,7 @@ MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"
 HEARD = "🎤 heard: "  # a user message that had audio starts with what the device heard
 HEARD_NOTHING = "🎤 heard nothing"
 LISTENING = "🎤 listening…"
+AUDIO_ROWS = "🎤 audio, heard by the model itself"  # embeddings bundles: there is no transcript to show
 
 
 def import_gradio():
@@ -84,14 +85,15 @@ def _history_messages(history: list[dict[str, Any]], budget: MediaBudget) -> lis
     return out
 
 
-def _said(text: str, audio: bool, heard: list[str] | None) -> str:
+def _said(text: str, audio: bool, heard: list[str] | None, embedded: bool = False) -> str:
     """The user's message as the history shows it: with audio, first what the device heard
-    (`heard` None while the worker is still listening), then any typed text."""
+    (`heard` None while the worker is still listening; `embedded`: the LLM hears the audio itself,
+    nothing is transcribed), then any typed text."""
     typed = text.strip() if audio else text
     if not audio:
         return typed
     spoken = " ".join(h.strip() for h in heard or [] if h.strip())
-    head = LISTENING if heard is None else (HEARD + spoken if spoken else HEARD_NOTHING)
+    head = AUDIO_ROWS if embedded else LISTENING if heard is None else (HEARD + spoken if spoken else HEARD_NOTHING)
     return f"{head}\n\n{typed}" if typed else head
 
 
@@ -99,7 +101,7 @@ def _model_text(shown: str) -> str:
     """A user message from the history -> the text the model reads: a turn that had audio keeps
     what was heard, as text (the audio itself is not sent again), then what was typed, as the
     engine joined them for that turn."""
-    if not shown.startswith(("🎤 heard", LISTENING)):
+    if not shown.startswith(("🎤 heard", LISTENING, AUDIO_ROWS)):
         return shown
     head, _, typed = shown.partition("\n\n")
     spoken = head[len(HEARD):] if head.startswith(HEARD) else ""
@@ -230,7 +232,7 @@ def build_ui(engine: Engine):
         user_at = len(history)
 
         def show_user(heard: list[str] | None) -> None:
-            said = _said(text or "", bool(audio), heard)
+            said = _said(text or "", bool(audio), heard, engine.pipeline.audio_embeds)
             history[user_at] = {"role": "user", "content": shown + ([_text(said)] if said.strip() else [])}
 
         history += [{"role": "user", "content": []}, {"role": "assistant", "content": [_text("")]}]
