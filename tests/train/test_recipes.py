@@ -39,7 +39,11 @@ def test_builtin_demo_recipe_matches_the_shipped_one():
         ("finetune: {method: align, dataset: {shapes: {}}, align: {encoder: {kind: hf}}}",
          "finetune.align.encoder: Value error, path: required for encoder kind 'hf'"),
         ("finetune: {method: align, dataset: {shapes: {}}, align: {encoder: {kind: resnet}}}",
-         "finetune.align.encoder.kind: Input should be 'efficientnet-lite0' or 'hf'"),
+         "finetune.align.encoder.kind: Input should be 'efficientnet-lite0', 'hf' or 'whisper'"),
+        ("finetune: {method: align, dataset: {train: a.jsonl}, align: {encoder: {kind: whisper}}}",
+         "finetune.align.encoder: Value error, path: required for encoder kind 'whisper'"),
+        ("finetune: {method: align, dataset: {train: a.jsonl}, align: {encoder: {kind: whisper, path: w},"
+         " projector: {tokens: 16}}}", "finetune.align: Value error, projector.tokens: an audio projector"),
         ("finetune: {method: lora, dataset: {train: a.jsonl}, align: {}}", "align: only for method 'align'"),
         ("finetune: {method: align, dataset: {train: a.jsonl, shapes: {}}}", "either a train file or shapes"),
     ],
