@@ -115,21 +115,30 @@ def make_vision(layout: VisionLayout, mlp: int) -> Any:
     nn, F = torch.nn, torch.nn.functional
     C, heads = layout.width, layout.n_heads
 
+    class Mlp(nn.Module):  # the same in both towers: fc1, GELU (tanh), fc2
+        def __init__(self, mlp: int):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(C, mlp), nn.Linear(mlp, C)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    def attend(q, k, v, out_proj, b: int, t: int):
+        return out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, C))
+
     class TimmBlock(nn.Module):
         def __init__(self, mlp: int):
             super().__init__()
             self.norm1, self.norm2 = nn.LayerNorm(C, eps=1e-6), nn.LayerNorm(C, eps=1e-6)
             self.attn = nn.Module()
             self.attn.qkv, self.attn.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-            self.mlp = nn.Module()
-            self.mlp.fc1, self.mlp.fc2 = nn.Linear(C, mlp), nn.Linear(mlp, C)
+            self.mlp = Mlp(mlp)
 
         def forward(self, x):
             b, t, _ = x.shape
             q, k, v = self.attn.qkv(self.norm1(x)).reshape(b, t, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, C)
-            x = x + self.attn.proj(a)
-            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)), approximate="tanh"))
+            x = x + attend(q, k, v, self.attn.proj, b, t)
+            return x + self.mlp(self.norm2(x))
 
     class NavitLayer(nn.Module):
         def __init__(self, mlp: int):
@@ -138,17 +147,15 @@ def make_vision(layout: VisionLayout, mlp: int) -> Any:
             self.self_attn = nn.Module()
             for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 setattr(self.self_attn, name, nn.Linear(C, C))
-            self.mlp = nn.Module()
-            self.mlp.fc1, self.mlp.fc2 = nn.Linear(C, mlp), nn.Linear(mlp, C)
+            self.mlp = Mlp(mlp)
 
         def forward(self, x):
             b, t, _ = x.shape
             h = self.layer_norm1(x)
             q, k, v = (getattr(self.self_attn, n)(h).reshape(b, t, heads, C // heads).transpose(1, 2)
                        for n in ("q_proj", "k_proj", "v_proj"))
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, C)
-            x = x + self.self_attn.out_proj(a)
-            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
+            x = x + attend(q, k, v, self.self_attn.out_proj, b, t)
+            return x + self.mlp(self.layer_norm2(x))
 
     class TimmTower(nn.Module):
         def __init__(self, mlp: int):
