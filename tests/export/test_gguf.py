@@ -73,6 +73,36 @@ def test_minicpm_without_scales_does_not_match(tiny_minicpm, tmp_path):
     assert check.max_abs_diff > 3 * TOLERANCE["f32"], check  # measured 4.5e-2; with the keys 2e-4
 
 
+def test_minicpm_spliced_rows_divided_by_embedding_scale(tiny_minicpm, tmp_path):
+    """llama.cpp's minicpm graph multiplies every input row by embedding_scale, embeddings given as rows
+    too; MiniCPM-V 2.0 splices its image rows into the scaled text embeddings unscaled. So rows
+    spliced in go to llama.cpp divided by scale_emb: the contract the runtime relies on."""
+    import torch
+
+    from vishwamai_edge.export.minicpm_lm import load_minicpm_lm
+    from vishwamai_edge.runtime.backends import EmbeddingSegment, TokenSegment
+    from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
+
+    hf_dir = tiny_minicpm(False)
+    out = convert_hf_to_gguf(hf_dir, tmp_path / "m.gguf", "f32")
+    ref = load_minicpm_lm(hf_dir)
+    ids = [1, 50, 60, 70]
+    rows = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)  # stand-ins for image rows
+    with torch.no_grad():
+        embeds = torch.cat([ref.embed(torch.tensor(ids)), torch.from_numpy(rows)])[None]
+        want = ref(inputs_embeds=embeds).logits[0, -1].numpy()
+    got = {}
+    for divisor in (3.0, 1.0):  # scale_emb of the tiny model, and no division
+        backend = LlamaCppBackend.load(out.path, n_ctx=64, n_threads=2)
+        try:
+            backend.prefill([TokenSegment(ids), EmbeddingSegment(rows / divisor)])
+            got[divisor] = float(np.abs(backend.logits()[:len(want)] - want).max())
+        finally:
+            backend.close()
+    assert got[3.0] < TOLERANCE["f32"], got
+    assert got[1.0] > 3 * TOLERANCE["f32"], got
+
+
 def test_bf16_output(tiny_model, tmp_path):
     hf_dir = tiny_model("llama")
     out = convert_hf_to_gguf(hf_dir, tmp_path / "llama-bf16.gguf", "bf16")
