@@ -167,3 +167,20 @@ def tiny_minicpm(tmp_path_factory, tokenizer_dirs):
         return built[tied]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpmv(tmp_path_factory, tokenizer_dirs):
+    """tiny_minicpmv("2.0" | "2.6") -> a random tiny MiniCPM-V folder with the published names, built once."""
+    import minicpmv_models
+
+    built: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in built:
+            out = tmp_path_factory.mktemp(f"tiny-minicpmv-{variant}")
+            tokenizer = tokenizer_dirs["spm" if variant == "2.0" else "qwen2"]
+            built[variant] = minicpmv_models.build_tiny_minicpmv(out, variant, tokenizer)
+        return built[variant]
+
+    return make

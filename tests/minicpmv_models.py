@@ -68,3 +68,47 @@ def random_vision_state(variant: str, seed: int = 0) -> dict:
 
 def vision_config(variant: str) -> dict:
     return {"vision_config": dict(VISION_CONFIG_2_6)} if variant == "2.6" else {}
+
+
+# the multimodal keys as the published config.json files carry them
+MULTIMODAL_2_0 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "query_num": RESAMPLER["queries"],
+                  "image_size": 448, "patch_size": 14, "drop_vision_last_layer": True,
+                  "vision_encoder": "vit_so400m_patch14_siglip_384.webli", "slice_mode": True, "max_slice_nums": 9,
+                  "scale_resolution": 448, "mm_use_im_start_end": True}
+MULTIMODAL_2_6 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "version": 2.6,
+                  "query_num": RESAMPLER["queries"], "image_size": 448, "patch_size": 14,
+                  "drop_vision_last_layer": False, "batch_vision_input": True, "slice_mode": True,
+                  "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
+                  "vision_config": VISION_CONFIG_2_6}
+
+
+def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0):
+    """A MiniCPM-V folder of `variant` ("2.0": a MiniCPM LLM, "2.6": a Qwen2 LLM), 256 wide, one safetensors."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import minicpm_models
+    import tiny_models
+
+    out.mkdir(parents=True, exist_ok=True)
+    llm = dict(hidden_size=RESAMPLER["embed_dim"], intermediate_size=384, num_attention_heads=4, num_key_value_heads=4)
+    if variant == "2.0":
+        config = {**minicpm_models.TINY_MINICPM, **llm, "vocab_size": tiny_models.vocab_size_of(tokenizer_dir)}
+        state = minicpm_models.random_minicpm_state(config, seed, prefix="llm.")
+        config.update(MULTIMODAL_2_0)
+        skip = {"tokenizer.json"}  # as published: tokenizer.model (a slow LlamaTokenizer subclass)
+    else:
+        qwen = tiny_models.build_tiny_model(out / "qwen2", "qwen2", tokenizer_dir, seed, **{**llm, "num_key_value_heads": 2})
+        config = {**json.loads((qwen / "config.json").read_text()), **MULTIMODAL_2_6}
+        state = {"llm." + k: v for k, v in load_file(str(qwen / "model.safetensors")).items()}
+        shutil.rmtree(qwen)
+        skip = set()
+    state.update(random_vision_state(variant, seed))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(state, str(out / "model.safetensors"))
+    for f in tokenizer_dir.iterdir():
+        if f.name not in skip:
+            shutil.copy2(f, out / f.name)
+    return out
