@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SourceError, require
+from ..runtime.minicpmv_slices import navit_position_ids
 from .torch_state import load_exact
 
 # kv_proj is absent when the tower and the LLM are equally wide
@@ -66,16 +67,6 @@ def sincos_2d(embed_dim: int, h: int, w: int) -> np.ndarray:
 
     cols, rows = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     return np.concatenate([axis(cols), axis(rows)], axis=1).astype(np.float32)
-
-
-def navit_position_ids(n_h: int, n_w: int, side: int) -> np.ndarray:
-    """modeling_navit_siglip.py's bucketised position ids of an n_h x n_w patch grid on a side^2 table."""
-    boundaries = np.arange(1 / side, 1.0, 1 / side)
-
-    def bucket(n: int) -> np.ndarray:
-        return np.searchsorted(boundaries, np.arange(0, 1 - 1e-6, 1 / n), side="right")
-
-    return (bucket(n_h)[:, None] * side + bucket(n_w)[None, :]).reshape(-1)
 
 
 def read_vision_layout(state: dict[str, Any], config: dict[str, Any], where: Path) -> VisionLayout:

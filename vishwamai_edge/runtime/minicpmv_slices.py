@@ -196,3 +196,52 @@ def slice_pixels(image: np.ndarray, plan: SlicePlan, resample: int = 3) -> list[
 def n_query_rows(plan: SlicePlan, config: SliceConfig) -> int:
     """How many embedding rows the image takes in the prompt (the unk tokens of its placeholder)."""
     return (1 + plan.n_slices) * config.query_num
+
+
+# -- the tower's positions for a slice's patch grid --------------------------------------------
+
+
+def navit_position_ids(n_h: int, n_w: int, side: int) -> np.ndarray:
+    """MiniCPM-V 2.6's bucketised position ids of an n_h x n_w patch grid on a side x side table
+    (modeling_navit_siglip.py: bucketize(arange(0, 1 - 1e-6, 1 / n), arange(1 / side, 1, 1 / side),
+    right=True) per axis)."""
+    boundaries = np.arange(1 / side, 1.0, 1 / side)
+
+    def bucket(n: int) -> np.ndarray:
+        return np.searchsorted(boundaries, np.arange(0, 1 - 1e-6, 1 / n), side="right")
+
+    return (bucket(n_h)[:, None] * side + bucket(n_w)[None, :]).reshape(-1)
+
+
+def _aa_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's antialiased bicubic resize (align_corners False), PIL's scheme:
+    a = -0.5 kernel stretched by the scale when shrinking, taps clipped to the input, rows normalised."""
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1 else 2.0
+    inv = 1 / scale if scale >= 1 else 1.0
+    a = -0.5
+
+    def cubic(x: np.ndarray) -> np.ndarray:
+        x = np.abs(x)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+    out = np.zeros((n_out, n_in), dtype=np.float64)
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        taps = cubic((np.arange(lo, hi) - center + 0.5) * inv)
+        out[i, lo:hi] = taps / taps.sum()
+    return out
+
+
+def resample_pos_embed(table: np.ndarray, side: int, n_h: int, n_w: int) -> np.ndarray:
+    """MiniCPM-V 2.0's (side*side, C) pos_embed on an n_h x n_w grid: timm's resample_abs_pos_embed
+    (F.interpolate bicubic, antialias=True), unchanged when the grid is the table's own."""
+    if (n_h, n_w) == (side, side):
+        return np.asarray(table, dtype=np.float32)
+    grid = np.asarray(table, dtype=np.float64).reshape(side, side, -1)
+    rows, cols = _aa_bicubic_weights(side, n_h), _aa_bicubic_weights(side, n_w)
+    out = np.einsum("hi,ijc,wj->hwc", rows, grid, cols)
+    return out.reshape(n_h * n_w, -1).astype(np.float32)
