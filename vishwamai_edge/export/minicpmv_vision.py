@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import SourceError, require
+from ..runtime.minicpmv import PositionTable, sincos_2d
 from ..runtime.minicpmv_slices import navit_position_ids
 from .torch_state import load_exact
 
@@ -54,19 +53,6 @@ class VisionLayout:
     embed_dim: int  # the resampler's (= the LLM's) width
     n_queries: int
     kv_proj: bool
-
-
-def sincos_2d(embed_dim: int, h: int, w: int) -> np.ndarray:
-    """(h*w, embed_dim) float32: MiniCPM-V's get_2d_sincos_pos_embed for an h x w grid, row-major."""
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float32) / np.float32(quarter))
-
-    def axis(pos: np.ndarray) -> np.ndarray:
-        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float32), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    cols, rows = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return np.concatenate([axis(cols), axis(rows)], axis=1).astype(np.float32)
 
 
 def read_vision_layout(state: dict[str, Any], config: dict[str, Any], where: Path) -> VisionLayout:
@@ -244,3 +230,10 @@ def load_vision(state: dict[str, Any], config: dict[str, Any], where: Path) -> t
     vision = {k: v.float() for k, v in state.items() if k.startswith(("vpm.", "resampler."))}
     load_exact(module, vision, where, "MiniCPM-V vision side")
     return module.eval(), layout
+
+
+def position_table(state: dict[str, Any], layout: VisionLayout) -> PositionTable:
+    """The tower's stored position table, which the runtime puts on each slice's grid."""
+    name = "vpm.pos_embed" if layout.variant == "2.0" else "vpm.embeddings.position_embedding.weight"
+    table = state[name].float().numpy().reshape(layout.pos_side ** 2, layout.width)
+    return PositionTable(layout.variant, table, layout.pos_side)

@@ -21,10 +21,10 @@ import numpy as np
 
 from ...errors import ExportError, require
 from ...runtime.encoders import INPUT, OUTPUT
+from ...runtime.minicpmv import KEY_POS, TOWER_POS
 from ..minicpmv_vision import VisionLayout
 from .base import OPSET
 
-TOWER_POS, KEY_POS = "tower_pos", "key_pos"
 TOLERANCE = 1e-4  # max abs, fp32 graph against torch fp32 (measured about 2e-6 on the tiny checkpoints)
 
 
