@@ -70,3 +70,36 @@ def test_no_version_and_no_minicpm_keys(tiny_minicpmv, tmp_path):
     folder = _edited(tiny_minicpmv("2.6"), tmp_path, lambda c: c.pop("version"))
     with pytest.raises(SourceError, match="no MiniCPM-V version"):
         read_minicpmv(folder)
+
+
+# the published sizes (openbmb/MiniCPM-V-2 and MiniCPM-V-2_6 config.json)
+PUBLISHED_2_0 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "hidden_size": 2304,
+                 "intermediate_size": 5760, "num_hidden_layers": 40, "num_attention_heads": 36,
+                 "num_key_value_heads": 36, "vocab_size": 122753, "scale_emb": 12, "dim_model_base": 256,
+                 "scale_depth": 1.4, "tie_word_embeddings": False, "query_num": 64, "drop_vision_last_layer": True,
+                 "max_slice_nums": 9}
+PUBLISHED_2_6 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "version": 2.6, "hidden_size": 3584,
+                 "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                 "num_key_value_heads": 4, "vocab_size": 151666, "tie_word_embeddings": False, "query_num": 64,
+                 "slice_config": {"max_slice_nums": 9}, "vision_config": {"hidden_size": 1152,
+                 "intermediate_size": 4304, "num_hidden_layers": 27, "patch_size": 14, "image_size": 980}}
+
+
+@pytest.mark.parametrize("config, version", [(PUBLISHED_2_0, "2.0"), (PUBLISHED_2_6, "2.6")])
+def test_memory_plan_for_orin_nano(config, version):
+    from pathlib import Path
+
+    from vishwamai_edge.export.minicpmv import MiniCPMVLayout, model_size
+    from vishwamai_edge.memory_plan import plan_memory
+    from vishwamai_edge.targets import get_target
+
+    size = model_size(MiniCPMVLayout(Path("x"), config, version, ()), f"minicpm-v-{version}")
+    assert size.image_tokens == 640  # (1 + 9 slices) x 64 queries
+    if version == "2.0":
+        # by hand: 26 so400m blocks 26 * (4 * 1152^2 + 2 * 1152 * 4304) + the 14 x 14 patch conv 3 * 196 * 1152,
+        # resampler 1152 * 2304 + 5 * 2304^2 + 64 * 2304
+        assert size.encoder_params == 396_523_008 + 29_343_744
+    plan = plan_memory(size, get_target("orin-nano-8"), "q4_k_m", 4096)
+    # 2.0: weights 1.87 + KV 1.51 + encoders 1.15 + runtime 0.50 = 5.03 of 6.50 GB: fits;
+    # 2.6: 4.71 + 0.23 + 1.26 + 0.50 = 6.70 GB: does not (Qwen2-7B at Q4_K_M); the planner suggests what would
+    assert plan.fits == (version == "2.0"), plan.line()

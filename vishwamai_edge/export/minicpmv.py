@@ -136,3 +136,27 @@ def write_llm_folder(layout: MiniCPMVLayout, out: Path) -> Path:
         if (layout.root / name).is_file():
             shutil.copy2(layout.root / name, out / name)
     return out
+
+
+# timm vit_so400m_patch14_siglip_384 (MiniCPM-V 2.0's tower, no vision_config in its config.json)
+SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "patch_size": 14}
+
+
+def model_size(layout: MiniCPMVLayout, name: str) -> Any:
+    """memory_plan's sizes: the LLM, tower + resampler, and the most rows one image takes ((1 + max slices) x queries)."""
+    from dataclasses import replace
+
+    from ..memory_plan import model_size as sizes
+
+    config = layout.config
+    llm = {k: v for k, v in config.items() if k not in MULTIMODAL_KEYS}
+    size = sizes(llm, name)
+    vision = {**SO400M, **(config.get("vision_config") or {})}
+    c, inter = int(vision["hidden_size"]), int(vision["intermediate_size"])
+    layers = int(vision["num_hidden_layers"]) - (1 if layout.version == "2.0" and config.get("drop_vision_last_layer",
+                                                                                              True) else 0)
+    tower = layers * (4 * c * c + 2 * c * inter) + 3 * int(vision["patch_size"]) ** 2 * c
+    d, queries = int(config["hidden_size"]), layout.slices.query_num
+    resampler = c * d + 4 * d * d + d * d + queries * d  # kv_proj, attention in/out, proj, queries
+    return replace(size, encoder_params=float(tower + resampler),
+                   image_tokens=(1 + layout.slices.max_slice_nums) * queries)
