@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# CLI subprocesses (`python -m vishwamai_edge.cli` from a temporary folder) import this checkout's package
+_ROOT = str(Path(__file__).parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))
 
 import tiny_models  # noqa: E402
 
@@ -147,3 +151,36 @@ def adapter_bundle(embedded_build, tmp_path_factory):
     assert proc.stdout.split() == [str(bundle), ADAPTER_NAME]
     after = (sha256_file(model), model.stat().st_mtime_ns, model.stat().st_ino)
     return bundle, before, after
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpm(tmp_path_factory, tokenizer_dirs):
+    """tiny_minicpm(tied=False) -> HF folder of a random tiny MiniCPM LLM (SentencePiece tokenizer), built once."""
+    import minicpm_models
+
+    built: dict[bool, Path] = {}
+
+    def make(tied: bool = False) -> Path:
+        if tied not in built:
+            out = tmp_path_factory.mktemp(f"tiny-minicpm-{'tied' if tied else 'untied'}")
+            built[tied] = minicpm_models.build_tiny_minicpm(out, tokenizer_dirs["spm"], tie_word_embeddings=tied)
+        return built[tied]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpmv(tmp_path_factory, tokenizer_dirs):
+    """tiny_minicpmv("2.0" | "2.6") -> a random tiny MiniCPM-V folder with the published names, built once."""
+    import minicpmv_models
+
+    built: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in built:
+            out = tmp_path_factory.mktemp(f"tiny-minicpmv-{variant}")
+            tokenizer = tokenizer_dirs["spm" if variant == "2.0" else "qwen2"]
+            built[variant] = minicpmv_models.build_tiny_minicpmv(out, variant, tokenizer)
+        return built[variant]
+
+    return make

@@ -142,6 +142,13 @@ def _token_text(token: Any) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def own_reference(hf_dir: Path) -> Any:
+    """Our torch module for an architecture transformers has no class for (MiniCPM), else None."""
+    from .minicpm_lm import is_minicpm_lm, load_minicpm_lm
+
+    return load_minicpm_lm(hf_dir) if is_minicpm_lm(hf_dir) else None
+
+
 class TorchReference:
     """The HF model in fp32 and its tokenizer; reference logits are computed once per prompt."""
 
@@ -150,7 +157,10 @@ class TorchReference:
         transformers = quiet_transformers()
         self.torch = torch
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        model = own_reference(hf_dir)
+        if model is None:
+            model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        self.model = model
         self.model.eval()
         self.tokenizer_kind = tokenizer_kind(hf_dir)
         self.spm = SentencePieceReference(hf_dir) if is_sentencepiece_only(hf_dir) else None

@@ -53,6 +53,7 @@ from typing import Any
 
 from ..errors import ExportError, SourceError, quiet_transformers, require
 from ..runtime.preprocess import ImageProcessorSpec, default_spec, spec_from_preprocessor_config
+from .torch_state import load_exact, safetensors_state
 
 ARCHITECTURES = ("LlavaLlamaModel",)
 MODEL_TYPES = ("llava_llama",)
@@ -261,22 +262,6 @@ class VilaVision:
     select_feature: str
 
 
-def _safetensors_state(folder: Path, what: str) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SourceError(f"{folder}: no *.safetensors weights ({what})")
-    state: dict[str, Any] = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except (OSError, SafetensorError) as exc:
-            raise SourceError(f"{f} cannot be read as safetensors ({exc})") from None
-    return state
-
-
 def load_vila_vision(folder: Path | VilaLayout) -> VilaVision:
     """Tower (at the selected layer) + mlp_downsample projector in fp32, from the folder's tensors."""
     torch = require("torch", "build")
@@ -298,8 +283,8 @@ def load_vila_vision(folder: Path | VilaLayout) -> VilaVision:
     vision_hidden = int(tower_cfg.hidden_size)
     projector = make_downsample_projector(vision_hidden, llm_hidden, layout.grid)
     pstate = {k.removeprefix("model.mm_projector.").removeprefix("mm_projector."): v.float()
-              for k, v in _safetensors_state(layout.projector_dir, "the projector").items()}
-    _load_exact(projector, pstate, layout.projector_dir, "projector")
+              for k, v in safetensors_state(layout.projector_dir, "the projector").items()}
+    load_exact(projector, pstate, layout.projector_dir, "projector")
     n_layers = tower_cfg.num_hidden_layers
     if not -n_layers - 1 <= layout.select_layer <= n_layers:
         raise SourceError(f"{layout.root}/config.json: mm_vision_select_layer {layout.select_layer} is outside the "
@@ -320,13 +305,6 @@ def load_vila_vision(folder: Path | VilaLayout) -> VilaVision:
     size = int(tower_cfg.image_size)
     return VilaVision(VilaVisionModule().eval(), image_spec(layout), (size, size), vision_hidden, select,
                       layout.select_feature)
-
-
-def _load_exact(module: Any, state: dict[str, Any], where: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SourceError(f"{where}: the {what}'s tensors do not match its config (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
 
 
 # -- the language model -------------------------------------------------------------------
