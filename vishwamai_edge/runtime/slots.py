@@ -1,0 +1,162 @@
+"""Continuous batching: the replies of several requests decoded together in one context.
+
+Each running reply owns a slot, one sequence of the llama.cpp context. Every `step` makes one
+`llama_decode` of the next token of every decoding slot, topped up with the prompt tokens of
+slots still in their prefill (as llama.cpp's server does), so a request joins between two
+decode steps without waiting for the others to finish. A slot keeps what it evaluated after
+its reply ends: the next request whose prompt shares a prefix with it is given that slot
+and skips the shared part. Each slot has its own sampler, stop strings and cancellation.
+
+Why greedy replies do not change with the company they keep: each sequence has its own KV
+cells (a non-unified cache), and the rows of a batch are computed independently, so the
+logits of one row do not depend on the others (tests/serve/test_batching.py checks it token
+for token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import Cancelled, EmbeddingSegment, SamplingParams, Segment, TokenSegment
+from .backends.llamacpp import prompt_keys
+from .session import ReplyText, Turn
+
+
+@dataclass
+class Job:
+    """One reply being produced in a slot."""
+
+    turn: Turn
+    sampling: SamplingParams
+    cancelled: Callable[[], bool]
+    emit: Callable[[str], None]  # a piece of text
+    done: Callable[[ReplyText], None]  # called once, when the reply has ended (stats in it)
+    pending: list[Segment] = field(default_factory=list)  # prompt segments still to evaluate
+    next_token: int | None = None  # sampled and shown, to be evaluated by the next step
+    sampler: Any = None
+
+    @property
+    def reply(self) -> ReplyText:
+        return self.turn.reply
+
+
+class SlotDecoder:
+    """The slots of one multi-sequence backend (`n_seq` of them) and the loop step that
+    advances all of them. Single-threaded: the engine's worker calls every method."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        self.jobs: dict[int, Job] = {}  # seq -> the job running in it
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.llm.n_seq)
+
+    @property
+    def free(self) -> int:
+        return self.n_slots - len(self.jobs)
+
+    def add(self, job: Job) -> int:
+        """Put `job` in the free slot that already holds the longest prefix of its prompt."""
+        keys = prompt_keys(job.turn.segments)
+        free = [s for s in range(self.n_slots) if s not in self.jobs]
+        if not free:
+            raise RuntimeError("no free slot")  # the engine admits no more than `free`
+        seq = max(free, key=lambda s: (self.llm.shared_prefix(keys, s), -s))
+        job.pending = self.llm.start(job.turn.segments, seq)
+        self.jobs[seq] = job
+        return seq
+
+    def step(self) -> None:
+        """Drop cancelled replies, then one decode call for all the others."""
+        for seq, job in list(self.jobs.items()):
+            if job.cancelled():
+                self._finish(seq, "cancelled")
+        if not self.jobs:
+            return
+        items: list[tuple[int, list[int], bool]] = []
+        prefilling: set[int] = set()  # slots whose prompt ends in this call
+        for seq, job in self.jobs.items():
+            if job.next_token is not None:
+                items.append((seq, [job.next_token], True))
+        room = self.llm.n_batch - len(items)
+        for seq, job in list(self.jobs.items()):
+            if not job.pending or room <= 0:
+                continue
+            head = job.pending[0]
+            if isinstance(head, EmbeddingSegment):
+                # a batch carries either token ids or embedding rows: an image goes on its own
+                if self._embeddings(seq, job, head):
+                    return  # cancelled in the middle; the next step finishes it
+                if not job.pending:
+                    self._sample(seq, job, -1)
+                continue
+            tokens = list(head.tokens)
+            take, rest = tokens[:room], tokens[room:]
+            if rest:
+                job.pending[0] = TokenSegment(rest)
+            else:
+                job.pending.pop(0)
+            last = not job.pending
+            items.append((seq, take, last))
+            if last:
+                prefilling.add(seq)
+            room -= len(take)
+        if not items:
+            return
+        seqs = [seq for seq, _, _ in items]
+        try:
+            rows = self.llm.decode(items, abort=lambda: all(self.jobs[s].cancelled() for s in seqs))
+        except Cancelled:
+            return  # every slot in the call was cancelled; the next step finishes them
+        for seq, (row,) in rows.items():
+            self._sample(seq, self.jobs[seq], row)
+
+    def _embeddings(self, seq: int, job: Job, head: EmbeddingSegment) -> bool:
+        """Evaluate an embedding segment of `job`'s prompt; True if it was cancelled."""
+        try:
+            self.llm.decode_embeddings(seq, head.embeddings, len(job.pending) == 1, abort=job.cancelled)
+        except Cancelled:
+            return True
+        job.pending.pop(0)
+        return False
+
+    def _sample(self, seq: int, job: Job, row: int) -> None:
+        reply = job.reply
+        if job.sampler is None:  # the prompt is in: penalties start from its tokens
+            reply.prefilled()
+            job.sampler = self.llm.sampler(job.sampling, seq)
+        if self.llm.n_past_of(seq) >= self.llm.n_ctx:
+            self._finish(seq, "length")
+            return
+        tok = self.llm.sample(job.sampler, row)
+        if self.llm.is_eog(tok):
+            self._finish(seq, "stop")
+            return
+        out, stopped = reply.push(tok)
+        if job.cancelled():
+            self._finish(seq, "cancelled")
+            return
+        if out:
+            job.emit(out)
+        if stopped:
+            self._finish(seq, "stop")
+        elif reply.stats.completion_tokens >= reply.budget:
+            self._finish(seq, "length")
+        else:
+            job.next_token = tok
+
+    def _finish(self, seq: int, reason: str) -> None:
+        job = self.jobs.pop(seq)  # what the slot evaluated stays: a prefix for the next prompt
+        if job.sampler is not None:
+            self.llm.free_sampler(job.sampler)
+        tail = job.reply.end(reason)
+        if tail:
+            job.emit(tail)
+        job.done(job.reply)
+
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        for seq in list(self.jobs):
+            self._finish(seq, reason)
