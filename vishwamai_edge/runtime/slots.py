@@ -1,9 +1,9 @@
 """Continuous batching: the replies of several requests decoded together in one context.
 
-Each running reply owns a slot, one sequence of the llama.cpp context. Every `step` makes one
-`llama_decode` of the next token of every decoding slot, topped up with the prompt tokens of
-slots still in their prefill (as llama.cpp's server does), so a request joins between two
-decode steps without waiting for the others to finish. A slot keeps what it evaluated after
+Each running reply owns a slot, one sequence of the llama.cpp context. Every `step` evaluates
+the next chunk of one waiting prompt, then makes one `llama_decode` of the next token of every
+decoding slot, so a request joins between two decode steps without waiting for the others to
+finish. A slot keeps what it evaluated after
 its reply ends: the next request whose prompt shares a prefix with it is given that slot
 and skips the shared part. Each slot has its own sampler, stop strings and cancellation.
 
@@ -70,40 +70,15 @@ class SlotDecoder:
         return seq
 
     def step(self) -> None:
-        """Drop cancelled replies, then one decode call for all the others."""
+        """Drop cancelled replies; evaluate the next piece of one waiting prompt (a call of its
+        own), then one decode call with the next token of every decoding slot."""
         for seq, job in list(self.jobs.items()):
             if job.cancelled():
                 self._finish(seq, "cancelled")
-        if not self.jobs:
-            return
-        items: list[tuple[int, list[int], bool]] = []
-        prefilling: set[int] = set()  # slots whose prompt ends in this call
-        for seq, job in self.jobs.items():
-            if job.next_token is not None:
-                items.append((seq, [job.next_token], True))
-        room = self.llm.n_batch - len(items)
-        for seq, job in list(self.jobs.items()):
-            if not job.pending or room <= 0:
-                continue
-            head = job.pending[0]
-            if isinstance(head, EmbeddingSegment):
-                # a batch carries either token ids or embedding rows: an image goes on its own
-                if self._embeddings(seq, job, head):
-                    return  # cancelled in the middle; the next step finishes it
-                if not job.pending:
-                    self._sample(seq, job, -1)
-                continue
-            tokens = list(head.tokens)
-            take, rest = tokens[:room], tokens[room:]
-            if rest:
-                job.pending[0] = TokenSegment(rest)
-            else:
-                job.pending.pop(0)
-            last = not job.pending
-            items.append((seq, take, last))
-            if last:
-                prefilling.add(seq)
-            room -= len(take)
+        prompt = next(((seq, job) for seq, job in self.jobs.items() if job.pending), None)
+        if prompt is not None:
+            self._prefill_chunk(*prompt)
+        items = [(seq, [job.next_token], True) for seq, job in self.jobs.items() if job.next_token is not None]
         if not items:
             return
         seqs = [seq for seq, _, _ in items]
@@ -114,14 +89,27 @@ class SlotDecoder:
         for seq, (row,) in rows.items():
             self._sample(seq, self.jobs[seq], row)
 
-    def _embeddings(self, seq: int, job: Job, head: EmbeddingSegment) -> bool:
-        """Evaluate an embedding segment of `job`'s prompt; True if it was cancelled."""
+    def _prefill_chunk(self, seq: int, job: Job) -> None:
+        """Up to `n_batch` positions of `job`'s prompt, alone in the call: the prompt is cut into
+        the same batches as when it runs by itself, so its logits are the same to the last bit
+        (prompts batched together, or with decode tokens, come out a little different)."""
+        head = job.pending[0]
         try:
-            self.llm.decode_embeddings(seq, head.embeddings, len(job.pending) == 1, abort=job.cancelled)
+            if isinstance(head, EmbeddingSegment):
+                self.llm.decode_embeddings(seq, head.embeddings, len(job.pending) == 1, abort=job.cancelled)
+                job.pending.pop(0)
+            else:
+                tokens = list(head.tokens)
+                take, rest = tokens[: self.llm.n_batch], tokens[self.llm.n_batch :]
+                if rest:
+                    job.pending[0] = TokenSegment(rest)
+                else:
+                    job.pending.pop(0)
+                self.llm.decode([(seq, take, not job.pending)], abort=job.cancelled)
         except Cancelled:
-            return True
-        job.pending.pop(0)
-        return False
+            return  # the next step finishes it
+        if not job.pending:
+            self._sample(seq, job, -1)
 
     def _sample(self, seq: int, job: Job, row: int) -> None:
         reply = job.reply
