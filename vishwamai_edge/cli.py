@@ -16,6 +16,9 @@ from rich.markup import escape
 from .errors import UserError
 from .runtime.backends import MIN_CTX
 
+N_CTX_HELP = "context tokens, shared evenly by the --parallel slots (default: the bundle's context for each)"
+PARALLEL_HELP = "requests decoded together, one context slot each (default: the bundle's target's)"
+
 app = typer.Typer(
     name="vishwamai-edge",
     help="Take an open LLM or VLM from a workstation to an edge device.",
@@ -120,15 +123,16 @@ def ui(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
     host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the page to the network")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port")] = 7860,
-    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help=N_CTX_HELP)] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="chat turns allowed to wait for the model")] = 16,
     max_file_mb: Annotated[float, typer.Option(help="upload size limit (MB)")] = 10,
+    parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
     from .ui.app import run_ui
 
-    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb)
+    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel)
 
 
 @app.command()
@@ -138,16 +142,17 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="port")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="VISHWAMAI_EDGE_API_KEY", show_envvar=True,
                                                    help="require 'Authorization: Bearer KEY'")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help=N_CTX_HELP)] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
-    max_queue: Annotated[int, typer.Option(min=1, help="requests allowed to wait for the model; more get 503")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="requests allowed to wait for a slot; more get 503")] = 16,
     max_request_mb: Annotated[float, typer.Option(help="request body limit (MiB)")] = 20,
     with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="also serve the web chat at /ui, same model")] = False,
+    parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
 ) -> None:
     """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
     from .serve.server import run_server
 
-    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui)
+    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel)
 
 
 @app.command()

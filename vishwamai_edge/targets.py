@@ -22,6 +22,9 @@ class TargetProfile:
     backends: tuple[str, ...]  # preferred LLM backends, best first
     gguf_quant: str = "q4_k_m"  # quantization of the portable llama.cpp fallback
     jetson: bool = False
+    # requests the runtime decodes together (`serve`/`ui --parallel`): more slots raise the total
+    # tokens/s of a memory-bound device, each adds a context's KV cache to its memory
+    parallel: int = 4
 
 
 TARGETS: dict[str, TargetProfile] = {
@@ -42,6 +45,7 @@ TARGETS: dict[str, TargetProfile] = {
             memory_bandwidth_gbs=936,  # RTX 3090 class; engines are rebuilt for the actual GPU
             cuda_arch="86",
             backends=("trtllm", "llamacpp"),
+            parallel=8,
         ),
         TargetProfile(
             name="orin-agx-64",
@@ -51,6 +55,7 @@ TARGETS: dict[str, TargetProfile] = {
             cuda_arch="87",
             backends=("trtllm", "llamacpp"),
             jetson=True,
+            parallel=8,
         ),
         TargetProfile(
             name="orin-agx-32",
@@ -78,6 +83,7 @@ TARGETS: dict[str, TargetProfile] = {
             cuda_arch="87",
             backends=("llamacpp", "trtllm"),  # 8 GB shared: llama.cpp's smaller footprint first
             jetson=True,
+            parallel=2,  # every slot's KV cache comes out of the 8 GB the model shares
         ),
     ]
 }

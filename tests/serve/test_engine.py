@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def engine(embedded_bundle):
-    e = Engine.load(embedded_bundle, n_threads=1, max_queue=1)
+    e = Engine.load(embedded_bundle, n_threads=1, max_queue=1, parallel=1)  # one slot: the queue fills
     yield e
     e.close()
 
@@ -241,11 +241,11 @@ def test_a_dead_worker_fails_every_waiting_request(embedded_bundle):
 
     engine = Engine.load(embedded_bundle, n_threads=1, max_queue=4)
     try:
-        def broken_run(gen):
+        def broken_start(gen, slots):
             time.sleep(0.2)  # the second request is queued by then
             raise WorkerBug("boom")
 
-        engine._run = broken_run
+        engine._start = broken_start
         first, second = engine.submit(ask("hi")), engine.submit(ask("hello"))
         errors = []
 
@@ -273,7 +273,7 @@ def test_a_dead_worker_fails_every_waiting_request(embedded_bundle):
 
 # -- history -------------------------------------------------------------------------------
 def test_trimmed_history_keeps_a_long_chat_going(embedded_bundle):
-    engine = Engine.load(embedded_bundle, n_ctx=256, n_threads=1)
+    engine = Engine.load(embedded_bundle, n_ctx=256, n_threads=1, parallel=1)
     try:
         history = []
         for i in range(12):

@@ -1,7 +1,9 @@
 """The shared engine under `ui` and `serve`: one loaded model, one worker, a bounded queue.
 
-llama.cpp's context holds one sequence, so one thread owns the model and runs one
-request at a time; every front end submits `ChatRequest`s and reads a `Generation`,
+One thread owns the model. With the llama.cpp backend it decodes up to `parallel` requests
+together (continuous batching, `slots.py`): a waiting request takes a slot as soon as one is
+free, between two decode steps; a backend without several sequences runs one at a time.
+Every front end submits `ChatRequest`s and reads a `Generation`,
 a thread-safe stream of text pieces that a thread or an asyncio task can consume
 and any thread can cancel (the stop button, a client that went away).
 
@@ -28,7 +30,8 @@ from typing import Any, Literal
 from ..errors import InputError, UserError
 from .backends import SamplingParams
 from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
-from .session import ChatSession, GenerationStats, Pipeline
+from .session import ChatSession, GenerationStats, Pipeline, ReplyText
+from .slots import Job, SlotDecoder
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +191,8 @@ class Generation:
 
 # -- engine -------------------------------------------------------------------------------
 class Engine:
-    """One pipeline, one worker thread, a wait queue of at most `max_queue` requests."""
+    """One pipeline, one worker thread, `parallel` slots decoded together, and a wait queue
+    of at most `max_queue` requests in front of them."""
 
     def __init__(self, pipeline: Pipeline, max_queue: int = 16):
         if max_queue < 1:
@@ -202,7 +206,11 @@ class Engine:
         self._model_bytes = pipeline.llm.memory().model_bytes
         self._pending: deque[Generation] = deque()
         self._cond = threading.Condition()
-        self._running: Generation | None = None
+        self._running: set[Generation] = set()
+        # a backend with several sequences decodes its requests together; others one at a time
+        self._slots: SlotDecoder | None = SlotDecoder(pipeline.llm) if hasattr(pipeline.llm, "n_seq") else None
+        self.parallel: int = self._slots.n_slots if self._slots else 1
+        self._batch_adapter: str | None = None  # the LoRA adapter of the requests in the slots
         self._closed = False
         self._failure: BaseException | None = None  # why the worker died, if it did
         self.served = 0  # requests finished (answered, cancelled or failed)
@@ -217,8 +225,12 @@ class Engine:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         max_queue: int = 16,
+        parallel: int | None = None,
     ) -> Engine:
-        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads), max_queue=max_queue)
+        """`parallel` requests are decoded together (default: the bundle's target's); `n_ctx` is the
+        context they share, as llama.cpp's server splits `-c` among `-np` slots (default: the
+        bundle's context for each)."""
+        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel), max_queue=max_queue)
 
     @property
     def encoders(self) -> dict[str, Any]:
@@ -261,15 +273,15 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         with self._cond:
-            return {"waiting": len(self._pending), "running": self._running is not None,
+            return {"waiting": len(self._pending), "running": len(self._running), "parallel": self.parallel,
                     "served": self.served, "cancelled": self.cancelled, "max_queue": self.max_queue}
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             pending, self._pending = list(self._pending), deque()
-            if self._running is not None:
-                self._running.cancel()
+            for gen in list(self._running):
+                gen.cancel()
             self._cond.notify_all()
         for gen in pending:
             gen._push(_ERROR, EngineClosedError("the model server is shutting down"))
@@ -323,71 +335,137 @@ class Engine:
 
     # worker side
     def _work(self) -> None:
-        gen: Generation | None = None
         try:
-            while True:
-                with self._cond:
-                    while not self._pending and not self._closed:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    gen = self._pending.popleft()
-                    self._running = gen
-                cancelled = self._run(gen)
-                with self._cond:
-                    self._running = None
-                    self.served += 1
-                    self.cancelled += cancelled
-                gen = None
+            if self._slots is None:
+                self._work_alone()
+            else:
+                self._work_batched(self._slots)
         except BaseException as exc:  # the worker is dying: nobody may wait for it
             log.exception("the engine's worker thread died")
-            self._fail_all(exc, gen)
+            self._fail_all(exc)
             raise
 
-    def _fail_all(self, exc: BaseException, running: Generation | None) -> None:
+    def _work_alone(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                gen = self._pending.popleft()
+                self._running.add(gen)
+            self._run(gen)
+
+    def _work_batched(self, slots: SlotDecoder) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not slots.jobs and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    slots.cancel_all()
+                    return
+                admitted = self._admit(slots.free, busy=bool(slots.jobs))
+                self._running.update(admitted)
+            for gen in admitted:
+                self._start(gen, slots)
+            slots.step()
+
+    def _admit(self, free: int, busy: bool) -> list[Generation]:
+        """Waiting requests that may take a slot now, in order (the caller holds the lock). One
+        LoRA adapter applies to the whole context: a request for another waits until the
+        slots have drained, and so does everything behind it (first come, first served)."""
+        out: list[Generation] = []
+        while self._pending and len(out) < free:
+            adapter = self._pending[0].request.adapter
+            if (busy or out) and adapter != self._batch_adapter:
+                break
+            self._batch_adapter = adapter
+            out.append(self._pending.popleft())
+        return out
+
+    def _finished(self, gen: Generation, cancelled: bool) -> None:
+        with self._cond:
+            self._running.discard(gen)
+            self.served += 1
+            self.cancelled += cancelled
+
+    def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
             self._failure = exc
-            self._running = None
+            running, self._running = list(self._running), set()
             waiting, self._pending = list(self._pending), deque()
         error = EngineFailedError(f"the model worker has stopped ({type(exc).__name__})")
-        for gen in [running, *waiting]:
-            if gen is not None:
-                gen._push(_ERROR, error)
+        for gen in [*running, *waiting]:
+            gen._push(_ERROR, error)
 
-    def _run(self, gen: Generation) -> bool:
-        """Generate one reply into `gen`; True if it was cancelled."""
-        import psutil
-
+    def _session(self, gen: Generation) -> tuple[ChatSession, RequestStats]:
         req = gen.request
         session = ChatSession(self.pipeline, sampling=req.sampling, max_tokens=req.max_tokens, stop=list(req.stop),
                               adapter=req.adapter)
-        stats = RequestStats(session.last_stats, queue_wait_s=time.perf_counter() - gen.submitted_at,
-                             model_bytes=self._model_bytes)
+        return session, RequestStats(session.last_stats, queue_wait_s=time.perf_counter() - gen.submitted_at,
+                                     model_bytes=self._model_bytes)
+
+    def _prepare(self, gen: Generation, session: ChatSession) -> tuple[list[dict[str, Any]], float, int]:
+        """The request's messages for the session (audio heard, history trimmed if asked)."""
+        t = time.perf_counter()
+        messages, heard = self._session_messages(gen.request)
+        gen.heard = heard  # set before the first piece: a front end can show it with the reply
+        transcribe_s, dropped = time.perf_counter() - t, 0
+        if gen.request.trim_history:
+            messages, dropped = session.fit_history(messages)
+        return messages, transcribe_s, dropped
+
+    def _done(self, gen: Generation, stats: RequestStats) -> None:
+        import psutil
+
+        stats.cancelled = gen.cancelled
+        stats.rss_bytes = psutil.Process().memory_info().rss
+        gen._push(_DONE, stats)
+        self._finished(gen, stats.cancelled)
+
+    def _fail(self, gen: Generation, exc: Exception) -> None:
+        if not isinstance(exc, UserError):  # a bug; the worker lives on for the next request
+            log.error("generation failed", exc_info=exc)
+        gen._push(_ERROR, exc)  # user errors: context overflow, a template that refuses the conversation
+        self._finished(gen, False)
+
+    def _start(self, gen: Generation, slots: SlotDecoder) -> None:
+        """Put a request into a slot: its prompt is evaluated by the next steps."""
+        session, stats = self._session(gen)
+        if gen.cancelled:
+            self._done(gen, stats)
+            return
+        try:
+            messages, transcribe_s, dropped = self._prepare(gen, session)
+            turn = session.begin(messages, heard=gen.heard, transcribe_s=transcribe_s)
+            turn.reply.stats.dropped_messages = dropped
+            stats.generation = turn.reply.stats
+
+            def done(reply: ReplyText) -> None:
+                stats.generation = reply.stats
+                self._done(gen, stats)
+
+            slots.add(Job(turn, gen.request.sampling, cancelled=lambda: gen.cancelled,
+                          emit=lambda piece: gen._push(_TEXT, piece), done=done))
+        except Exception as exc:
+            self._fail(gen, exc)
+
+    def _run(self, gen: Generation) -> None:
+        """Generate one reply into `gen`, all of it (a backend of one sequence)."""
+        session, stats = self._session(gen)
         try:
             if not gen.cancelled:
-                t = time.perf_counter()
-                messages, heard = self._session_messages(req)
-                gen.heard = heard  # set before the first piece: a front end can show it with the reply
-                transcribe_s, dropped = time.perf_counter() - t, 0
-                if req.trim_history:
-                    messages, dropped = session.fit_history(messages)
-                with closing(session.generate(messages, cancelled=lambda: gen.cancelled, heard=heard,
+                messages, transcribe_s, dropped = self._prepare(gen, session)
+                with closing(session.generate(messages, cancelled=lambda: gen.cancelled, heard=gen.heard,
                                               transcribe_s=transcribe_s)) as pieces:
                     for piece in pieces:
                         gen._push(_TEXT, piece)
                 stats.generation = session.last_stats
                 stats.generation.dropped_messages = dropped
-        except UserError as exc:  # context overflow, a template that refuses the conversation
-            gen._push(_ERROR, exc)
-            return False
-        except Exception as exc:  # a bug; the worker lives on for the next request
-            log.exception("generation failed")
-            gen._push(_ERROR, exc)
-            return False
-        stats.cancelled = gen.cancelled
-        stats.rss_bytes = psutil.Process().memory_info().rss
-        gen._push(_DONE, stats)
-        return stats.cancelled
+        except Exception as exc:
+            self._fail(gen, exc)
+            return
+        self._done(gen, stats)
 
 
 __all__ = [

@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError, ContextOverflowError, InputError
-from .backends import Cancelled, EmbeddingSegment, LLMBackend, SamplingParams, Segment, TokenSegment, load_backend
+from .backends import (
+    MIN_CTX,
+    Cancelled,
+    EmbeddingSegment,
+    LLMBackend,
+    SamplingParams,
+    Segment,
+    TokenSegment,
+    load_backend,
+)
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE, render_chat
 
@@ -158,15 +167,22 @@ class Pipeline:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         verify: bool = True,
+        parallel: int | None = 1,
     ) -> Pipeline:
+        """`parallel` sequences (None: the bundle's target's default) share a context of `n_ctx`
+        tokens, split evenly as llama.cpp's server splits `-c` among `-np` slots; without
+        `n_ctx` each gets the bundle's context."""
         bundle = Bundle.load(path, verify=verify)
-        defaults = bundle.runtime_defaults
-        llm = load_backend(
-            bundle.llm.get("backend", "llamacpp"),
-            bundle.llm_path(),
-            n_ctx=n_ctx or defaults.get("n_ctx", 2048),
-            n_threads=n_threads,
-        )
+        backend = bundle.llm.get("backend", "llamacpp")
+        options: dict[str, Any] = {}
+        if parallel is None:
+            parallel = default_parallel(bundle) if backend == "llamacpp" else 1
+        per_slot = slot_context(n_ctx, parallel, int(bundle.runtime_defaults.get("n_ctx", 2048)))
+        if parallel != 1:
+            if backend != "llamacpp":
+                raise InputError(f"the {backend} backend runs one request at a time here; use --parallel 1")
+            options["n_seq"] = parallel
+        llm = load_backend(backend, bundle.llm_path(), n_ctx=per_slot, n_threads=n_threads, **options)
         try:
             encoders = load_encoders(bundle, n_threads)
             load_adapters(bundle, llm)
@@ -256,6 +272,28 @@ class Pipeline:
         for encoder in self.encoders.values():
             encoder.close()
         self.llm.close()
+
+
+def default_parallel(bundle: Bundle) -> int:
+    """The slots a bundle's target runs by default (targets.py); a bare GGUF gets laptop-cpu's."""
+    from ..targets import TARGETS
+
+    target = bundle.manifest.get("target") or {}
+    name = target.get("name") if isinstance(target, dict) else None
+    return TARGETS.get(name or "laptop-cpu", TARGETS["laptop-cpu"]).parallel
+
+
+def slot_context(n_ctx: int | None, parallel: int, default: int) -> int:
+    """Each slot's context: `n_ctx` split among `parallel` slots, or `default` each without it."""
+    if parallel < 1:
+        raise InputError(f"--parallel must be at least 1, got {parallel}")
+    if n_ctx is None or parallel == 1:
+        return n_ctx or default  # one slot: the backend checks the length itself
+    per_slot = n_ctx // parallel
+    if per_slot < MIN_CTX:
+        raise InputError(f"{parallel} slots cannot share a context of {n_ctx} tokens ({per_slot} each, under the "
+                         f"minimum of {MIN_CTX}); lower --parallel or raise --n-ctx")
+    return per_slot
 
 
 def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any]:
@@ -440,15 +478,10 @@ class ChatSession:
             return {**message, "content": [{"type": "text", "text": content}]}
         return message
 
-    def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None,
-                 heard: list[str] | None = None, transcribe_s: float = 0.0) -> Iterator[str]:
-        """Stream the assistant's reply to `messages` (not recorded in the session).
-
-        `cancelled` is polled during the prefill and after every token, also while text is
-        held back as a possible stop string: when it turns true the reply ends
-        (finish_reason "cancelled") without waiting for the next piece of text.
-        """
-        cancelled = cancelled or (lambda: False)
+    def begin(self, messages: list[dict[str, Any]], heard: list[str] | None = None,
+              transcribe_s: float = 0.0) -> Turn:
+        """Everything before the prefill: the prompt as segments (images encoded), the adapter
+        applied, and the reply's text state. The engine's slots and `generate` share it."""
         start = time.perf_counter()
         prompt = self.prompt(messages)
         stats = GenerationStats(prompt_tokens=prompt.size, images=len(prompt.images), audio_clips=len(prompt.audio),
@@ -466,45 +499,93 @@ class ChatSession:
             segments = prompt.segments(self.pipeline.encode_images(prompt.images) if prompt.images else [],
                                        self.pipeline.encode_audio(prompt.audio) if prompt.audio else [])
             stats.encode_s = time.perf_counter() - t
-        try:
-            self.llm.prefill(segments, abort=cancelled)
-        except Cancelled:
-            stats.finish_reason = "cancelled"
-            return
-        stats.prefill_s = time.perf_counter() - start
-
-        detok = Detokenizer(self.llm)
-        held = ""  # text that might be the start of a stop string
         budget = min(self.max_tokens, self.llm.n_ctx - prompt.size)
-        first_token_at = last_token_at = None
-        stats.finish_reason = "length"
-        for tok in self.llm.stream(self.sampling, budget):
-            stats.completion_tokens += 1
-            last_token_at = time.perf_counter()
-            if first_token_at is None:
-                first_token_at = last_token_at
+        return Turn(segments, ReplyText(self.llm, self.stop, stats, start, budget))
+
+    def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None,
+                 heard: list[str] | None = None, transcribe_s: float = 0.0) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` (not recorded in the session).
+
+        `cancelled` is polled during the prefill and after every token, also while text is
+        held back as a possible stop string: when it turns true the reply ends
+        (finish_reason "cancelled") without waiting for the next piece of text.
+        """
+        cancelled = cancelled or (lambda: False)
+        turn = self.begin(messages, heard, transcribe_s)
+        reply = turn.reply
+        try:
+            self.llm.prefill(turn.segments, abort=cancelled)
+        except Cancelled:
+            reply.end("cancelled")
+            return
+        reply.prefilled()
+        for tok in self.llm.stream(self.sampling, reply.budget):
+            out, stopped = reply.push(tok)
             if cancelled():
-                stats.finish_reason = "cancelled"
-                break
-            held += detok.push(tok)
-            out, held, stopped = _split_stop(held, self.stop)
+                reply.end("cancelled")
+                return
             if out:
-                if stats.ttft_s == 0.0:
-                    stats.ttft_s = time.perf_counter() - start
                 yield out
             if stopped:
-                stats.finish_reason = "stop"
-                break
-        else:
-            if stats.completion_tokens < budget:
-                stats.finish_reason = "stop"  # ended on an end-of-generation token
-            held += detok.flush()
-            if held:
-                yield held
-        if first_token_at is not None and last_token_at is not None:
-            stats.decode_s = last_token_at - first_token_at
-        if stats.ttft_s == 0.0:
-            stats.ttft_s = time.perf_counter() - start
+                reply.end("stop")
+                return
+        # the stream ended on an end-of-generation token, or at the budget
+        tail = reply.end("stop" if reply.stats.completion_tokens < reply.budget else "length")
+        if tail:
+            yield tail
+
+
+@dataclass
+class Turn:
+    """A reply about to be generated: the prompt's segments and the reply's text state."""
+
+    segments: list[Segment]
+    reply: ReplyText
+
+
+class ReplyText:
+    """Generated tokens in, text out: incremental detokenizing, stop strings held back until
+    they are known not to match, and the reply's timing in its `GenerationStats`."""
+
+    def __init__(self, llm: LLMBackend, stop: list[str], stats: GenerationStats, start: float, budget: int):
+        self.stats = stats
+        self.budget = budget  # tokens the reply may take: max_tokens, or less where the context ends
+        self._stop = stop
+        self._start = start
+        self._detok = Detokenizer(llm)
+        self._held = ""  # text that might be the start of a stop string
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+
+    def prefilled(self) -> None:
+        self.stats.prefill_s = time.perf_counter() - self._start
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """A generated token: (text safe to show now, whether a stop string ended the reply)."""
+        self.stats.completion_tokens += 1
+        self._last_token_at = time.perf_counter()
+        if self._first_token_at is None:
+            self._first_token_at = self._last_token_at
+        out, self._held, stopped = _split_stop(self._held + self._detok.push(token), self._stop)
+        if out and self.stats.ttft_s == 0.0:
+            self.stats.ttft_s = time.perf_counter() - self._start
+        return out, stopped
+
+    def end(self, reason: str) -> str:
+        """Finish with `reason` (stop | length | cancelled); returns the text still held back
+        (none when cancelled or cut at a stop string)."""
+        self.stats.finish_reason = reason
+        tail = ""
+        if reason != "cancelled":  # after a stop string nothing is held: it was cut with the string
+            tail = self._held + self._detok.flush()
+        self._held = ""
+        if reason == "cancelled" and self._first_token_at is None:
+            return ""  # a prefill that was stopped: no timing to report
+        if self._first_token_at is not None and self._last_token_at is not None:
+            self.stats.decode_s = self._last_token_at - self._first_token_at
+        if self.stats.ttft_s == 0.0:
+            self.stats.ttft_s = time.perf_counter() - self._start
+        return tail
 
 
 def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:

@@ -50,6 +50,7 @@ def run_server(
     max_request_mb: float = 20,
     with_ui: bool = False,
     max_file_mb: float = 10,
+    parallel: int | None = None,
 ) -> None:
     from .app import create_app
 
@@ -61,14 +62,15 @@ def run_server(
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel)
     try:
         app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024))
         if with_ui:
             from ..ui.app import mount_ui
 
             mount_ui(app, engine, "/ui", max_file_mb)  # same engine: one model in memory for both
-        print(f"serving {engine.model_id} on http://{host}:{port}/v1" + (" (UI at /ui)" if with_ui else ""),
+        print(f"serving {engine.model_id} on http://{host}:{port}/v1 ({engine.parallel} slots of {engine.n_ctx} "
+              "tokens)" + (" (UI at /ui)" if with_ui else ""),
               file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

@@ -318,7 +318,8 @@ def build_ui(engine: Engine):
         stop_btn.click(stop, None, None, queue=False, api_visibility="private")
         clear.click(lambda: ([], ""), None, [chatbot, stats], queue=False, api_visibility="private")
 
-    blocks.queue(default_concurrency_limit=1, max_size=engine.max_queue)
+    # as many chats stream at once as the engine has slots; the engine's own queue holds the rest
+    blocks.queue(default_concurrency_limit=engine.parallel, max_size=engine.max_queue)
     return blocks
 
 
@@ -355,7 +356,7 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
 
 
 def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
-           max_file_mb: float) -> None:
+           max_file_mb: float, parallel: int | None = None) -> None:
     from ..serve.server import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
@@ -363,7 +364,7 @@ def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int |
     if not is_loopback(host):
         print(f"warning: serving the chat page on {host}: anyone who can reach this port can use the model",
               file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel)
     try:
         launch_ui(engine, host, port, max_file_mb)
     finally:

@@ -3,6 +3,11 @@
 The high-level `Llama` class cannot take embedding rows, which multimodal
 prompts need, so this drives `llama_decode` directly: token segments and
 embedding segments go into batches, sampling uses llama.cpp's sampler chain.
+
+One context holds `n_seq` sequences (slots), each with its own KV cells
+(`n_seq_max`, not unified: llama.cpp gives each sequence n_ctx / n_seq cells, as its
+server does with `-np`). `decode` evaluates tokens of several sequences in one
+`llama_decode`, which is what lets the engine decode many conversations together.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ _EMBEDDING_KEY = -1  # positions filled from embeddings never match a cached pre
 _DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
 
 _log_state: dict = {"callback": None, "errors": [], "last_level": 0}
+
+
+def prompt_keys(segments: Sequence[Segment]) -> list[int]:
+    """A prompt as the KV cache records it: token ids, _EMBEDDING_KEY for embedding rows."""
+    keys: list[int] = []
+    for seg in segments:
+        keys.extend(seg.tokens if isinstance(seg, TokenSegment) else [_EMBEDDING_KEY] * len(seg))
+    return keys
 
 
 def _llama():
@@ -57,18 +70,20 @@ def default_threads() -> int:
 
 
 class LlamaCppBackend:
-    def __init__(self, lib, model, ctx, path: Path, n_batch: int):
+    def __init__(self, lib, model, ctx, path: Path, n_batch: int, n_seq: int = 1):
         self._lib = lib
         self._model = model
         self._ctx = ctx
         self.path = path
         self._vocab = lib.llama_model_get_vocab(model)
-        self.n_ctx: int = lib.llama_n_ctx(ctx)
+        self.n_seq = n_seq
+        self.n_ctx: int = lib.llama_n_ctx_seq(ctx)  # what one sequence may hold
         self.n_embd: int = lib.llama_model_n_embd(model)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
         self.n_batch = n_batch
         self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
-        self._evaluated: list[int] = []  # token id per KV position (_EMBEDDING_KEY for embeddings)
+        # per sequence: token id per KV position (_EMBEDDING_KEY for embeddings)
+        self._keys: list[list[int]] = [[] for _ in range(n_seq)]
         self._abort: Callable[[], bool] | None = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
         self._active_adapter: tuple[str, float] | None = None
@@ -91,7 +106,9 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         n_batch: int = 512,
         n_gpu_layers: int | None = None,
+        n_seq: int = 1,
     ) -> LlamaCppBackend:
+        """`n_ctx` is the context of each of the `n_seq` sequences (the KV cache holds n_ctx x n_seq)."""
         lib = _llama()
         _quiet_logs(lib)
         path = Path(path)
@@ -101,7 +118,10 @@ class LlamaCppBackend:
             raise InputError(f"the context length must be at least {MIN_CTX} tokens, got {n_ctx}")
         if n_threads is not None and n_threads < 1:
             raise InputError(f"the thread count must be at least 1, got {n_threads}")
-        n_batch = min(n_batch, n_ctx)
+        if not 1 <= n_seq <= lib.llama_max_parallel_sequences():
+            raise InputError(f"llama.cpp runs 1 to {lib.llama_max_parallel_sequences()} parallel sequences, "
+                             f"not {n_seq}")
+        n_batch = min(n_batch, n_ctx * n_seq)
         mparams = lib.llama_model_default_params()
         if n_gpu_layers is None:  # a CUDA/Metal build offloads every layer; a CPU build ignores it
             n_gpu_layers = -1 if lib.llama_supports_gpu_offload() else 0
@@ -113,7 +133,9 @@ class LlamaCppBackend:
             raise BundleError(f"llama.cpp cannot load {path}: {detail} (truncated or not a GGUF model?)")
         threads = n_threads or default_threads()
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * n_seq
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False  # each sequence its own cells: one cannot crowd out another
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_threads = threads
@@ -122,8 +144,9 @@ class LlamaCppBackend:
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
-            raise BundleError(f"llama.cpp cannot create a context of {n_ctx} tokens for {path} (out of memory?)")
-        return cls(lib, model, ctx, path, n_batch)
+            raise BundleError(f"llama.cpp cannot create a context of {n_seq} x {n_ctx} tokens for {path} "
+                              "(out of memory?)")
+        return cls(lib, model, ctx, path, n_batch, n_seq)
 
     # -- tokens ------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
@@ -160,10 +183,28 @@ class LlamaCppBackend:
         return tmpl.decode("utf-8") if tmpl else None
 
     # -- evaluation --------------------------------------------------------------------
-    def prefill(self, segments: Sequence[Segment], abort: Callable[[], bool] | None = None) -> None:
-        keys: list[int] = []
-        for seg in segments:
-            keys.extend(seg.tokens if isinstance(seg, TokenSegment) else [_EMBEDDING_KEY] * len(seg))
+    def prefill(self, segments: Sequence[Segment], abort: Callable[[], bool] | None = None, seq: int = 0) -> None:
+        rest = self.start(segments, seq)
+        keep = len(self._keys[seq])
+        try:
+            for i, seg in enumerate(rest):
+                last = i == len(rest) - 1
+                if isinstance(seg, TokenSegment):
+                    tokens = list(seg.tokens)
+                    for off in range(0, len(tokens), self.n_batch):
+                        chunk = tokens[off : off + self.n_batch]
+                        self.decode([(seq, chunk, last and off + len(chunk) == len(tokens))], abort)
+                else:
+                    self.decode_embeddings(seq, seg.embeddings, last, abort)
+        except Cancelled:
+            self._truncate(keep, seq)  # batches evaluated before the abort stay in memory: drop them
+            raise
+
+    def start(self, segments: Sequence[Segment], seq: int = 0) -> list[Segment]:
+        """Begin evaluating a prompt in sequence `seq`: keep the prefix it shares with what the
+        sequence holds, and return the segments still to evaluate (never empty: the last
+        position is evaluated again for fresh logits)."""
+        keys = prompt_keys(segments)
         if not keys:
             raise ContextOverflowError("the prompt is empty")
         if len(keys) >= self.n_ctx:
@@ -171,39 +212,36 @@ class LlamaCppBackend:
                 f"the prompt is {len(keys)} tokens but the context holds {self.n_ctx}; "
                 "shorten it or load the bundle with a larger context"
             )
-        keep = self._common_prefix(keys)
-        keep = min(keep, len(keys) - 1)  # re-evaluate at least the last position for fresh logits
-        self._truncate(keep)
+        keep = min(self.shared_prefix(keys, seq), len(keys) - 1)
+        self._truncate(keep, seq)
+        rest: list[Segment] = []
         pos = 0
-        self._abort = abort
-        try:
-            for seg in segments:
-                n = len(seg)
-                lo = max(0, keep - pos)
-                if lo < n:
-                    last = pos + n == len(keys)
-                    if isinstance(seg, TokenSegment):
-                        self._decode_tokens(list(seg.tokens)[lo:], pos + lo, last)
-                    else:
-                        self._decode_embeddings(seg.embeddings[lo:], pos + lo, last)
-                pos += n
-        except Cancelled:
-            self._truncate(keep)  # batches evaluated before the abort stay in memory: drop them
-            raise
-        finally:
-            self._abort = None
-        self._evaluated = keys
+        for seg in segments:
+            lo = max(0, keep - pos)
+            if lo < len(seg):
+                rest.append(TokenSegment(list(seg.tokens)[lo:]) if isinstance(seg, TokenSegment)
+                            else EmbeddingSegment(seg.embeddings[lo:]))
+            pos += len(seg)
+        return rest
 
-    def _common_prefix(self, keys: list[int]) -> int:
+    def shared_prefix(self, keys: list[int], seq: int = 0) -> int:
+        """How many leading positions of `keys` sequence `seq` already holds."""
         n = 0
-        for a, b in zip(self._evaluated, keys):
+        for a, b in zip(self._keys[seq], keys):
             if a != b or a == _EMBEDDING_KEY:
                 break
             n += 1
         return n
 
     def reset(self) -> None:
-        self._truncate(0)
+        """Empty every sequence."""
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        for keys in self._keys:
+            keys.clear()
+
+    def release(self, seq: int) -> None:
+        """Forget sequence `seq` (its KV cells are free for the next prompt)."""
+        self._truncate(0, seq)
 
     # -- LoRA adapters -----------------------------------------------------------------
     def load_adapter(self, name: str, path: Path | str) -> None:
@@ -237,30 +275,51 @@ class LlamaCppBackend:
     def adapter(self) -> str | None:
         return self._active_adapter[0] if self._active_adapter else None
 
-    def _truncate(self, keep: int) -> None:
+    def _truncate(self, keep: int, seq: int = 0) -> None:
         mem = self._lib.llama_get_memory(self._ctx)
-        if keep == 0:
+        if keep == 0 and self.n_seq == 1:
             self._lib.llama_memory_clear(mem, True)
         else:
-            self._lib.llama_memory_seq_rm(mem, 0, keep, -1)
-        del self._evaluated[keep:]
+            self._lib.llama_memory_seq_rm(mem, seq, keep, -1)
+        del self._keys[seq][keep:]
 
-    def _decode_tokens(self, tokens: list[int], start: int, want_last_logits: bool) -> None:
+    def decode(self, items: Sequence[tuple[int, Sequence[int], bool | str]],
+               abort: Callable[[], bool] | None = None) -> dict[int, list[int]]:
+        """Evaluate tokens of several sequences in one `llama_decode` (at most `n_batch` in all):
+        each item is (seq, tokens, logits), logits False, True (the last token's) or "all".
+        Returns, per sequence with logits, the batch rows that hold them (for `sample`).
+        `abort` is polled while it runs: True stops it (Cancelled), nothing of it is kept."""
         batch = self._token_batch
-        for off in range(0, len(tokens), self.n_batch):
-            chunk = tokens[off : off + self.n_batch]
-            batch.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
-                batch.pos[i] = start + off + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 0
-            if want_last_logits and off + len(chunk) == len(tokens):
-                batch.logits[len(chunk) - 1] = 1
-            self._decode(batch)
+        n = 0
+        rows: dict[int, list[int]] = {}
+        for seq, tokens, want in items:
+            start = len(self._keys[seq])
+            for i, tok in enumerate(tokens):
+                batch.token[n] = tok
+                batch.pos[n] = start + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                out = want == "all" or (bool(want) and i == len(tokens) - 1)
+                batch.logits[n] = out
+                if out:
+                    rows.setdefault(seq, []).append(n)
+                n += 1
+        if n > self.n_batch:
+            raise ValueError(f"a batch of {n} tokens is over n_batch {self.n_batch}")
+        batch.n_tokens = n
+        try:
+            self._decode(batch, abort)
+        except Cancelled:
+            for seq, _, _ in items:  # whatever the aborted call stored goes
+                self._truncate(len(self._keys[seq]), seq)
+            raise
+        for seq, tokens, _ in items:
+            self._keys[seq].extend(tokens)
+        return rows
 
-    def _decode_embeddings(self, embeddings: np.ndarray, start: int, want_last_logits: bool) -> None:
+    def decode_embeddings(self, seq: int, embeddings: np.ndarray, want_last_logits: bool,
+                          abort: Callable[[], bool] | None = None) -> None:
+        """Evaluate embedding rows (an encoder's output) at the end of sequence `seq`."""
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.n_embd:
             raise ValueError(f"embeddings must be (n, {self.n_embd}), got {emb.shape}")
@@ -269,24 +328,34 @@ class LlamaCppBackend:
         try:
             for off in range(0, n_total, self.n_batch):
                 chunk = emb[off : off + self.n_batch]
+                start = len(self._keys[seq])
                 batch.n_tokens = chunk.shape[0]
                 ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
                 for i in range(chunk.shape[0]):
-                    batch.pos[i] = start + off + i
+                    batch.pos[i] = start + i
                     batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
+                    batch.seq_id[i][0] = seq
                     batch.logits[i] = 0
                 if want_last_logits and off + chunk.shape[0] == n_total:
                     batch.logits[chunk.shape[0] - 1] = 1
-                self._decode(batch)
+                try:
+                    self._decode(batch, abort)
+                except Cancelled:
+                    self._truncate(start, seq)
+                    raise
+                self._keys[seq].extend([_EMBEDDING_KEY] * chunk.shape[0])
         finally:
             self._lib.llama_batch_free(batch)
 
-    def _decode(self, batch) -> None:
-        if self._abort is not None and self._abort():
+    def _decode(self, batch, abort: Callable[[], bool] | None) -> None:
+        if abort is not None and abort():
             raise Cancelled()
-        rc = self._lib.llama_decode(self._ctx, batch)
-        if rc == _DECODE_ABORTED and self._abort is not None:
+        self._abort = abort
+        try:
+            rc = self._lib.llama_decode(self._ctx, batch)
+        finally:
+            self._abort = None
+        if rc == _DECODE_ABORTED and abort is not None:
             raise Cancelled()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
@@ -295,22 +364,30 @@ class LlamaCppBackend:
         ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def stream(self, sampling: SamplingParams, max_tokens: int) -> Iterator[int]:
-        sampler = self._make_sampler(sampling)
+    def stream(self, sampling: SamplingParams, max_tokens: int, seq: int = 0) -> Iterator[int]:
+        sampler = self.sampler(sampling, seq)
         try:
             for _ in range(max_tokens):
-                if len(self._evaluated) >= self.n_ctx:
+                if len(self._keys[seq]) >= self.n_ctx:
                     return  # context full: the caller reports finish_reason "length"
-                tok = self._lib.llama_sampler_sample(sampler, self._ctx, -1)
+                tok = self.sample(sampler)
                 if self.is_eog(tok):
                     return
                 yield tok
-                self._decode_tokens([tok], len(self._evaluated), True)
-                self._evaluated.append(tok)
+                self.decode([(seq, [tok], True)])
         finally:
-            self._lib.llama_sampler_free(sampler)
+            self.free_sampler(sampler)
 
-    def _make_sampler(self, s: SamplingParams):
+    def sample(self, sampler, row: int = -1) -> int:
+        """Sample from the logits of batch row `row` (-1: the last evaluated); the sampler
+        records the token it picked (penalties see it from then on)."""
+        return int(self._lib.llama_sampler_sample(sampler, self._ctx, row))
+
+    def free_sampler(self, sampler) -> None:
+        self._lib.llama_sampler_free(sampler)
+
+    def sampler(self, s: SamplingParams, seq: int = 0):
+        """A llama.cpp sampler chain for one reply in sequence `seq` (free it with `free_sampler`)."""
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if s.has_penalties:
@@ -319,7 +396,7 @@ class LlamaCppBackend:
             # this llama.cpp (vendored by llama-cpp-python 0.3.x) takes n_vocab first; see its llama.h
             penalties = lib.llama_sampler_init_penalties(
                 self.n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
-            history = [t for t in self._evaluated if t != _EMBEDDING_KEY]
+            history = [t for t in self._keys[seq] if t != _EMBEDDING_KEY]
             for tok in history[-s.penalty_last_n:] if s.penalty_last_n > 0 else history:
                 lib.llama_sampler_accept(penalties, tok)
             lib.llama_sampler_chain_add(chain, penalties)
@@ -338,7 +415,14 @@ class LlamaCppBackend:
 
     @property
     def n_past(self) -> int:
-        return len(self._evaluated)
+        return len(self._keys[0])
+
+    def n_past_of(self, seq: int) -> int:
+        return len(self._keys[seq])
+
+    def keys(self, seq: int) -> list[int]:
+        """What sequence `seq` holds, one key per position (a copy)."""
+        return list(self._keys[seq])
 
     # -- resources ---------------------------------------------------------------------
     def memory(self) -> MemoryUse:
