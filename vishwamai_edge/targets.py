@@ -37,6 +37,10 @@ TARGETS: dict[str, TargetProfile] = {
             memory_bandwidth_gbs=50,
             cuda_arch=None,
             backends=("llamacpp",),
+            # one slot: on CPU threads decoding is compute-bound (8 streams gave no more total
+            # tokens/s than 1, for llama-server too), and llama.cpp's CPU kernels give batched rows
+            # slightly other logits on Q4_K_M; `--parallel N` opts in
+            parallel=1,
         ),
         TargetProfile(
             name="x86-cuda",
