@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vision_encoder import timed  # benchmarks/ is on sys.path when a script in it runs
+from timing import timed  # benchmarks/ is on sys.path when a script in it runs
 
 
 def main() -> None:
