@@ -47,7 +47,7 @@ def test_held_out_pictures_answered_through_the_q4_k_m_bundle(vision_build):
     root, result = vision_build
     assert result.manifest["llm"]["quant"] == "q4_k_m"
     entry = result.manifest["encoders"]["image"]
-    assert entry["family"] == "aligned-efficientnet-lite0" and entry["n_tokens"] == 49
+    assert entry["family"] == "aligned-efficientnet-lite0" and entry["n_tokens"] == 16
     assert entry["check"]["max_rel_diff"] < 1e-4  # the ONNX encoder against torch, checked by the build
     scores = shapes_accuracy(result.bundle, root / "finetune/shapes/eval.jsonl", threads=2)
     print("held-out accuracy", json.dumps(scores))

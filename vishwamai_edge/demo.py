@@ -110,7 +110,7 @@ BUILTIN_VISION = {
     "source": {"kind": "embedded"},
     "finetune": {
         "method": "align", "dataset": {"shapes": {"train": 900, "eval": 60, "seed": 0}},
-        "align": {"encoder": {"kind": "efficientnet-lite0"}, "projector": {"depth": 2, "tokens": 49},
+        "align": {"encoder": {"kind": "efficientnet-lite0"}, "projector": {"depth": 2, "tokens": 16},
                   "stage2_steps": 0},
         "max_seq_len": 256, "steps": 250, "batch_size": 8, "micro_batch_size": 8, "lr": 1.0e-3,
         "lr_schedule": "cosine", "warmup_steps": 10, "seed": 0, "eval_every": 50, "save_every": 50,

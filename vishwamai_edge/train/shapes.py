@@ -6,10 +6,8 @@ random size, position and tilt over a random background (a grey or a muted tint,
 gradient or noisy). The split is by combination: six (colour, kind) pairs never appear in
 training, and the eval set holds only those, so answering them needs colour and kind
 understood apart, not the pair remembered. Every colour and every kind still appears in
-training (each colour with two of the three main kinds, each main kind with four colours); two
-more kinds (star, cross) and three more colours (cyan, pink, brown) appear in training only, in
-every combination, so that neither attribute can be read off the other. Each question asks for
-one attribute: an answer naming both would teach the pairs.
+training (each colour with two of the three main kinds, each main kind with four colours), and
+three more kinds (star, hexagon, cross) appear in training only, in every colour.
 
 Files are a pure function of the spec (seed included): the same spec gives the same bytes.
 
@@ -34,20 +32,11 @@ from ..fsutil import atomic_dir
 COLOURS: dict[str, float] = {
     "red": 0.0, "orange": 0.075, "yellow": 0.155, "green": 0.33, "blue": 0.62, "purple": 0.78,
 }
-# Colours in training only, with every kind: with them each main kind is seen in seven colours,
-# not four, and its name stops following its colour (measured on held-out pairs: kind 73% -> 90%)
-EXTRA_COLOURS: dict[str, tuple[float, tuple[float, float], tuple[float, float]]] = {
-    # name: (hue, saturation range, value range)
-    "cyan": (0.5, (0.6, 1.0), (0.7, 1.0)),
-    "pink": (0.92, (0.3, 0.5), (0.9, 1.0)),
-    "brown": (0.07, (0.6, 0.9), (0.3, 0.5)),
-}
 SHAPES = ("circle", "square", "triangle")  # the kinds the held-out questions are about
 # Kinds that appear in training only, in every colour: they keep colour from being learnt as a
 # property of the three main kinds (without them colour reads only 65% right on held-out pairs,
-# as each colour is seen with just two of the three main kinds). No hexagon: on a 14 x 14 grid it
-# is a circle, and held-out circles and squares were named hexagons.
-EXTRA_SHAPES = ("star", "cross")
+# as each colour is seen with just two of the three main kinds).
+EXTRA_SHAPES = ("star", "hexagon", "cross")
 KINDS = SHAPES + EXTRA_SHAPES
 # each colour held out once, each kind twice: a Latin-square-like pattern
 HELD_OUT = frozenset({
@@ -57,6 +46,7 @@ HELD_OUT = frozenset({
 COLOUR_QUESTIONS = ("What colour is the shape?", "What color is the shape in the picture?",
                     "Which colour is it?")
 SHAPE_QUESTIONS = ("What shape is this?", "What kind of shape is in the picture?", "Which shape do you see?")
+DESCRIBE_QUESTIONS = ("Describe the picture.", "What is in the image?")
 # the two questions the evaluation asks of every held-out image
 ASK_COLOUR, ASK_SHAPE = COLOUR_QUESTIONS[0], SHAPE_QUESTIONS[0]
 
@@ -69,6 +59,10 @@ def shape_answer(shape: str) -> str:
     return f"It is a {shape}."
 
 
+def describe_answer(colour: str, shape: str) -> str:
+    return f"A {colour} {shape}."
+
+
 @dataclass(frozen=True)
 class ShapesFiles:
     root: Path
@@ -78,8 +72,7 @@ class ShapesFiles:
 
 def combinations(held_out: bool) -> list[tuple[str, str]]:
     kinds = SHAPES if held_out else KINDS
-    colours = list(COLOURS) if held_out else [*COLOURS, *EXTRA_COLOURS]
-    return [(c, s) for c in colours for s in kinds if ((c, s) in HELD_OUT) == held_out]
+    return [(c, s) for c in COLOURS for s in kinds if ((c, s) in HELD_OUT) == held_out]
 
 
 def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 224) -> np.ndarray:
@@ -87,12 +80,8 @@ def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 224) -> 
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(_background(rng, size))
-    if colour in EXTRA_COLOURS:
-        hue0, sats, vals = EXTRA_COLOURS[colour]
-    else:
-        hue0, sats, vals = COLOURS[colour], (0.75, 1.0), (0.75, 1.0)
-    hue = (hue0 + rng.uniform(-0.02, 0.02)) % 1.0
-    sat, val = rng.uniform(*sats), rng.uniform(*vals)
+    hue = (COLOURS[colour] + rng.uniform(-0.02, 0.02)) % 1.0
+    sat, val = rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0)
     if colour == "purple":
         val = rng.uniform(0.55, 0.85)  # a bright purple reads as pink
     fill = tuple(int(round(255 * v)) for v in colorsys.hsv_to_rgb(hue, sat, val))
@@ -102,12 +91,17 @@ def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 224) -> 
     pen = ImageDraw.Draw(image)
     if shape == "circle":
         pen.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-    elif shape in ("star", "cross"):
+    elif shape in ("star", "hexagon", "cross"):
         if shape == "star":  # five points, inner radius 0.45
-            radii = [radius * (1.0 if k % 2 == 0 else 0.45) for k in range(10)]
-            points = [(cx + r * math.cos(tilt - math.pi / 2 + 2 * math.pi * k / 10),
-                       cy + r * math.sin(tilt - math.pi / 2 + 2 * math.pi * k / 10)) for k, r in enumerate(radii)]
+            radii, angles = [radius * (1.0 if k % 2 == 0 else 0.45) for k in range(10)], 10
+        elif shape == "hexagon":
+            radii, angles = [radius] * 6, 6
         else:  # a plus sign: 12 corners, arms a third of the width
+            radii, angles = None, 12
+        if radii is not None:
+            points = [(cx + r * math.cos(tilt - math.pi / 2 + 2 * math.pi * k / angles),
+                       cy + r * math.sin(tilt - math.pi / 2 + 2 * math.pi * k / angles)) for k, r in enumerate(radii)]
+        else:
             a, b = radius, radius / 3
             corners = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
                        (-a, -b), (-b, -b)]
@@ -156,6 +150,8 @@ def _lines(split: str, count: int, rng: np.random.Generator, size: int, images: 
         else:
             asks = [(COLOUR_QUESTIONS[rng.integers(0, 3)], colour_answer(colour)),
                     (SHAPE_QUESTIONS[rng.integers(0, 3)], shape_answer(shape))]
+            if rng.random() < 0.5:
+                asks.append((DESCRIBE_QUESTIONS[rng.integers(0, 2)], describe_answer(colour, shape)))
         for question, answer in asks:
             out.append({
                 "messages": [
@@ -201,6 +197,6 @@ def held_out_questions(eval_jsonl: Path) -> list[dict[str, Any]]:
 def named(answer: str, attribute: str) -> str | None:
     """The one colour (or kind) an answer names; None when it names none or several."""
     words = set(answer.lower().replace(".", " ").replace(",", " ").split())
-    options = [*COLOURS, *EXTRA_COLOURS] if attribute == "colour" else KINDS
+    options = COLOURS if attribute == "colour" else KINDS
     hits = [o for o in options if o in words]
     return hits[0] if len(hits) == 1 else None

