@@ -11,6 +11,7 @@ from .errors import InputError
 from .runtime.backends import SamplingParams
 from .runtime.media import MediaBudget, audio_part, image_part
 from .runtime.session import ChatSession, GenerationStats, Pipeline
+from .runtime.speculative import SpeculativeOptions
 
 
 def format_stats(s: GenerationStats) -> str:
@@ -21,6 +22,7 @@ def format_stats(s: GenerationStats) -> str:
     return (
         f"{s.prompt_tokens} prompt tokens{images}, {s.completion_tokens} generated, "
         f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s"
+        + (f", {s.speculative} drafts accepted {s.accepted_tokens}/{s.drafted_tokens}" if s.speculative != "off" else "")
         + (" (stopped: length limit)" if s.finish_reason == "length" else "")
     )
 
@@ -79,14 +81,17 @@ def run_chat(
     images: list[Path] | None = None,
     audio: list[Path] | None = None,
     adapter: str | None = None,
+    speculative: SpeculativeOptions | None = None,
+    seed: int | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
-        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads)
+        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads, speculative=speculative)
     defaults = pipeline.bundle.runtime_defaults
     session = pipeline.session(
         system_prompt=system if system is not None else defaults.get("system_prompt"),
-        sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 0.0)),
+        sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 0.0),
+                                seed=seed if seed is not None else 0),
         max_tokens=max_tokens or defaults.get("max_tokens", 512),
         adapter=adapter,
     )

@@ -18,6 +18,20 @@ from .runtime.backends import MIN_CTX
 
 N_CTX_HELP = "context tokens, shared evenly by the --parallel slots (default: the bundle's context for each)"
 PARALLEL_HELP = "requests decoded together, one context slot each (default: the bundle's target's)"
+SPECULATIVE_HELP = ("speculative decoding, lossless, one request at a time: lookup (drafts from n-grams of the "
+                    "conversation) or draft (a smaller GGUF of the same vocabulary, --draft); default: the bundle's, "
+                    "else off")
+DRAFT_HELP = "draft model GGUF for --speculative draft (same vocabulary as the bundle's model)"
+DRAFT_MAX_HELP = "draft tokens verified per step at most (default: the bundle's target's, 3 on laptop-cpu, 8 elsewhere)"
+
+
+def _speculative(mode: Optional[str], draft: Optional[Path], draft_max: Optional[int]):
+    """The speculative options a subcommand was given (None: nothing said, the bundle decides)."""
+    if mode is None and draft is None and draft_max is None:
+        return None
+    from .runtime.speculative import resolve_options
+
+    return resolve_options(mode, draft, draft_max)
 
 app = typer.Typer(
     name="vishwamai-edge",
@@ -70,11 +84,16 @@ def chat(
     image: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="image file for the first message (repeatable)")] = None,
     audio: Annotated[Optional[list[Path]], typer.Option("--audio", "-a", help="spoken question (WAV) for the first message; heard, then answered")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="apply this LoRA adapter of the bundle (its manifest's adapters)")] = None,
+    speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
+    draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
+    draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed of sampled replies (temperature > 0)")] = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
-    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter)
+    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter,
+             speculative=_speculative(speculative, draft, draft_max), seed=seed)
 
 
 @app.command()
@@ -128,11 +147,15 @@ def ui(
     max_queue: Annotated[int, typer.Option(min=1, help="chat turns allowed to wait for the model")] = 16,
     max_file_mb: Annotated[float, typer.Option(help="upload size limit (MB)")] = 10,
     parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
+    speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
+    draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
+    draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
     from .ui.app import run_ui
 
-    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel)
+    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel,
+           speculative=_speculative(speculative, draft, draft_max))
 
 
 @app.command()
@@ -148,11 +171,15 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(help="request body limit (MiB)")] = 20,
     with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="also serve the web chat at /ui, same model")] = False,
     parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
+    speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
+    draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
+    draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
 ) -> None:
     """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
     from .serve.server import run_server
 
-    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel)
+    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel,
+               speculative=_speculative(speculative, draft, draft_max))
 
 
 @app.command()

@@ -118,6 +118,9 @@ class RuntimeSpec(Strict):
     system_prompt: str | None = None
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
+    speculative: Literal["off", "lookup"] = Field(
+        "off", description="speculative decoding on the device (lossless, one request at a time): lookup drafts "
+        "from n-grams of the conversation; a draft model is named at run time (--draft)")
 
 
 FinetuneMethod = Literal["lora", "qlora", "cpt", "align"]

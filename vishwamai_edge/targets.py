@@ -25,6 +25,9 @@ class TargetProfile:
     # requests the runtime decodes together (`serve`/`ui --parallel`): more slots raise the total
     # tokens/s of a memory-bound device, each adds a context's KV cache to its memory
     parallel: int = 4
+    # draft tokens a speculative step verifies at most: verifying k + 1 rows costs about one decode
+    # step on a memory-bound device, but about k + 1 of them on CPU threads (runtime/speculative.py)
+    draft_max: int = 8
 
 
 TARGETS: dict[str, TargetProfile] = {
@@ -41,6 +44,9 @@ TARGETS: dict[str, TargetProfile] = {
             # tokens/s than 1, for llama-server too), and llama.cpp's CPU kernels give batched rows
             # slightly other logits on Q4_K_M; `--parallel N` opts in
             parallel=1,
+            # measured on 1 thread, SmolLM2-135M Q4_1: a batch of 4 rows 44 ms, of 8 rows 100 ms, one
+            # row 15 ms: 3 drafts (4 rows) is the most that pays, even when every draft is accepted
+            draft_max=3,
         ),
         TargetProfile(
             name="x86-cuda",

@@ -49,6 +49,12 @@ def write_plots(out: Path, report: dict[str, Any]) -> dict[str, Path]:
     _save(decode_vs_context(report), paths["decode_vs_context"])
     _save(ttft_breakdown(report), paths["ttft_breakdown"])
     _save(memory_over_time(report), paths["memory_over_time"])
+    from .speculative import speculative_bundles, speculative_plot
+
+    if speculative_bundles(report):  # drawn when the scenario ran
+        _save(speculative_plot(report, _figure), paths["speculative"])
+    else:
+        del paths["speculative"]
     return paths
 
 

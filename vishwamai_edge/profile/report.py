@@ -40,6 +40,7 @@ PLOTS = {
     "decode_vs_context": "plots/decode_vs_context.png",
     "ttft_breakdown": "plots/ttft_breakdown.png",
     "memory_over_time": "plots/memory_over_time.png",
+    "speculative": "plots/speculative.png",
 }
 
 
@@ -221,6 +222,11 @@ def comparison_tables(report: dict[str, Any]) -> list[Table]:
                 row.insert(1, f"{bw['gbs']:g} ({bw['target']}, {bw['source']})" if bw else "-")
             body.append(row)
         tables.append(Table(title, headers, body, note))
+    from .speculative import SPECULATIVE_TABLE, speculative_rows
+
+    spec_rows = speculative_rows(bundles, fmt)
+    if spec_rows:
+        tables.append(Table(SPECULATIVE_TABLE[0], SPECULATIVE_TABLE[1], spec_rows, SPECULATIVE_TABLE[2]))
     device_rows = [_device_row(b) for b in bundles if b.get("device")]
     if device_rows:
         tables.append(Table(

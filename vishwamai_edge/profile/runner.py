@@ -30,6 +30,7 @@ SUMMARY_KEYS = (
     "ttft_s", "tokenize_s", "encode_s", "prefill_s", "first_token_s", "prefill_tps", "decode_tps",
     "roofline_ratio", "raw_decode_tps", "overhead_ratio", "prompt_tokens", "decode_tokens", "context_mean",
     "transcribe_s", "audio_s", "rtf", "answer_ttft_s",
+    "plain_decode_tps", "spec_decode_tps", "speedup", "acceptance", "mismatches",
 )
 
 
@@ -227,6 +228,10 @@ def _run_once(s: Scenario, pipeline: Any, raw: Any, decode_tokens: int, clip: An
         return run_prompt(pipeline.llm, prompt_ids(pipeline.llm, s.prompt_tokens), decode_tokens).to_dict()
     if s.kind == "overhead":
         return run_overhead(pipeline.llm, raw, s.prompt_tokens, decode_tokens)
+    if s.kind == "speculative":
+        from .speculative import run_speculative
+
+        return run_speculative(pipeline, decode_tokens)
     raise UserError(f"scenario {s.name} cannot run on this runtime")
 
 

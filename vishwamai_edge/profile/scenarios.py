@@ -46,6 +46,9 @@ SCENARIOS: dict[str, Scenario] = {
                  encoder="image"),
         Scenario("audio", "audio", "one spoken clip heard by the speech encoder (ChatSession.ask(audio=...)), "
                  "then an answer", encoder="audio"),
+        Scenario("speculative", "speculative",
+                 "quoting/extraction prompts decoded plainly and with prompt-lookup drafts (greedy): "
+                 "acceptance, decode tokens/s both ways, speed-up", 192),
         Scenario(
             "overhead", "overhead",
             "same GGUF, prompt and threads: this runtime's decode loop against raw llama-cpp-python", 128,
@@ -95,6 +98,8 @@ def plan(
             reason = f"the bundle has no {s.encoder} encoder (its manifest lists no encoders.{s.encoder})"
         elif s.encoder and s.encoder not in RUNNABLE_ENCODERS:
             reason = f"the bundle has a {s.encoder} encoder but this runtime cannot run it yet"
+        elif s.kind == "speculative" and backend != "llamacpp":
+            reason = f"speculative decoding runs on the llama.cpp backend, not {backend}"
         elif s.kind == "overhead" and backend != "llamacpp":
             reason = f"the comparison with raw llama-cpp-python needs a llama.cpp bundle, not {backend}"
         elif s.context_needed(decode_tokens, _image_rows(encoders)) > n_ctx:

@@ -32,6 +32,7 @@ from .backends import SamplingParams
 from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
 from .session import ChatSession, GenerationStats, Pipeline, ReplyText
 from .slots import Job, SlotDecoder
+from .speculative import SpeculativeOptions
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,12 @@ class Engine:
         self._pending: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._running: set[Generation] = set()
-        # a backend with several sequences decodes its requests together; others one at a time
-        self._slots: SlotDecoder | None = SlotDecoder(pipeline.llm) if hasattr(pipeline.llm, "n_seq") else None
+        # a backend with several sequences decodes its requests together; others, and speculative
+        # decoding (several tokens of one reply per step instead), one at a time
+        batched = hasattr(pipeline.llm, "n_seq") and pipeline.speculative is None
+        self._slots: SlotDecoder | None = SlotDecoder(pipeline.llm) if batched else None
         self.parallel: int = self._slots.n_slots if self._slots else 1
+        self.speculative: str = pipeline.speculative.options.mode if pipeline.speculative else "off"
         self._batch_adapter: str | None = None  # the LoRA adapter of the requests in the slots
         self._closed = False
         self._failure: BaseException | None = None  # why the worker died, if it did
@@ -226,11 +230,14 @@ class Engine:
         n_threads: int | None = None,
         max_queue: int = 16,
         parallel: int | None = None,
+        speculative: SpeculativeOptions | None = None,
     ) -> Engine:
         """`parallel` requests are decoded together (default: the bundle's target's); `n_ctx` is the
         context they share, as llama.cpp's server splits `-c` among `-np` slots (default: the
-        bundle's context for each)."""
-        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel), max_queue=max_queue)
+        bundle's context for each). `speculative` decoding (default: the bundle's) runs one
+        request at a time."""
+        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel,
+                                 speculative=speculative), max_queue=max_queue)
 
     @property
     def encoders(self) -> dict[str, Any]:
@@ -274,6 +281,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         with self._cond:
             return {"waiting": len(self._pending), "running": len(self._running), "parallel": self.parallel,
+                    "speculative": self.speculative,
                     "served": self.served, "cancelled": self.cancelled, "max_queue": self.max_queue}
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .backends import (
 )
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE, render_chat
+from .speculative import SpeculativeCounts, SpeculativeOptions, Speculator, resolve_options
 
 
 DECODE_RATE_DEFINITION = (
@@ -64,6 +66,13 @@ class GenerationStats:
     decode_s: float = 0.0  # first generated token -> last generated token
     finish_reason: str = "stop"  # stop | length | cancelled
     dropped_messages: int = 0  # oldest turns left out so that the conversation fits the context
+    speculative: str = "off"  # off | lookup | draft (speculative.py)
+    drafted_tokens: int = 0  # draft tokens the target verified
+    accepted_tokens: int = 0  # of them, the ones it kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -132,10 +141,12 @@ class Prompt:
 class Pipeline:
     """A bundle loaded for inference: the LLM backend and, for multimodal bundles, encoders."""
 
-    def __init__(self, bundle: Bundle, llm: LLMBackend, encoders: dict[str, Any] | None = None):
+    def __init__(self, bundle: Bundle, llm: LLMBackend, encoders: dict[str, Any] | None = None,
+                 speculative: Speculator | None = None):
         self.bundle = bundle
         self.llm = llm
         self.encoders: dict[str, Any] = encoders or {}
+        self.speculative = speculative  # replies decode speculatively, one request at a time
         manifest_template = bundle.llm.get("chat_template")
         self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
         # image digest -> encoder rows, audio digest -> transcript; most recent last
@@ -168,13 +179,30 @@ class Pipeline:
         n_threads: int | None = None,
         verify: bool = True,
         parallel: int | None = 1,
+        speculative: SpeculativeOptions | None = None,
     ) -> Pipeline:
         """`parallel` sequences (None: the bundle's target's default) share a context of `n_ctx`
         tokens, split evenly as llama.cpp's server splits `-c` among `-np` slots; without
-        `n_ctx` each gets the bundle's context."""
+        `n_ctx` each gets the bundle's context. `speculative` (None: the bundle's
+        `runtime.speculative`, else off) decodes one request at a time."""
         bundle = Bundle.load(path, verify=verify)
         backend = bundle.llm.get("backend", "llamacpp")
         options: dict[str, Any] = {}
+        if speculative is None:
+            speculative = resolve_options(None, None, None, bundle.runtime_defaults.get("speculative"))
+        if speculative.enabled:
+            if parallel not in (None, 1):
+                raise InputError(f"speculative decoding runs one request at a time: use --parallel 1, or "
+                                 f"--speculative off to decode {parallel} together")
+            if backend != "llamacpp":
+                raise InputError(f"speculative decoding needs the llama.cpp backend, not {backend}; "
+                                 "use --speculative off")
+            if speculative.mode == "draft" and bundle.manifest.get("encoders"):
+                raise InputError("a draft model cannot read image or audio rows; use --speculative lookup "
+                                 "with this bundle")
+            parallel = 1
+            if speculative.max_draft is None:
+                speculative = replace(speculative, max_draft=_target(bundle).draft_max)
         if parallel is None:
             parallel = default_parallel(bundle) if backend == "llamacpp" else 1
         per_slot = slot_context(n_ctx, parallel, int(bundle.runtime_defaults.get("n_ctx", 2048)))
@@ -183,13 +211,17 @@ class Pipeline:
                 raise InputError(f"the {backend} backend runs one request at a time here; use --parallel 1")
             options["n_seq"] = parallel
         llm = load_backend(backend, bundle.llm_path(), n_ctx=per_slot, n_threads=n_threads, **options)
+        spec = None
         try:
+            spec = Speculator.load(speculative, llm, n_threads)
             encoders = load_encoders(bundle, n_threads)
             load_adapters(bundle, llm)
         except BaseException:
+            if spec is not None:
+                spec.close()
             llm.close()
             raise
-        return cls(bundle, llm, encoders)
+        return cls(bundle, llm, encoders, spec)
 
     @property
     def adapters(self) -> dict[str, dict[str, Any]]:
@@ -271,16 +303,23 @@ class Pipeline:
     def close(self) -> None:
         for encoder in self.encoders.values():
             encoder.close()
+        if self.speculative is not None:
+            self.speculative.close()
         self.llm.close()
 
 
-def default_parallel(bundle: Bundle) -> int:
-    """The slots a bundle's target runs by default (targets.py); a bare GGUF gets laptop-cpu's."""
+def _target(bundle: Bundle):
+    """The bundle's target profile (targets.py); a bare GGUF gets laptop-cpu's."""
     from ..targets import TARGETS
 
     target = bundle.manifest.get("target") or {}
     name = target.get("name") if isinstance(target, dict) else None
-    return TARGETS.get(name or "laptop-cpu", TARGETS["laptop-cpu"]).parallel
+    return TARGETS.get(name or "laptop-cpu", TARGETS["laptop-cpu"])
+
+
+def default_parallel(bundle: Bundle) -> int:
+    """The slots a bundle's target runs by default (targets.py); a bare GGUF gets laptop-cpu's."""
+    return _target(bundle).parallel
 
 
 def slot_context(n_ctx: int | None, parallel: int, default: int) -> int:
@@ -353,9 +392,14 @@ class ChatSession:
         max_tokens: int = 512,
         stop: list[str] | None = None,
         adapter: str | None = None,
+        speculative: Speculator | None | bool = True,
     ):
+        """`speculative`: True, the pipeline's speculative decoding (if it has one); False, plain
+        decoding; or a `Speculator` of the caller's (profile compares them on one pipeline)."""
         self.pipeline = pipeline
         self.llm = pipeline.llm
+        self.speculative: Speculator | None = (pipeline.speculative if speculative is True
+                                               else speculative or None)
         pipeline.check_adapter(adapter)
         self.adapter = adapter  # the LoRA adapter every reply of this conversation uses (None: the base)
         self.sampling = sampling or SamplingParams()
@@ -519,16 +563,27 @@ class ChatSession:
             reply.end("cancelled")
             return
         reply.prefilled()
-        for tok in self.llm.stream(self.sampling, reply.budget):
-            out, stopped = reply.push(tok)
-            if cancelled():
-                reply.end("cancelled")
-                return
-            if out:
-                yield out
-            if stopped:
-                reply.end("stop")
-                return
+        if self.speculative is not None:
+            counts = SpeculativeCounts()
+            reply.stats.speculative = self.speculative.options.mode
+            tokens = self.speculative.stream(self.llm, self.sampling, reply.budget, counts)
+        else:
+            counts, tokens = None, self.llm.stream(self.sampling, reply.budget)
+        with closing(tokens):  # a reply cut short leaves the KV cache as plain decoding leaves it
+            for tok in tokens:
+                if counts is not None:
+                    reply.stats.drafted_tokens, reply.stats.accepted_tokens = counts.drafted, counts.accepted
+                out, stopped = reply.push(tok)
+                if cancelled():
+                    reply.end("cancelled")
+                    return
+                if out:
+                    yield out
+                if stopped:
+                    reply.end("stop")
+                    return
+        if counts is not None:
+            reply.stats.drafted_tokens, reply.stats.accepted_tokens = counts.drafted, counts.accepted
         # the stream ended on an end-of-generation token, or at the budget
         tail = reply.end("stop" if reply.stats.completion_tokens < reply.budget else "length")
         if tail:

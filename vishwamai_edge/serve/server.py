@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError, require
 from ..runtime.engine import Engine
+from ..runtime.speculative import SpeculativeOptions
 
 API_KEY_ENV = "VISHWAMAI_EDGE_API_KEY"
 
@@ -51,6 +52,7 @@ def run_server(
     with_ui: bool = False,
     max_file_mb: float = 10,
     parallel: int | None = None,
+    speculative: SpeculativeOptions | None = None,
 ) -> None:
     from .app import create_app
 
@@ -62,7 +64,8 @@ def run_server(
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
+                         speculative=speculative)
     try:
         app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024))
         if with_ui:
@@ -70,7 +73,8 @@ def run_server(
 
             mount_ui(app, engine, "/ui", max_file_mb)  # same engine: one model in memory for both
         print(f"serving {engine.model_id} on http://{host}:{port}/v1 ({engine.parallel} slots of {engine.n_ctx} "
-              "tokens)" + (" (UI at /ui)" if with_ui else ""),
+              "tokens)" + (f" (speculative decoding: {engine.speculative})" if engine.speculative != "off" else "")
+              + (" (UI at /ui)" if with_ui else ""),
               file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

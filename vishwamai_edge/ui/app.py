@@ -20,6 +20,7 @@ from ..errors import InputError, UserError, require
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, Engine, Generation, Message, RequestStats
 from ..runtime.media import ImagePart, MediaBudget, Part, TextPart, audio_part, decode_data_url, image_part
+from ..runtime.speculative import SpeculativeOptions
 
 DEFAULT_MAX_FILE_MB = 10
 UPDATE_EVERY_S = 0.05  # batch streamed pieces: one browser update per 50 ms, not one per token
@@ -44,6 +45,8 @@ def format_stats(stats: RequestStats) -> str:
         f"{g.prompt_tokens} prompt + {g.completion_tokens} generated tokens · "
         f"memory {stats.rss_bytes / 2**20:.0f} MiB (model {stats.model_bytes / 2**20:.0f} MiB)"
     )
+    if g.speculative != "off":
+        line += f" · {g.speculative} drafts accepted {g.accepted_tokens}/{g.drafted_tokens}"
     if stats.queue_wait_s >= 0.01:
         line += f" · waited {stats.queue_wait_s:.2f} s in the queue"
     if g.dropped_messages:
@@ -356,7 +359,7 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
 
 
 def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
-           max_file_mb: float, parallel: int | None = None) -> None:
+           max_file_mb: float, parallel: int | None = None, speculative: SpeculativeOptions | None = None) -> None:
     from ..serve.server import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
@@ -364,7 +367,8 @@ def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int |
     if not is_loopback(host):
         print(f"warning: serving the chat page on {host}: anyone who can reach this port can use the model",
               file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
+                         speculative=speculative)
     try:
         launch_ui(engine, host, port, max_file_mb)
     finally:

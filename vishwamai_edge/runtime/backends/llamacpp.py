@@ -13,8 +13,10 @@ server does with `-np`). `decode` evaluates tokens of several sequences in one
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,58 @@ _EMBEDDING_KEY = -1  # positions filled from embeddings never match a cached pre
 _DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
 
 _log_state: dict = {"callback": None, "errors": [], "last_level": 0}
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+@dataclass(frozen=True)
+class VocabFingerprint:
+    """What two models must share for one to draft for the other: the same token ids meaning the
+    same text (llama.cpp's common/speculative.cpp compares type, BOS/EOS and token texts; we also
+    require the same size, so no draft can propose an id the target does not have)."""
+
+    kind: int
+    n_vocab: int
+    bos: int
+    eos: int
+    digest: str  # sha256 of every token's text, in id order
+
+    def mismatch(self, other: VocabFingerprint) -> str | None:
+        """How `other` differs, in a few words, or None."""
+        for name, what in (("kind", "tokenizer type"), ("n_vocab", "vocabulary size"), ("bos", "BOS token"),
+                           ("eos", "EOS token"), ("digest", "token texts")):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return what if name == "digest" else f"{what} {theirs} instead of {mine}"
+        return None
+
+
+def _vocab_fingerprint(lib, vocab) -> VocabFingerprint:
+    h = hashlib.sha256()
+    n = lib.llama_vocab_n_tokens(vocab)
+    for tok in range(n):
+        h.update((lib.llama_vocab_get_text(vocab, tok) or b"") + b"\0")
+    return VocabFingerprint(int(lib.llama_vocab_type(vocab)), int(n), int(lib.llama_vocab_bos(vocab)),
+                            int(lib.llama_vocab_eos(vocab)), h.hexdigest())
+
+
+def vocab_fingerprint_of(path: Path | str) -> VocabFingerprint:
+    """The vocabulary of the GGUF at `path`, read without its weights (a wrong file fails fast)."""
+    lib = _llama()
+    _quiet_logs(lib)
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"model file {path} does not exist")
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    _log_state["errors"] = []
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        detail = _log_state["errors"][0] if _log_state["errors"] else "unknown error"
+        raise BundleError(f"llama.cpp cannot load {path}: {detail} (truncated or not a GGUF model?)")
+    try:
+        return _vocab_fingerprint(lib, lib.llama_model_get_vocab(model))
+    finally:
+        lib.llama_model_free(model)
 
 
 def prompt_keys(segments: Sequence[Segment]) -> list[int]:
@@ -243,6 +297,15 @@ class LlamaCppBackend:
         """Forget sequence `seq` (its KV cells are free for the next prompt)."""
         self._truncate(0, seq)
 
+    def rollback(self, keep: int, seq: int = 0) -> None:
+        """Keep the first `keep` positions of sequence `seq` and remove the rest from the KV cache
+        (speculative decoding drops the cells of rejected draft tokens)."""
+        if keep < len(self._keys[seq]):
+            self._truncate(keep, seq)
+
+    def vocab_fingerprint(self) -> VocabFingerprint:
+        return _vocab_fingerprint(self._lib, self._vocab)
+
     # -- LoRA adapters -----------------------------------------------------------------
     def load_adapter(self, name: str, path: Path | str) -> None:
         """Load a LoRA GGUF for this model (it stays off until `use_adapter`)."""
@@ -386,8 +449,33 @@ class LlamaCppBackend:
     def free_sampler(self, sampler) -> None:
         self._lib.llama_sampler_free(sampler)
 
-    def sampler(self, s: SamplingParams, seq: int = 0):
-        """A llama.cpp sampler chain for one reply in sequence `seq` (free it with `free_sampler`)."""
+    def distribution(self, chain, row: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution `chain` (a `sampler(..., final=False)`) would draw from at batch row
+        `row`: (token ids, probabilities) of the candidates its filters keep. Speculative sampling
+        needs these probabilities; llama.cpp's dist sampler would only return one draw."""
+        lib = self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        cand = (lib.llama_token_data * self.n_vocab)()
+        view = np.frombuffer(cand, dtype=_TOKEN_DATA)
+        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["logit"] = logits
+        view["p"] = 0.0
+        arr = lib.llama_token_data_array(ctypes.cast(cand, lib.llama_token_data_p), self.n_vocab, -1, False)
+        lib.llama_sampler_apply(chain, ctypes.byref(arr))
+        # a sampler may point `data` elsewhere inside the buffer: read what it points at
+        offset = (ctypes.cast(arr.data, ctypes.c_void_p).value or 0) - ctypes.addressof(cand)
+        kept = view[offset // _TOKEN_DATA.itemsize:][: arr.size]
+        z = kept["logit"].astype(np.float64)
+        z = np.exp(z - z.max())
+        return kept["id"].copy(), z / z.sum()
+
+    def accept(self, chain, token: int) -> None:
+        """Tell `chain` that `token` was emitted (its penalties count it from then on)."""
+        self._lib.llama_sampler_accept(chain, token)
+
+    def sampler(self, s: SamplingParams, seq: int = 0, final: bool = True):
+        """A llama.cpp sampler chain for one reply in sequence `seq` (free it with `free_sampler`).
+        Without `final` it lacks the last step (greedy pick or random draw): `distribution` reads it."""
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if s.has_penalties:
@@ -401,7 +489,8 @@ class LlamaCppBackend:
                 lib.llama_sampler_accept(penalties, tok)
             lib.llama_sampler_chain_add(chain, penalties)
         if s.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            if final:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
         if s.top_k > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(s.top_k))
@@ -410,7 +499,8 @@ class LlamaCppBackend:
         if s.min_p > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(s.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(s.temperature))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+        if final:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
         return chain
 
     @property
