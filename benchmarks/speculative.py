@@ -44,6 +44,9 @@ def main() -> None:
         configs["draft"] = Speculator.load(SpeculativeOptions(mode="draft", draft=args.draft,
                                                               max_draft=args.draft_max),
                                            pipeline.llm, args.threads)
+    for spec in configs.values():
+        if spec is not None and spec.note:
+            print(f"note: {spec.note}", file=sys.stderr)
     sets = {"quoting/extraction": QUOTE_PROMPTS, "free chat": CHAT_PROMPTS}
     results: dict[str, dict[str, dict]] = {}
     try:

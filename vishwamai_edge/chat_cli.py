@@ -87,6 +87,8 @@ def run_chat(
     err = Console(stderr=True)
     with err.status("loading the bundle"):
         pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads, speculative=speculative)
+    if pipeline.speculative is not None and pipeline.speculative.note:
+        err.print(f"[yellow]note:[/] {pipeline.speculative.note}", highlight=False)
     defaults = pipeline.bundle.runtime_defaults
     session = pipeline.session(
         system_prompt=system if system is not None else defaults.get("system_prompt"),

@@ -223,6 +223,43 @@ def load_draft(path: Path, target: Any, n_ctx: int, n_threads: int | None) -> Mo
     return ModelDrafter(backend)
 
 
+PROBE_TEXT = ("The river runs past the old mill and under the stone bridge, where the town keeps its market "
+              "on Saturdays; farmers bring apples, cheese, bread and honey, and children watch the boats.")
+
+
+def exact_verify_rows(llm: Any, n: int) -> tuple[int, float]:
+    """The largest batch of b <= n positions of one sequence whose logits equal one-token decoding's
+    bit for bit (1 if none does), and the largest difference a batch of n gave.
+
+    Why: llama.cpp picks its matrix kernels by batch size. On the CPU build here, a Q4_K_M model's
+    rows come out up to about 1.5 logits off in batches of 4 or more (2 and 3 are exact), a Q4_1
+    model's are exact in any batch; GPU kernels differ between one row and several too. A verify
+    batch that is not exact could change a greedy reply, so the draft length is kept below it."""
+    ids = llm.tokenize(PROBE_TEXT, add_special=True)
+    while len(ids) < n + 8:
+        ids = ids + ids
+    head, rest = ids[:8], ids[8 : 8 + n]
+    llm.reset()
+    llm.prefill([TokenSegment(head)])
+    one = []
+    for tok in rest:
+        llm.decode([(0, [tok], True)])
+        one.append(llm.logits())
+    worst = 0.0
+    try:
+        for b in range(n, 1, -1):
+            llm.reset()
+            llm.prefill([TokenSegment(head)])
+            rows = llm.decode([(0, rest[:b], "all")])[0]
+            diff = max(float(np.abs(llm.logits(r) - one[i]).max()) for i, r in enumerate(rows))
+            worst = diff if b == n else worst
+            if diff == 0.0:
+                return b, worst
+        return 1, worst
+    finally:
+        llm.reset()
+
+
 class Speculator:
     """One drafter and the verification loop; `stream` replaces the backend's `stream`."""
 
@@ -230,6 +267,20 @@ class Speculator:
         self.options = options
         self.drafter = drafter
         self.max_draft = options.max_draft or DEFAULT_MAX_DRAFT
+        self.note: str | None = None  # what the load-time check changed or found, for the front ends
+
+    def check_rows(self, llm: Any) -> None:
+        """Keep verify batches to the size whose rows are exact (`exact_verify_rows`); if even two
+        rows are not, speculate anyway at the asked length, and say that replies may differ."""
+        exact, worst = exact_verify_rows(llm, self.max_draft + 1)
+        if exact >= 2 and exact < self.max_draft + 1:
+            self.note = (f"speculative: at most {exact - 1} draft tokens a step instead of {self.max_draft}: this "
+                         f"model's logits differ in llama.cpp batches of {exact + 1} or more rows (by up to "
+                         f"{worst:.2g}), and replies must equal plain decoding")
+            self.max_draft = exact - 1
+        elif exact < 2:
+            self.note = (f"speculative: this model's logits differ between one-row and batched decoding by up to "
+                         f"{worst:.2g} in this llama.cpp build, so replies may differ slightly from plain decoding")
 
     @classmethod
     def load(cls, options: SpeculativeOptions, target: Any, n_threads: int | None = None) -> Speculator | None:
@@ -238,11 +289,18 @@ class Speculator:
         if not hasattr(target, "rollback"):
             raise InputError("speculative decoding needs the llama.cpp backend; use --speculative off")
         if options.mode == "lookup":
-            return cls(options, LookupDrafter(options.ngram_max, options.ngram_min))
-        assert options.draft is not None
-        drafter = load_draft(options.draft, target, target.n_ctx, n_threads)
-        drafter.p_min = options.p_min
-        return cls(options, drafter)
+            spec = cls(options, LookupDrafter(options.ngram_max, options.ngram_min))
+        else:
+            assert options.draft is not None
+            drafter = load_draft(options.draft, target, target.n_ctx, n_threads)
+            drafter.p_min = options.p_min
+            spec = cls(options, drafter)
+        try:
+            spec.check_rows(target)
+        except BaseException:
+            spec.close()
+            raise
+        return spec
 
     def close(self) -> None:
         self.drafter.close()

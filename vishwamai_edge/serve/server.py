@@ -66,6 +66,9 @@ def run_server(
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
     engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
                          speculative=speculative)
+    note = engine.pipeline.speculative.note if engine.pipeline.speculative is not None else None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     try:
         app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024))
         if with_ui:

@@ -369,6 +369,8 @@ def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int |
               file=sys.stderr)
     engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
                          speculative=speculative)
+    if engine.pipeline.speculative is not None and engine.pipeline.speculative.note:
+        print(f"note: {engine.pipeline.speculative.note}", file=sys.stderr)
     try:
         launch_ui(engine, host, port, max_file_mb)
     finally:

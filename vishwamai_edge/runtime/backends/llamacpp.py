@@ -423,8 +423,9 @@ class LlamaCppBackend:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
-    def logits(self) -> np.ndarray:
-        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
+    def logits(self, row: int = -1) -> np.ndarray:
+        """Logits of batch row `row` of the last `decode` (-1: its last row with logits)."""
+        ptr = self._lib.llama_get_logits_ith(self._ctx, row)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def stream(self, sampling: SamplingParams, max_tokens: int, seq: int = 0) -> Iterator[int]:
