@@ -186,7 +186,7 @@ def serve(
 def profile(
     bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) to profile and compare")],
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/profiles/latest"),
-    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, overhead; or all, short")] = None,
+    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, speculative, overhead; or all, short")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="measured runs per scenario")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="unmeasured runs before them")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: physical cores)")] = None,
