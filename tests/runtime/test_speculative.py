@@ -339,3 +339,34 @@ def test_same_file_twice_is_the_same_vocabulary(shipped, tmp_path):
     copy = tmp_path / "copy.gguf"
     shutil.copyfile(shipped, copy)
     assert vocab_fingerprint_of(shipped) == vocab_fingerprint_of(copy)
+
+
+def test_a_bundle_can_make_lookup_its_default(shipped, tmp_path):
+    """`runtime.speculative: lookup` in the manifest (from the recipe) turns it on; the flag wins."""
+    import os
+
+    from pydantic import ValidationError
+
+    from vishwamai_edge.recipe import RuntimeSpec
+    from vishwamai_edge.runtime.bundle import write_manifest
+
+    assert RuntimeSpec(speculative="lookup").speculative == "lookup"
+    with pytest.raises(ValidationError):
+        RuntimeSpec(speculative="draft")  # a draft model is named at run time, not shipped
+    try:
+        os.link(shipped, tmp_path / "model.gguf")
+    except OSError:
+        shutil.copyfile(shipped, tmp_path / "model.gguf")
+    write_manifest(tmp_path, {"name": "spec", "llm": {"file": "model.gguf", "backend": "llamacpp"},
+                              "runtime": {"speculative": "lookup"}}, ["model.gguf"])
+    p = Pipeline.load(tmp_path, n_ctx=256, n_threads=1, verify=False)
+    try:
+        assert p.speculative is not None and p.speculative.options.mode == "lookup"
+        assert p.speculative.max_draft == 3  # laptop-cpu's draft_max (no target in this manifest)
+    finally:
+        p.close()
+    p = Pipeline.load(tmp_path, n_ctx=256, n_threads=1, verify=False, speculative=SpeculativeOptions())
+    try:
+        assert p.speculative is None
+    finally:
+        p.close()
