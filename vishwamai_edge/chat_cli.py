@@ -79,10 +79,11 @@ def run_chat(
     images: list[Path] | None = None,
     audio: list[Path] | None = None,
     adapter: str | None = None,
+    kv_type: str | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
-        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads)
+        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads, kv_type=kv_type)
     defaults = pipeline.bundle.runtime_defaults
     session = pipeline.session(
         system_prompt=system if system is not None else defaults.get("system_prompt"),

@@ -18,6 +18,16 @@ from .runtime.backends import MIN_CTX
 
 N_CTX_HELP = "context tokens, shared evenly by the --parallel slots (default: the bundle's context for each)"
 PARALLEL_HELP = "requests decoded together, one context slot each (default: the bundle's target's)"
+KV_TYPE_HELP = "KV-cache type: f16, q8_0 or q4_0 (quantized types turn on flash attention; default: the bundle's)"
+
+
+def _kv_type(value: str | None) -> str | None:
+    """A bad --kv-type fails before any model loads."""
+    if value is not None:
+        from .runtime.kv_cache import kv_type
+
+        return kv_type(value).name
+    return None
 
 app = typer.Typer(
     name="vishwamai-edge",
@@ -70,11 +80,13 @@ def chat(
     image: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="image file for the first message (repeatable)")] = None,
     audio: Annotated[Optional[list[Path]], typer.Option("--audio", "-a", help="spoken question (WAV) for the first message; heard, then answered")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="apply this LoRA adapter of the bundle (its manifest's adapters)")] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
-    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter)
+    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter,
+             kv_type=_kv_type(kv_type))
 
 
 @app.command()
@@ -128,11 +140,12 @@ def ui(
     max_queue: Annotated[int, typer.Option(min=1, help="chat turns allowed to wait for the model")] = 16,
     max_file_mb: Annotated[float, typer.Option(help="upload size limit (MB)")] = 10,
     parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
     from .ui.app import run_ui
 
-    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel)
+    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel, kv_type=_kv_type(kv_type))
 
 
 @app.command()
@@ -148,29 +161,33 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(help="request body limit (MiB)")] = 20,
     with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="also serve the web chat at /ui, same model")] = False,
     parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
     from .serve.server import run_server
 
-    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel)
+    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel,
+               kv_type=_kv_type(kv_type))
 
 
 @app.command()
 def profile(
     bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) to profile and compare")],
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/profiles/latest"),
-    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, overhead; or all, short")] = None,
+    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, concurrency, overhead; or all, short")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="measured runs per scenario")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="unmeasured runs before them")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: physical cores)")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length (default: the smallest that fits the scenarios)")] = None,
     target: Annotated[Optional[str], typer.Option(help="target profile of this machine, for the roofline's peak bandwidth (default: the Jetson module found, else the bundle's target)")] = None,
     decode_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per run")] = 64,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """Latency and memory of bundles on this machine: scenarios, medians, plots, one report to compare."""
     from .profile import run_profile
 
-    result = run_profile(bundles, out, scenarios, repeat, warmup, threads, n_ctx, target, decode_tokens, console=err)
+    result = run_profile(bundles, out, scenarios, repeat, warmup, threads, n_ctx, target, decode_tokens, console=err,
+                         kv_type=_kv_type(kv_type))
     typer.echo(str(result.out_dir / "report.md"))
 
 

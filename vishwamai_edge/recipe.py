@@ -118,6 +118,9 @@ class RuntimeSpec(Strict):
     system_prompt: str | None = None
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
+    # llama.cpp's KV-cache element type (runtime/kv_cache.py): q8_0 about halves the cache, q4_0 about
+    # quarters it; recorded in the manifest's runtime section, `--kv-type` overrides it on the device
+    kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
 
 
 FinetuneMethod = Literal["lora", "qlora", "cpt", "align"]

@@ -226,11 +226,13 @@ class Engine:
         n_threads: int | None = None,
         max_queue: int = 16,
         parallel: int | None = None,
+        kv_type: str | None = None,
     ) -> Engine:
         """`parallel` requests are decoded together (default: the bundle's target's); `n_ctx` is the
         context they share, as llama.cpp's server splits `-c` among `-np` slots (default: the
         bundle's context for each)."""
-        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel), max_queue=max_queue)
+        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel, kv_type=kv_type),
+                   max_queue=max_queue)
 
     @property
     def encoders(self) -> dict[str, Any]:

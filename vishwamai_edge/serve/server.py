@@ -51,6 +51,7 @@ def run_server(
     with_ui: bool = False,
     max_file_mb: float = 10,
     parallel: int | None = None,
+    kv_type: str | None = None,
 ) -> None:
     from .app import create_app
 
@@ -62,7 +63,8 @@ def run_server(
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel)
+    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
+                         kv_type=kv_type)
     try:
         app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024))
         if with_ui:
