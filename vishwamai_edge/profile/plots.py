@@ -72,9 +72,12 @@ def concurrency(report: dict[str, Any]):
         tps_ax.plot(xs, med("per_stream_tps"), marker="s", ls="--", color=color, label=f"{b['label']} per stream")
         ttft_ax.plot(xs, med("ttft_s", 1e3), marker="o", color=color, label=f"{b['label']} median stream")
         ttft_ax.plot(xs, med("ttft_max_s", 1e3), marker="^", ls=":", color=color, label=f"{b['label']} slowest stream")
+    ticks = sorted({lv["clients"] for b in report["bundles"]
+                    for lv in (b["scenarios"].get("concurrency") or {}).get("levels") or []})
     for ax, ylabel, title in ((tps_ax, "tokens/s (median of runs)", "Throughput"),
                               (ttft_ax, "time to first token, ms", "Time to first token")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
