@@ -10,7 +10,7 @@ Per stream count, for each side:
 - per-stream decode tokens/s (median stream);
 - TTFT per stream, request sent -> first text (median stream and slowest stream).
 Both sides get the same prompts (profile/concurrency.py's), slots, context per slot, threads and
-KV type. Ours runs in this process (the engine under `serve`, no HTTP: benchmarks/http_overhead.py
+KV type, and evaluate every prompt in full (no prefix cached from an earlier request). Ours runs in this process (the engine under `serve`, no HTTP: benchmarks/http_overhead.py
 measures that part); llama-server is asked over HTTP with streaming, one thread per client.
 llama-server is built from the llama.cpp sources vendored in llama-cpp-python's sdist (same
 version as the runtime's): cmake -DLLAMA_BUILD_SERVER=ON, target llama-server.
@@ -46,10 +46,13 @@ def ours(model: Path, streams: int, threads: int, max_tokens: int, n_ctx_each: i
         engine.close()
 
 
-def _stream_one(url: str, i: int, max_tokens: int, out: dict) -> None:
+def _stream_one(url: str, i: int, max_tokens: int, out: dict, content: str | None = None) -> None:
     """One streamed chat completion: time to the first content, tokens and decode rate."""
-    body = json.dumps({"messages": [{"role": "user", "content": prompt_text(i)}], "max_tokens": max_tokens,
-                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps({"messages": [{"role": "user", "content": content or prompt_text(i)}],
+                       "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                       # every prompt evaluated in full, as ours are (run_level empties the slots first)
+                       "cache_prompt": False}).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     sent = time.perf_counter()
     first = None
@@ -92,7 +95,7 @@ def llama_server(binary: Path, model: Path, streams: int, threads: int, max_toke
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"llama-server did not start: {' '.join(cmd)}") from None
                 time.sleep(0.3)
-        _stream_one(url, 0, 4, {})  # warm
+        _stream_one(url, 0, 4, {}, "hi")  # warm, with another prompt: no stream finds its own cached
         out: dict[int, dict] = {}
         t = time.perf_counter()
         workers = [threading.Thread(target=_stream_one, args=(url, i, max_tokens, out)) for i in range(streams)]
@@ -128,8 +131,11 @@ def main() -> None:
     ap.add_argument("--llama-server", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    import os
+
     print(f"model {args.model.name}, {args.threads} thread(s), {args.max_tokens} tokens a stream, greedy, "
-          f"KV {args.kv_type}, {args.n_ctx_each} context a slot")
+          f"KV {args.kv_type}, {args.n_ctx_each} context a slot; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     print("                  ours                                 |  llama-server")
     print("streams  agg tok/s  stream tok/s  TTFT ms  TTFT max ms  |  agg tok/s  stream tok/s  TTFT ms  TTFT max ms")
     results = []
