@@ -144,3 +144,14 @@ def test_a_build_that_cannot_fit_its_target_stops_before_any_work(tmp_path):
                    "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, "does NOT fit", "6.50 GB available", "q4_k_m with runtime.n_ctx=1024")
     assert not list((tmp_path / "out").rglob("*.gguf")) and not list((tmp_path / "out").rglob("manifest.json"))
+
+
+def test_bad_kv_types_are_one_line_errors(tiny_gguf):
+    from vishwamai_edge.sources import embedded_gguf
+
+    gguf = str(embedded_gguf())
+    for command in (["chat", gguf, "-p", "hi"], ["serve", gguf], ["ui", gguf], ["profile", gguf]):
+        assert_one_line_error(run_cli(*command, "--kv-type", "q3_k"), "unknown KV-cache type 'q3_k'", "f16, q8_0, q4_0")
+    # the tiny llama's heads of 16 values do not fill q4_0's blocks of 32: llama.cpp refuses the context
+    assert_one_line_error(run_cli("chat", str(tiny_gguf), "-p", "hi", "--kv-type", "q4_0"),
+                          "refuses a q4_0 KV cache for tiny.gguf")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vishwamai_edge.errors import UserError
-from vishwamai_edge.memory_plan import check_fits, model_size, plan_memory
+from vishwamai_edge.memory_plan import ModelSize, check_fits, model_size, plan_memory
 from vishwamai_edge.targets import TARGETS, get_target
 
 # Published configs (the models' config.json files), reduced to the fields the planner reads.
@@ -75,3 +75,13 @@ def test_a_plan_that_does_not_fit_stops_with_numbers_and_what_would():
     message = str(info.value)
     assert "does NOT fit" in message and "6.50 GB available" in message
     assert "q4_k_m with runtime.n_ctx=1024 (" in message and "\n" not in message
+
+
+def test_memory_plan_counts_the_kv_type():
+    size = ModelSize(name="m", layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                     vocab=128256)
+    plans = {t: plan_memory(size, get_target("orin-nano-8"), "q4_k_m", 8192, kv_type=t) for t in ("f16", "q8_0", "q4_0")}
+    f16 = plans["f16"].kv_cache_gb
+    assert f16 == pytest.approx(2 * 32 * 8 * 128 * 8192 * 2 / 1e9)
+    assert plans["q8_0"].kv_cache_gb == pytest.approx(f16 * 34 / 64)
+    assert plans["q4_0"].kv_cache_gb == pytest.approx(f16 * 18 / 64)

@@ -58,6 +58,14 @@ def test_overrides(tmp_path):
         load_recipe(p, ["runtime.bogus=1"])
 
 
+def test_kv_type(tmp_path):
+    p = write(tmp_path, "name: x\nruntime:\n  kv_type: q8_0\n")
+    assert load_recipe(p).runtime.kv_type == "q8_0"
+    assert load_recipe(write(tmp_path, "name: x\n")).runtime.kv_type == "f16"
+    with pytest.raises(RecipeError, match=r"runtime\.kv_type: "):
+        load_recipe(p, ["runtime.kv_type=q3_k"])
+
+
 def test_relative_source_path(tmp_path):
     p = write(tmp_path, "name: x\nsource:\n  kind: hf\n  path: models/m\n")
     r = load_recipe(p)

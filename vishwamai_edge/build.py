@@ -204,7 +204,8 @@ def stage_memory_plan(ctx: BuildContext, hf_dir: Path, quant: str) -> dict[str, 
     from .memory_plan import check_fits, plan_memory
 
     size = ctx.size = source_size(hf_dir, ctx.recipe.name)
-    plan = plan_memory(size, ctx.target, quant, ctx.recipe.runtime.n_ctx, "llamacpp", ctx.recipe.export.vision.dtype)
+    plan = plan_memory(size, ctx.target, quant, ctx.recipe.runtime.n_ctx, "llamacpp", ctx.recipe.export.vision.dtype,
+                       kv_type=ctx.recipe.runtime.kv_type)
     check_fits(plan)  # one line with the numbers and what would fit
     if ctx.target.jetson:
         ctx.console.print(f"memory plan: {plan.line()}", soft_wrap=True, highlight=False)

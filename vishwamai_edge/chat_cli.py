@@ -83,10 +83,12 @@ def run_chat(
     adapter: str | None = None,
     speculative: SpeculativeOptions | None = None,
     seed: int | None = None,
+    kv_type: str | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
-        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads, speculative=speculative)
+        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads, speculative=speculative,
+                                 kv_type=kv_type)
     if pipeline.speculative is not None and pipeline.speculative.note:
         err.print(f"[yellow]note:[/] {pipeline.speculative.note}", highlight=False)
     defaults = pipeline.bundle.runtime_defaults

@@ -33,6 +33,18 @@ def _speculative(mode: Optional[str], draft: Optional[Path], draft_max: Optional
 
     return resolve_options(mode, draft, draft_max)
 
+
+KV_TYPE_HELP = "KV-cache type: f16, q8_0 or q4_0 (quantized types turn on flash attention; default: the bundle's)"
+
+
+def _kv_type(value: str | None) -> str | None:
+    """A bad --kv-type fails before any model loads."""
+    if value is not None:
+        from .runtime.kv_cache import kv_type
+
+        return kv_type(value).name
+    return None
+
 app = typer.Typer(
     name="vishwamai-edge",
     help="Take an open LLM or VLM from a workstation to an edge device.",
@@ -88,12 +100,13 @@ def chat(
     draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
     draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
     seed: Annotated[Optional[int], typer.Option(help="random seed of sampled replies (temperature > 0)")] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
     run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter,
-             speculative=_speculative(speculative, draft, draft_max), seed=seed)
+             speculative=_speculative(speculative, draft, draft_max), seed=seed, kv_type=_kv_type(kv_type))
 
 
 @app.command()
@@ -150,12 +163,13 @@ def ui(
     speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
     draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
     draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
     from .ui.app import run_ui
 
     run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel,
-           speculative=_speculative(speculative, draft, draft_max))
+           speculative=_speculative(speculative, draft, draft_max), kv_type=_kv_type(kv_type))
 
 
 @app.command()
@@ -174,30 +188,33 @@ def serve(
     speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
     draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
     draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
     from .serve.server import run_server
 
     run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel,
-               speculative=_speculative(speculative, draft, draft_max))
+               speculative=_speculative(speculative, draft, draft_max), kv_type=_kv_type(kv_type))
 
 
 @app.command()
 def profile(
     bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) to profile and compare")],
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/profiles/latest"),
-    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, speculative, overhead; or all, short")] = None,
+    scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, speculative, concurrency, overhead; or all, short")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="measured runs per scenario")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="unmeasured runs before them")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: physical cores)")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length (default: the smallest that fits the scenarios)")] = None,
     target: Annotated[Optional[str], typer.Option(help="target profile of this machine, for the roofline's peak bandwidth (default: the Jetson module found, else the bundle's target)")] = None,
     decode_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per run")] = 64,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
 ) -> None:
     """Latency and memory of bundles on this machine: scenarios, medians, plots, one report to compare."""
     from .profile import run_profile
 
-    result = run_profile(bundles, out, scenarios, repeat, warmup, threads, n_ctx, target, decode_tokens, console=err)
+    result = run_profile(bundles, out, scenarios, repeat, warmup, threads, n_ctx, target, decode_tokens, console=err,
+                         kv_type=_kv_type(kv_type))
     typer.echo(str(result.out_dir / "report.md"))
 
 

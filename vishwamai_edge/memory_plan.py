@@ -8,7 +8,8 @@ The numbers are estimates with stated rules, not measurements:
   Llama-3-8B are 4.08 and 4.92 GB), keeps the embeddings at Q4_K (4.5) and the head at Q6_K
   (6.5625). AWQ INT4 (group 128) stores 4 bits plus an fp16 scale and a 4-bit zero per group
   and keeps embeddings and head in fp16, as AWQ checkpoints do.
-- KV cache: 2 x layers x KV heads x head size x context positions x 2 bytes (f16).
+- KV cache: 2 x layers x KV heads x head size x context positions x bytes per element of the
+  recipe's runtime.kv_type (2 for f16, 34/32 for q8_0, 18/32 for q4_0: runtime/kv_cache.py).
 - encoders: fp16 (or the exported dtype) weights; the image rows' activations are small.
 - runtime overhead: llama.cpp's compute buffers and the process (0.5 GB); TensorRT-LLM's
   runtime, engine workspace and CUDA context (1.0 GB); ONNX Runtime per encoder (0.3 GB).
@@ -76,8 +77,8 @@ class ModelSize:
         head = 0.0 if self.tied else self.embed_params * HEAD_BITS[fmt]
         return (self.body_params * BODY_BITS[fmt] + self.embed_params * EMBED_BITS[fmt] + head) / 8
 
-    def kv_bytes(self, n_ctx: int) -> float:
-        return 2.0 * self.layers * self.kv_heads * self.head_dim * n_ctx * 2
+    def kv_bytes(self, n_ctx: int, bytes_per_element: float = 2.0) -> float:
+        return 2.0 * self.layers * self.kv_heads * self.head_dim * n_ctx * bytes_per_element
 
 
 def model_size(config: dict[str, Any], name: str = "model") -> ModelSize:
@@ -147,21 +148,24 @@ def available_gb(target: TargetProfile) -> float:
 
 
 def plan_memory(size: ModelSize, target: TargetProfile, fmt: str, n_ctx: int, backend: str = "llamacpp",
-                encoder_dtype: str = "fp16", suggest: bool = True) -> MemoryPlan:
+                encoder_dtype: str = "fp16", suggest: bool = True, kv_type: str = "f16") -> MemoryPlan:
+    from .runtime.kv_cache import kv_type as get_kv_type
+
     encoder = size.encoder_params * ENCODER_BYTES[encoder_dtype] / GB
+    kv_element = get_kv_type(kv_type).bytes_per_element if backend == "llamacpp" else 2.0
     plan = MemoryPlan(
         model=size.name, target=target.name, fmt=fmt, backend=backend, n_ctx=n_ctx,
-        weights_gb=size.weight_bytes(fmt) / GB, kv_cache_gb=size.kv_bytes(n_ctx) / GB,
+        weights_gb=size.weight_bytes(fmt) / GB, kv_cache_gb=size.kv_bytes(n_ctx, kv_element) / GB,
         encoder_gb=encoder + (ENCODER_OVERHEAD_GB if size.encoder_params else 0.0),
         overhead_gb=RUNTIME_OVERHEAD_GB[backend], available_gb=available_gb(target),
     )
     if suggest and not plan.fits:
-        plan.suggestions = _what_would_fit(size, target, fmt, n_ctx, backend, encoder_dtype)
+        plan.suggestions = _what_would_fit(size, target, fmt, n_ctx, backend, encoder_dtype, kv_type)
     return plan
 
 
 def _what_would_fit(size: ModelSize, target: TargetProfile, fmt: str, n_ctx: int, backend: str,
-                    encoder_dtype: str) -> list[str]:
+                    encoder_dtype: str, kv_type: str = "f16") -> list[str]:
     """The recipe changes that make the plan fit: for this format and each smaller one, the
     largest context (of the planned one and FALLBACK_CONTEXTS below it) that fits."""
     out = []
@@ -169,7 +173,7 @@ def _what_would_fit(size: ModelSize, target: TargetProfile, fmt: str, n_ctx: int
     for other in formats:
         be = backend if other == fmt else ("trtllm" if other == "int4_awq" else "llamacpp")
         for ctx in [n_ctx] + [c for c in FALLBACK_CONTEXTS if c < n_ctx]:
-            p = plan_memory(size, target, other, ctx, be, encoder_dtype, suggest=False)
+            p = plan_memory(size, target, other, ctx, be, encoder_dtype, suggest=False, kv_type=kv_type)
             if p.fits:
                 change = [other] if other != fmt else []
                 change += [f"runtime.n_ctx={ctx}"] if ctx != n_ctx else []

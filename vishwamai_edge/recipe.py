@@ -121,6 +121,9 @@ class RuntimeSpec(Strict):
     speculative: Literal["off", "lookup"] = Field(
         "off", description="speculative decoding on the device (lossless, one request at a time): lookup drafts "
         "from n-grams of the conversation; a draft model is named at run time (--draft)")
+    # llama.cpp's KV-cache element type (runtime/kv_cache.py): q8_0 about halves the cache, q4_0 about
+    # quarters it; recorded in the manifest's runtime section, `--kv-type` overrides it on the device
+    kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
 
 
 FinetuneMethod = Literal["lora", "qlora", "cpt", "align"]

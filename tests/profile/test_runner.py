@@ -43,7 +43,7 @@ def fake_model(monkeypatch):
 
     loaded = []
 
-    def load(cls, path, n_ctx=None, n_threads=None, verify=True):
+    def load(cls, path, n_ctx=None, n_threads=None, verify=True, kv_type=None):
         p = FakePipeline(Bundle.load(path, verify=False))
         loaded.append(p)
         return p

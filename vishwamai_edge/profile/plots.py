@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import require
 from ..fsutil import atomic_file
-from .report import PLOTS
+from .report import CONCURRENCY_PLOT, PLOTS
 
 COMPONENTS = [  # TTFT parts, bottom to top
     ("tokenize_s", "template + tokenize", "#9e9e9e"),
@@ -55,7 +55,44 @@ def write_plots(out: Path, report: dict[str, Any]) -> dict[str, Path]:
         _save(speculative_plot(report, _figure), paths["speculative"])
     else:
         del paths["speculative"]
+    if any((b["scenarios"].get("concurrency") or {}).get("levels") for b in report["bundles"]):
+        name, rel = CONCURRENCY_PLOT
+        paths[name] = _save(concurrency(report), Path(out) / rel)
     return paths
+
+
+def concurrency(report: dict[str, Any]):
+    """Aggregate and per-stream tokens/s (left) and TTFT (right) against the number of clients."""
+    fig = _figure(10.0, 4.2)
+    tps_ax, ttft_ax = fig.subplots(1, 2)
+    for b, color in zip(report["bundles"], _colors(len(report["bundles"]))):
+        levels = [lv for lv in (b["scenarios"].get("concurrency") or {}).get("levels") or [] if lv.get("aggregate_tps")]
+        if not levels:
+            continue
+        xs = [lv["clients"] for lv in levels]
+
+        def med(key: str, scale: float = 1.0) -> list[float]:
+            return [((lv.get(key) or {}).get("median") or 0.0) * scale for lv in levels]
+
+        tps_ax.plot(xs, med("aggregate_tps"), marker="o", color=color, label=f"{b['label']} aggregate")
+        tps_ax.plot(xs, med("per_stream_tps"), marker="s", ls="--", color=color, label=f"{b['label']} per stream")
+        ttft_ax.plot(xs, med("ttft_s", 1e3), marker="o", color=color, label=f"{b['label']} median stream")
+        ttft_ax.plot(xs, med("ttft_max_s", 1e3), marker="^", ls=":", color=color, label=f"{b['label']} slowest stream")
+    ticks = sorted({lv["clients"] for b in report["bundles"]
+                    for lv in (b["scenarios"].get("concurrency") or {}).get("levels") or []})
+    for ax, ylabel, title in ((tps_ax, "tokens/s (median of runs)", "Throughput"),
+                              (ttft_ax, "time to first token, ms", "Time to first token")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.suptitle("Concurrent clients (continuous batching)")
+    return fig
 
 
 def _ok(sc: dict[str, Any]) -> bool:

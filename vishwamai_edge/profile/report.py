@@ -7,13 +7,17 @@ temporary name and renamed, so a reader never sees half a report.
 report.json, schema version 1:
     schema, schema_version, tool_version, created, finished, status (running | complete | interrupted)
     host       system, cpu, cores, memory, load averages, and doctor's view (Jetson module, GPU, CUDA)
-    settings   scenarios, repeat, warmup, threads, n_ctx, decode_tokens, target_override
+    settings   scenarios, repeat, warmup, threads, n_ctx, decode_tokens, target_override, kv_type_override
     notes      how to read the numbers (approximations, skipped scenarios, a busy machine)
     plots      name -> path relative to the report folder
     bundles[]  name, label, path, backend, quant, file_bytes, tensor_types, model (GGUF shape),
                bandwidth {target, gbs, source}, load {verify_s, load_s, runs_s}, memory (RSS bytes),
                backend_memory, device (NVML / tegrastats / jtop summary or absent), status,
+               kv_cache {type, cells, bytes (llama.cpp's report), formula_bytes, f16_bytes,
+                         quality {max_abs_logit_diff, top1_agreement, ...} against an f16 cache},
                scenarios {name: {kind, status (ok | skipped | failed), reason | error, runs[], summary}},
+               (the concurrency scenario adds levels[] {clients, aggregate_tps, per_stream_tps,
+                ttft_s, ttft_max_s}, each a summary over its runs)
                timeline {rss [[t, bytes]], marks [[t, scenario]], device [...]}
     A summary maps each measured key (ttft_s, prefill_tps, decode_tps, roofline_ratio, ...) to
     {median, q1, q3, min, max, stdev, n}; runs[] keep every measured run's raw numbers.
@@ -42,6 +46,7 @@ PLOTS = {
     "memory_over_time": "plots/memory_over_time.png",
     "speculative": "plots/speculative.png",
 }
+CONCURRENCY_PLOT = ("concurrency", "plots/concurrency.png")  # drawn when a bundle ran the scenario
 
 
 def new_report(settings: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +232,7 @@ def comparison_tables(report: dict[str, Any]) -> list[Table]:
     spec_rows = speculative_rows(bundles, fmt)
     if spec_rows:
         tables.append(Table(SPECULATIVE_TABLE[0], SPECULATIVE_TABLE[1], spec_rows, SPECULATIVE_TABLE[2]))
+    tables += kv_cache_tables(bundles) + concurrency_tables(bundles)
     device_rows = [_device_row(b) for b in bundles if b.get("device")]
     if device_rows:
         tables.append(Table(
@@ -236,6 +242,44 @@ def comparison_tables(report: dict[str, Any]) -> list[Table]:
             device_rows,
         ))
     return tables
+
+
+def kv_cache_tables(bundles: list[dict[str, Any]]) -> list[Table]:
+    rows = []
+    for b in bundles:
+        kv = b.get("kv_cache")
+        if not kv:
+            continue
+        q = kv.get("quality") or {}
+        ratio = f"{kv['bytes'] / kv['f16_bytes']:.3f}" if kv.get("bytes") and kv.get("f16_bytes") else "-"
+        agree = q.get("top1_agreement")
+        rows.append([b["label"], kv["type"], str(kv["cells"]), _mb(kv.get("bytes")), _mb(kv.get("formula_bytes")),
+                     ratio, f"{q['max_abs_logit_diff']:.4f}" if "max_abs_logit_diff" in q else "-",
+                     f"{agree * 100:.1f}" if agree is not None else "-"])
+    if not rows:
+        return []
+    return [Table("KV cache", ["bundle", "type", "cells", "MB (llama.cpp)", "MB (formula)", "of f16",
+                               "max |logit diff| vs f16", "top-1 agreement %"], rows,
+                  "MB (llama.cpp): the K and V buffers llama.cpp reported allocating; formula: n_layer x cells x "
+                  "n_head_kv x (head_dim_k + head_dim_v) x bytes per element (q8_0 34/32, q4_0 18/32); the logit "
+                  "difference is the largest over every position of fixed prompts, against the same GGUF with an "
+                  "f16 cache")]
+
+
+def concurrency_tables(bundles: list[dict[str, Any]]) -> list[Table]:
+    rows = []
+    for b in bundles:
+        sc = b["scenarios"].get("concurrency") or {}
+        for lv in sc.get("levels") or []:
+            rows.append([b["label"], str(lv["clients"]), fmt(lv.get("aggregate_tps")), fmt(lv.get("per_stream_tps")),
+                         fmt(lv.get("ttft_s"), 1e3, 0), fmt(lv.get("ttft_max_s"), 1e3, 0)])
+    if not rows:
+        return []
+    return [Table("Concurrency", ["bundle", "clients", "aggregate tok/s", "per-stream tok/s",
+                                  "TTFT ms (median stream)", "TTFT ms (slowest stream)"], rows,
+                  "N greedy requests sent at once to the serving engine (one slot each, decoded together); "
+                  "aggregate: all streams' tokens / wall time from the first request to the last reply; "
+                  "TTFT: request sent to first text")]
 
 
 def _with_context(bundles: list[dict[str, Any]], name: str) -> str:
@@ -268,7 +312,7 @@ def bundle_detail_table(b: dict[str, Any]) -> Table:
             rows.append([name, sc.get("status", "?"), sc.get("reason") or sc.get("error") or ""] + ["-"] * 5)
             continue
         s = sc.get("summary") or {}
-        extra = ""
+        extra = "by client count in the Concurrency table" if sc.get("kind") == "concurrency" else ""
         if "overhead_ratio" in s:
             extra = (f"raw llama-cpp {fmt(s.get('raw_decode_tps'))} tok/s; "
                      f"ratio {fmt(s.get('overhead_ratio'), 1, 2)}")
@@ -346,7 +390,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_mb(mem.get('rss_after_load_bytes'))} MB "
             f"after, peak {_mb(mem.get('peak_rss_bytes'))} MB; process high-water mark (getrusage) so far "
             f"{_mb(mem.get('process_maxrss_bytes'))} MB; llama.cpp weights {_mb(bm.get('model_bytes'))} MB, "
-            f"KV cache {_mb(bm.get('kv_cache_bytes_f16'))} MB (f16, {b.get('n_ctx')} positions)"
+            f"KV cache {_mb(bm.get('kv_cache_bytes') or bm.get('kv_cache_bytes_f16'))} MB "
+            f"({(b.get('kv_cache') or {}).get('type', 'f16')}, {b.get('n_ctx')} positions)"
             + (f"; with raw llama-cpp-python also loaded (overhead scenario) "
                f"{_mb(mem['peak_rss_with_raw_llama_bytes'])} MB"
                if mem.get("peak_rss_with_raw_llama_bytes") else "")

@@ -23,7 +23,8 @@ from . import report as rpt
 from .gguf_meta import ModelShape, model_shape
 from .monitors import RssSampler, device_monitor, is_jetson, process_maxrss_bytes
 from .roofline import bytes_per_token, roofline_ratio
-from .scenarios import CHAT_QUESTION, IMAGE_QUESTION, PlannedScenario, Scenario, context_for, parse_names, plan
+from .scenarios import (CHAT_QUESTION, IMAGE_QUESTION, SECOND_COPY, PlannedScenario, Scenario, context_for,
+                        parse_names, plan)
 from .stats import summarize
 
 SUMMARY_KEYS = (
@@ -59,8 +60,10 @@ def run_profile(
     target: str | None = None,
     decode_tokens: int = 64,
     console: Console | None = None,
+    kv_type: str | None = None,
 ) -> ProfileResult:
-    """Profile each bundle with the same scenarios; write the report into `out`."""
+    """Profile each bundle with the same scenarios; write the report into `out`. `kv_type`
+    overrides every bundle's KV-cache type (default: each bundle's own)."""
     console = console or Console(stderr=True)
     if not bundles:
         raise UserError("name at least one bundle to profile")
@@ -85,7 +88,8 @@ def run_profile(
 
     report = rpt.new_report(
         settings={"scenarios": names, "repeat": repeat, "warmup": warmup, "threads": threads,
-                  "n_ctx": n_ctx, "decode_tokens": decode_tokens, "target_override": target},
+                  "n_ctx": n_ctx, "decode_tokens": decode_tokens, "target_override": target,
+                  "kv_type_override": kv_type},
         host=_host(),
     )
     labels = rpt.short_labels([t.bundle.name for t in targets])
@@ -101,7 +105,7 @@ def run_profile(
                 entry = _new_entry(tgt, label, threads, n_ctx, override)
                 report["bundles"].append(entry)
                 _profile_bundle(tgt, entry, planned, repeat, warmup, threads, n_ctx, decode_tokens,
-                                progress, task, report, out)
+                                progress, task, report, out, kv_type)
         report["status"] = "complete"
     except KeyboardInterrupt:
         report["status"] = "interrupted"
@@ -124,7 +128,7 @@ def _finish(report: dict[str, Any], out: Path, console: Console) -> None:
 def _profile_bundle(
     tgt: _Target, entry: dict[str, Any], planned: list[PlannedScenario], repeat: int, warmup: int,
     threads: int, n_ctx: int, decode_tokens: int, progress: Progress, task: Any,
-    report: dict[str, Any], out: Path,
+    report: dict[str, Any], out: Path, kv_type: str | None = None,
 ) -> None:
     from ..runtime.session import Pipeline
 
@@ -132,6 +136,7 @@ def _profile_bundle(
     device = device_monitor()
     pipeline = None
     raw = None
+    engine = None  # the concurrency scenario's, with a slot per client
     clip = None
     current = "load"
     rss.start()
@@ -143,7 +148,7 @@ def _profile_bundle(
         for i in range(repeat):
             progress.update(task, description=f"{entry['label']}: load")
             t = time.perf_counter()
-            pipeline = Pipeline.load(tgt.path, n_ctx=n_ctx, n_threads=threads, verify=False)
+            pipeline = Pipeline.load(tgt.path, n_ctx=n_ctx, n_threads=threads, verify=False, kv_type=kv_type)
             loads.append(time.perf_counter() - t)
             if i < repeat - 1:
                 pipeline.close()
@@ -153,7 +158,13 @@ def _profile_bundle(
         entry["memory"]["rss_after_load_bytes"] = rss.samples[-1][1] if rss.samples else None
         mem = pipeline.llm.memory()
         entry["backend_memory"] = {"model_bytes": mem.model_bytes, "context_bytes": mem.context_bytes,
-                                   "kv_cache_bytes_f16": tgt.shape.kv_bytes_per_position() * n_ctx}
+                                   "kv_cache_bytes_f16": tgt.shape.kv_bytes_per_position() * n_ctx,
+                                   "kv_cache_bytes": mem.kv_cache_bytes}
+        if getattr(pipeline.llm, "kv_report", None) is not None:
+            from .kv_cache import kv_entry
+
+            progress.update(task, description=f"{entry['label']}: KV cache against f16")
+            entry["kv_cache"] = kv_entry(pipeline.llm, tgt.shape, threads)
 
         for ps in planned:
             s = ps.scenario
@@ -167,6 +178,10 @@ def _profile_bundle(
                 from .overhead import RawLlama
 
                 raw = RawLlama(pipeline.bundle.llm_path(), n_ctx, threads)
+            if s.kind == "concurrency":
+                from .concurrency import load_engine
+
+                engine = load_engine(tgt.path, threads, decode_tokens, kv_type)  # closed after the scenario
             runs = []
             result: dict[str, Any] = {"kind": s.kind, "description": s.description, "status": "ok"}
             if s.kind == "audio":
@@ -179,9 +194,11 @@ def _profile_bundle(
                 for i in range(warmup + repeat):
                     progress.update(task, description=f"{entry['label']}: {s.name} "
                                     f"({'warm-up' if i < warmup else f'run {i - warmup + 1}/{repeat}'})")
+                    other = engine if s.kind == "concurrency" else raw
                     run = (_run_once(s, pipeline, raw, decode_tokens, clip) if s.kind == "audio"
-                           else _run_once(s, pipeline, raw, decode_tokens))
-                    _add_roofline(run, tgt.shape, entry.get("bandwidth"))
+                           else _run_once(s, pipeline, other, decode_tokens))
+                    if "context_mean" in run:  # one stream's run (the concurrency scenario has levels)
+                        _add_roofline(run, tgt.shape, entry.get("bandwidth"))
                     if i >= warmup:
                         runs.append(run)
                     progress.advance(task)
@@ -190,6 +207,13 @@ def _profile_bundle(
             result["runs"] = runs
             result["summary"] = {k: summarize([r.get(k) for r in runs]) for k in SUMMARY_KEYS
                                  if any(r.get(k) is not None for r in runs)}
+            if s.kind == "concurrency":
+                from .concurrency import summarize_levels
+
+                result["levels"] = summarize_levels(runs)
+                result["threads"] = threads
+                engine.close()
+                engine = None
             entry["scenarios"][s.name] = result
             if s.kind == "audio":
                 _audio_note(report, entry["label"], result)
@@ -207,6 +231,8 @@ def _profile_bundle(
         _snapshot(entry, rss, device)
         if raw is not None:
             raw.close()
+        if engine is not None:
+            engine.close()
         if pipeline is not None:
             pipeline.close()
         close = getattr(device, "close", None)
@@ -232,6 +258,10 @@ def _run_once(s: Scenario, pipeline: Any, raw: Any, decode_tokens: int, clip: An
         from .speculative import run_speculative
 
         return run_speculative(pipeline, decode_tokens)
+    if s.kind == "concurrency":  # `raw` is the scenario's engine here
+        from .concurrency import run_concurrency
+
+        return run_concurrency(raw, decode_tokens)
     raise UserError(f"scenario {s.name} cannot run on this runtime")
 
 
@@ -259,7 +289,8 @@ def _add_roofline(run: dict[str, Any], shape: ModelShape, bandwidth: dict[str, A
 
 def _snapshot(entry: dict[str, Any], rss: RssSampler, device: Any) -> None:
     mem = entry["memory"]
-    peak = rss.peak_before("overhead")  # the overhead scenario adds raw llama-cpp-python's own copy
+    # the concurrency and overhead scenarios add a second copy of the model
+    peak = rss.peak_before(next((m for _, m in rss.marks if m in SECOND_COPY), "overhead"))
     mem["baseline_rss_bytes"] = rss.baseline_bytes
     mem["peak_rss_bytes"] = peak
     mem["peak_rss_over_baseline_bytes"] = peak - rss.baseline_bytes

@@ -21,7 +21,7 @@ RUNNABLE_ENCODERS = ("image", "audio")
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # chat | prompt | image | audio | overhead
+    kind: str  # chat | prompt | image | audio | concurrency | overhead
     description: str
     prompt_tokens: int = 0  # exact length for "prompt" and "overhead"; 0 = what the chat template makes
     decode_tokens: int = 64  # tokens generated after the prompt
@@ -49,6 +49,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("speculative", "speculative",
                  "quoting/extraction prompts decoded plainly and with prompt-lookup drafts (greedy): "
                  "acceptance, decode tokens/s both ways, speed-up", 192),
+        Scenario("concurrency", "concurrency", "1, 2, 4, 8 and 16 clients at once through the serving engine "
+                 "(continuous batching): aggregate and per-stream tokens/s, TTFT"),
         Scenario(
             "overhead", "overhead",
             "same GGUF, prompt and threads: this runtime's decode loop against raw llama-cpp-python", 128,
@@ -58,6 +60,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 DEFAULT_SCENARIOS = list(SCENARIOS)
 SHORT_SCENARIOS = ["chat", "prompt-512"]  # what tests and quick checks run
+SECOND_COPY = ("concurrency", "overhead")  # scenarios that load the model again, in the order they run
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,8 @@ def parse_names(spec: str | list[str] | None) -> list[str]:
     if unknown:
         raise UserError(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, all, short")
     names = list(dict.fromkeys(names))
-    # overhead loads a second copy of the model: run it last, so the bundle's own peak RSS is clean
-    return [n for n in names if n != "overhead"] + [n for n in names if n == "overhead"]
+    # these load a second copy of the model: run them last, so the bundle's own peak RSS is clean
+    return [n for n in names if n not in SECOND_COPY] + [n for n in SECOND_COPY if n in names]
 
 
 def plan(
@@ -102,6 +105,8 @@ def plan(
             reason = f"speculative decoding runs on the llama.cpp backend, not {backend}"
         elif s.kind == "overhead" and backend != "llamacpp":
             reason = f"the comparison with raw llama-cpp-python needs a llama.cpp bundle, not {backend}"
+        elif s.kind == "concurrency" and backend != "llamacpp":
+            reason = f"several streams in one context need the llama.cpp backend, not {backend}"
         elif s.context_needed(decode_tokens, _image_rows(encoders)) > n_ctx:
             need = s.context_needed(decode_tokens, _image_rows(encoders))
             reason = f"needs a context of {need} tokens, the profile uses {n_ctx} (--n-ctx)"

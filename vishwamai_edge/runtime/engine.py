@@ -231,13 +231,14 @@ class Engine:
         max_queue: int = 16,
         parallel: int | None = None,
         speculative: SpeculativeOptions | None = None,
+        kv_type: str | None = None,
     ) -> Engine:
         """`parallel` requests are decoded together (default: the bundle's target's); `n_ctx` is the
         context they share, as llama.cpp's server splits `-c` among `-np` slots (default: the
         bundle's context for each). `speculative` decoding (default: the bundle's) runs one
-        request at a time."""
+        request at a time; `kv_type` overrides the bundle's KV-cache type."""
         return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel,
-                                 speculative=speculative), max_queue=max_queue)
+                                 speculative=speculative, kv_type=kv_type), max_queue=max_queue)
 
     @property
     def encoders(self) -> dict[str, Any]:

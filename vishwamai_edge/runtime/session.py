@@ -180,11 +180,13 @@ class Pipeline:
         verify: bool = True,
         parallel: int | None = 1,
         speculative: SpeculativeOptions | None = None,
+        kv_type: str | None = None,
     ) -> Pipeline:
         """`parallel` sequences (None: the bundle's target's default) share a context of `n_ctx`
         tokens, split evenly as llama.cpp's server splits `-c` among `-np` slots; without
         `n_ctx` each gets the bundle's context. `speculative` (None: the bundle's
-        `runtime.speculative`, else off) decodes one request at a time."""
+        `runtime.speculative`, else off) decodes one request at a time. `kv_type` (f16, q8_0,
+        q4_0) overrides the bundle's KV-cache type (manifest runtime.kv_type, default f16)."""
         bundle = Bundle.load(path, verify=verify)
         backend = bundle.llm.get("backend", "llamacpp")
         options: dict[str, Any] = {}
@@ -210,6 +212,11 @@ class Pipeline:
             if backend != "llamacpp":
                 raise InputError(f"the {backend} backend runs one request at a time here; use --parallel 1")
             options["n_seq"] = parallel
+        kv = kv_type or bundle.runtime_defaults.get("kv_type")
+        if backend == "llamacpp":
+            options["kv_type"] = kv
+        elif kv_type is not None:
+            raise InputError(f"--kv-type is a llama.cpp setting; the {backend} backend sets its cache at engine build")
         llm = load_backend(backend, bundle.llm_path(), n_ctx=per_slot, n_threads=n_threads, **options)
         spec = None
         try:

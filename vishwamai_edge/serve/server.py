@@ -53,6 +53,7 @@ def run_server(
     max_file_mb: float = 10,
     parallel: int | None = None,
     speculative: SpeculativeOptions | None = None,
+    kv_type: str | None = None,
 ) -> None:
     from .app import create_app
 
@@ -65,7 +66,7 @@ def run_server(
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
     engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
-                         speculative=speculative)
+                         speculative=speculative, kv_type=kv_type)
     note = engine.pipeline.speculative.note if engine.pipeline.speculative is not None else None
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -359,7 +359,8 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
 
 
 def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
-           max_file_mb: float, parallel: int | None = None, speculative: SpeculativeOptions | None = None) -> None:
+           max_file_mb: float, parallel: int | None = None, speculative: SpeculativeOptions | None = None,
+           kv_type: str | None = None) -> None:
     from ..serve.server import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
@@ -368,7 +369,7 @@ def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int |
         print(f"warning: serving the chat page on {host}: anyone who can reach this port can use the model",
               file=sys.stderr)
     engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
-                         speculative=speculative)
+                         speculative=speculative, kv_type=kv_type)
     if engine.pipeline.speculative is not None and engine.pipeline.speculative.note:
         print(f"note: {engine.pipeline.speculative.note}", file=sys.stderr)
     try:

@@ -85,6 +85,7 @@ class MemoryUse:
     model_bytes: int  # weights as loaded
     context_bytes: int  # KV cache and compute buffers as far as the backend can tell
     process_rss_bytes: int
+    kv_cache_bytes: int | None = None  # K and V as the runtime reports allocating them
 
 
 class LLMBackend(Protocol):

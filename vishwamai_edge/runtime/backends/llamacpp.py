@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,10 @@ from . import MIN_CTX, Cancelled, EmbeddingSegment, MemoryUse, SamplingParams, S
 _EMBEDDING_KEY = -1  # positions filled from embeddings never match a cached prefix
 _DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
 
-_log_state: dict = {"callback": None, "errors": [], "last_level": 0}
+_log_state: dict = {"callback": None, "errors": [], "last_level": 0, "kv": []}
+# llama.cpp's own account of a KV cache it allocated (src/llama-kv-cache.cpp), one line per cache
+_KV_REPORT = re.compile(r"llama_kv_cache: size = .*?\(\s*(\d+) cells.*?K \((\w+)\):\s*([\d.]+) MiB, "
+                        r"V \((\w+)\):\s*([\d.]+) MiB")
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
 
@@ -106,12 +110,26 @@ def _quiet_logs(llama_cpp) -> None:
             line = text.decode("utf-8", "replace").strip()
             if line:
                 _log_state["errors"] = (_log_state["errors"] + [line])[-5:]
+        elif level == 2 and text.startswith(b"llama_kv_cache: size"):
+            found = _KV_REPORT.search(text.decode("utf-8", "replace"))
+            if found:
+                _log_state["kv"].append(found.groups())
         if level != 5:
             _log_state["last_level"] = level
 
     _log_state["callback"] = callback  # keep a reference: C holds only the pointer
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
+
+
+def _kv_report(lines: list[tuple[str, ...]]) -> dict | None:
+    """The KV cache llama.cpp allocated, from its log (MiB with two decimals: within 5 KiB a cache)."""
+    if not lines:
+        return None
+    mib = 1024 * 1024
+    return {"cells": sum(int(c) for c, *_ in lines), "type_k": lines[0][1], "type_v": lines[0][3],
+            "k_bytes": round(sum(float(k) for _, _, k, _, _ in lines) * mib),
+            "v_bytes": round(sum(float(v) for *_, v in lines) * mib)}
 
 
 def default_threads() -> int:
@@ -141,6 +159,8 @@ class LlamaCppBackend:
         self._abort: Callable[[], bool] | None = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
         self._active_adapter: tuple[str, float] | None = None
+        self.kv_type: str = "f16"
+        self.kv_report: dict | None = None  # the KV cache as llama.cpp reported allocating it
 
         # Polled by ggml between graph nodes while a batch is evaluated: a long prefill stops
         # within milliseconds of a cancel. Installed once; it asks nothing unless a prefill is running.
@@ -161,8 +181,13 @@ class LlamaCppBackend:
         n_batch: int = 512,
         n_gpu_layers: int | None = None,
         n_seq: int = 1,
+        kv_type: str | None = None,
     ) -> LlamaCppBackend:
-        """`n_ctx` is the context of each of the `n_seq` sequences (the KV cache holds n_ctx x n_seq)."""
+        """`n_ctx` is the context of each of the `n_seq` sequences (the KV cache holds n_ctx x n_seq);
+        `kv_type` the cache's element type (runtime/kv_cache.py; default f16)."""
+        from ..kv_cache import kv_type as get_kv_type
+
+        kv = get_kv_type(kv_type)
         lib = _llama()
         _quiet_logs(lib)
         path = Path(path)
@@ -195,12 +220,22 @@ class LlamaCppBackend:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.type_k = cparams.type_v = kv.ggml_type
+        if kv.quantized:  # llama.cpp stores a quantized V only with flash attention
+            cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        _log_state["errors"], _log_state["kv"] = [], []
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
+            detail = _log_state["errors"][-1] if _log_state["errors"] else "out of memory?"
+            if kv.quantized:
+                raise InputError(f"this llama.cpp build refuses a {kv.name} KV cache for {path.name}: {detail}")
             raise BundleError(f"llama.cpp cannot create a context of {n_seq} x {n_ctx} tokens for {path} "
-                              "(out of memory?)")
-        return cls(lib, model, ctx, path, n_batch, n_seq)
+                              f"({detail})")
+        backend = cls(lib, model, ctx, path, n_batch, n_seq)
+        backend.kv_type = kv.name
+        backend.kv_report = _kv_report(_log_state["kv"])
+        return backend
 
     # -- tokens ------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
@@ -428,6 +463,14 @@ class LlamaCppBackend:
         ptr = self._lib.llama_get_logits_ith(self._ctx, row)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def logits_at(self, rows: Sequence[int]) -> np.ndarray:
+        """Logits of batch rows `rows` of the last `decode` (the rows it returned), (len(rows), n_vocab)."""
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for i, row in enumerate(rows):
+            ptr = self._lib.llama_get_logits_ith(self._ctx, row)
+            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
     def stream(self, sampling: SamplingParams, max_tokens: int, seq: int = 0) -> Iterator[int]:
         sampler = self.sampler(sampling, seq)
         try:
@@ -523,6 +566,7 @@ class LlamaCppBackend:
             model_bytes=int(self._lib.llama_model_size(self._model)),
             context_bytes=int(self._lib.llama_state_get_size(self._ctx)),
             process_rss_bytes=psutil.Process().memory_info().rss,
+            kv_cache_bytes=(self.kv_report["k_bytes"] + self.kv_report["v_bytes"]) if self.kv_report else None,
         )
 
     def close(self) -> None:
