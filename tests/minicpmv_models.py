@@ -79,7 +79,16 @@ MULTIMODAL_2_6 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "vers
                   "query_num": RESAMPLER["queries"], "image_size": 448, "patch_size": 14,
                   "drop_vision_last_layer": False, "batch_vision_input": True, "slice_mode": True,
                   "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
-                  "vision_config": VISION_CONFIG_2_6}
+                  "use_image_id": True, "vision_config": VISION_CONFIG_2_6}
+# openbmb/MiniCPM-V-2_6 preprocessor_config.json's slicing and marker keys (MiniCPMVImageProcessor)
+PREPROCESSOR_2_6 = {"image_processor_type": "MiniCPMVImageProcessor", "auto_map": {
+                        "AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
+                        "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor"},
+                    "processor_class": "MiniCPMVProcessor", "max_slice_nums": 9, "scale_resolution": 448,
+                    "patch_size": 14, "use_image_id": True, "image_feature_size": RESAMPLER["queries"],
+                    "im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",
+                    "unk": "<unk>", "im_id_start": "<image_id>", "im_id_end": "</image_id>", "slice_mode": True,
+                    "norm_mean": [0.5, 0.5, 0.5], "norm_std": [0.5, 0.5, 0.5], "version": 2.6}
 
 
 def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0):
@@ -107,6 +116,8 @@ def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0):
         skip = set()
     state.update(random_vision_state(variant, seed))
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    if variant == "2.6":
+        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_2_6, indent=2))
     save_file(state, str(out / "model.safetensors"))
     for f in tokenizer_dir.iterdir():
         if f.name not in skip:
