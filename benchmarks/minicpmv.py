@@ -73,7 +73,7 @@ def plan() -> None:
         size = model_size(MiniCPMVLayout(Path("x"), PUBLISHED[version], version, ()), r.name)
         for name in ORIN:
             p = plan_memory(size, get_target(name), "q4_k_m", r.runtime.n_ctx, "llamacpp", r.export.vision.dtype)
-            verdict = "fits" if p.fits else "does not fit: " + "; ".join(p.suggestions[:1])
+            verdict = "fits" if p.fits else "; ".join(["does not fit", *p.suggestions[:1]])
             print(f"| MiniCPM-V {version} | {name} | {r.runtime.n_ctx} | {p.weights_gb:.2f} | {p.kv_cache_gb:.2f} | "
                   f"{p.encoder_gb:.2f} | {p.overhead_gb:.2f} | {p.total_gb:.2f} | {p.available_gb:.2f} | {verdict} |")
 

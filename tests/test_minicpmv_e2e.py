@@ -288,3 +288,35 @@ def test_unknown_version(tiny_minicpmv, tmp_path):
 def test_fp16_vision_refused(tiny_minicpmv, tmp_path):
     _one_line_error(build("2.0", tiny_minicpmv("2.0"), tmp_path, "export.vision.dtype=fp16", expect=2),
                     "export.vision.dtype", "fp32")
+
+
+def test_api_answers_a_sliced_image_as_the_session_does(built, tmp_path):
+    """`serve` (a real process on 127.0.0.1) on the 2.6 bundle: an image that needs slices, sent as a
+    data URL, gets the in-process session's greedy answer and the same prompt size."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from serve_process import start_server, stop_server
+    from vlm_bundles import in_process_answers
+
+    _, bundle, _ = built("2.6")
+    image = photo(700, 1000, 5)
+    (want,) = in_process_answers(bundle, [(QUESTION, [image])], 6)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    live = start_server(bundle, tmp_path / "server.log")
+    try:
+        body = {"model": live.model, "max_tokens": 6, "temperature": 0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": QUESTION}]}]}
+        r = httpx.post(live.base_url + "/chat/completions", json=body, timeout=120)
+    finally:
+        stop_server(live)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want
+    # overview + 4 slices of 8 rows, each run one position per row
+    assert r.json()["usage"]["prompt_tokens"] > 5 * 8
