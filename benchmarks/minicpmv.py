@@ -130,6 +130,7 @@ def real_vision_folder(out: Path, variant: str = "2.0") -> Path:
 
     from safetensors.torch import save_file
 
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     import minicpm_models
     import minicpmv_models
     import tiny_models
