@@ -331,7 +331,37 @@ def stage_minicpmv(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path]:
         "llm": {"image_token": {"text": IMAGE_MARKER, "id": None}, "chat_template": chat_template(layout.version)},
         "checks": {"vision": entry["check"]},
     }, ["onnxruntime"])
+    mmproj = stage_minicpmv_mmproj(ctx, layout)
+    if mmproj is not None:
+        part.files.append((mmproj, f"llm/{mmproj.name}"))
+        part.manifest["mmproj"] = {"file": f"llm/{mmproj.name}", "note": "for stock llama.cpp (llama-mtmd-cli)"}
     return part, llm
+
+
+def stage_minicpmv_mmproj(ctx: BuildContext, layout: Any) -> Path | None:
+    """2.6 with export.vision.mmproj: the vision side as an mmproj GGUF for stock llama.cpp's mtmd."""
+    from .export.gguf.minicpmv_mmproj import NAVIT_SIDE, write_minicpmv_mmproj
+    from .export.minicpmv_vision import read_vision_layout
+    from .export.torch_state import safetensors_state
+
+    if not ctx.recipe.export.vision.mmproj:
+        return None
+    if layout.version != "2.6":
+        ctx.console.print(f"[yellow]-[/] no mmproj: llama.cpp's mtmd does not carry MiniCPM-V {layout.version}")
+        return None
+    side = read_vision_layout(safetensors_state(layout.root, "MiniCPM-V"), layout.config, layout.root).pos_side
+    if side != NAVIT_SIDE:
+        ctx.console.print(f"[yellow]-[/] no mmproj: llama.cpp's MiniCPM-V graph needs a {NAVIT_SIDE} x {NAVIT_SIDE} "
+                          f"position table, this tower has {side} x {side}")
+        return None
+    outtype = "f32" if ctx.recipe.export.gguf.outtype == "f32" else "f16"
+    out = ctx.root / "export" / f"mmproj-{outtype}.gguf"
+    inputs = sha256_json(["minicpmv-mmproj", __version__, folder_fingerprint(layout.root), outtype])
+    if up_to_date(ctx, out, inputs, out.name) is None:
+        with ctx.console.status(f"writing {out.name}"), atomic_file(out) as tmp:
+            write_minicpmv_mmproj(layout, tmp, outtype)
+        mark_done(out, inputs, {})
+    return out
 
 
 def stage_speech(ctx: BuildContext) -> BundlePart:

@@ -96,3 +96,34 @@ def test_no_mmproj_for_20(tiny_minicpmv, tmp_path):
 
     with pytest.raises(ExportError, match="2.5 and later"):
         write_minicpmv_mmproj(read_minicpmv(tiny_minicpmv("2.0")), tmp_path / "m.gguf")
+
+
+def test_recipe_bundle_carries_the_mmproj_for_stock_mtmd(folder, tmp_path):
+    """recipes/minicpm-v-2_6.yaml -> the bundle's llm/ has the GGUF and its mmproj; stock libmtmd on those two
+    files gives the rows our runtime's ONNX encoder gives for the same 448 x 448 image."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vishwamai_edge.runtime.session import Pipeline
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "minicpm-v-2_6.yaml"
+    proc = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "build", "--recipe", str(recipe), "--target",
+                           "laptop-cpu", "--out", str(tmp_path), "--threads", "2", "--quant", "f32",
+                           "--set", f"source.path={folder}", "--set", "export.gguf.outtype=f32",
+                           "--set", "export.gguf.quants=[]"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (bundle,) = [p.parent for p in tmp_path.glob("*/*/manifest.json")]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["mmproj"]["file"] == "llm/mmproj-f32.gguf"
+    image = np.random.default_rng(6).integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    (rows,) = _mtmd_rows(bundle / m["llm"]["file"], bundle / m["mmproj"]["file"], image)
+    pipeline = Pipeline.load(bundle, n_threads=2)
+    try:
+        (ours,) = pipeline.encoders["image"].encode([image])
+    finally:
+        pipeline.close()
+    rel = float(np.abs(rows - ours).max() / np.abs(ours).max())
+    print(f"stock libmtmd vs the bundle's ONNX encoder: max |diff| / max |ours| {rel:.3g}")
+    assert rel < REL_TOL
