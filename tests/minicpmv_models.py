@@ -18,7 +18,7 @@ VISION_CONFIG_2_6 = {"hidden_size": 144, "image_size": 56, "intermediate_size": 
                      "num_attention_heads": 2, "num_hidden_layers": 3, "patch_size": 14}
 
 
-def random_vision_state(variant: str, seed: int = 0) -> dict:
+def random_vision_state(variant: str, seed: int = 0, side: int | None = None) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -29,7 +29,7 @@ def random_vision_state(variant: str, seed: int = 0) -> dict:
     def norm(prefix):
         return {f"{prefix}.weight": 1 + rand(C), f"{prefix}.bias": rand(C, std=0.1)}
 
-    C, M, P, S = TOWER["width"], TOWER["mlp"], TOWER["patch"], TOWER["side"]
+    C, M, P, S = TOWER["width"], TOWER["mlp"], TOWER["patch"], side or TOWER["side"]
     D, Q = RESAMPLER["embed_dim"], RESAMPLER["queries"]
     state = {}
     if variant == "2.0":
@@ -66,8 +66,10 @@ def random_vision_state(variant: str, seed: int = 0) -> dict:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def vision_config(variant: str) -> dict:
-    return {"vision_config": dict(VISION_CONFIG_2_6)} if variant == "2.6" else {}
+def vision_config(variant: str, side: int | None = None) -> dict:
+    if variant != "2.6":
+        return {}
+    return {"vision_config": {**VISION_CONFIG_2_6, "image_size": (side or TOWER["side"]) * TOWER["patch"]}}
 
 
 # the multimodal keys as the published config.json files carry them
@@ -79,10 +81,19 @@ MULTIMODAL_2_6 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "vers
                   "query_num": RESAMPLER["queries"], "image_size": 448, "patch_size": 14,
                   "drop_vision_last_layer": False, "batch_vision_input": True, "slice_mode": True,
                   "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
-                  "vision_config": VISION_CONFIG_2_6}
+                  "use_image_id": True, "vision_config": VISION_CONFIG_2_6}
+# openbmb/MiniCPM-V-2_6 preprocessor_config.json's slicing and marker keys (MiniCPMVImageProcessor)
+PREPROCESSOR_2_6 = {"image_processor_type": "MiniCPMVImageProcessor", "auto_map": {
+                        "AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
+                        "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor"},
+                    "processor_class": "MiniCPMVProcessor", "max_slice_nums": 9, "scale_resolution": 448,
+                    "patch_size": 14, "use_image_id": True, "image_feature_size": RESAMPLER["queries"],
+                    "im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",
+                    "unk": "<unk>", "im_id_start": "<image_id>", "im_id_end": "</image_id>", "slice_mode": True,
+                    "norm_mean": [0.5, 0.5, 0.5], "norm_std": [0.5, 0.5, 0.5], "version": 2.6}
 
 
-def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0):
+def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0, side: int | None = None):
     """A MiniCPM-V folder of `variant` ("2.0": a MiniCPM LLM, "2.6": a Qwen2 LLM), 256 wide, one safetensors."""
     import json
     import shutil
@@ -101,12 +112,14 @@ def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0):
         skip = {"tokenizer.json"}  # as published: tokenizer.model (a slow LlamaTokenizer subclass)
     else:
         qwen = tiny_models.build_tiny_model(out / "qwen2", "qwen2", tokenizer_dir, seed, **{**llm, "num_key_value_heads": 2})
-        config = {**json.loads((qwen / "config.json").read_text()), **MULTIMODAL_2_6}
+        config = {**json.loads((qwen / "config.json").read_text()), **MULTIMODAL_2_6, **vision_config(variant, side)}
         state = {"llm." + k: v for k, v in load_file(str(qwen / "model.safetensors")).items()}
         shutil.rmtree(qwen)
         skip = set()
-    state.update(random_vision_state(variant, seed))
+    state.update(random_vision_state(variant, seed, side))
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    if variant == "2.6":
+        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_2_6, indent=2))
     save_file(state, str(out / "model.safetensors"))
     for f in tokenizer_dir.iterdir():
         if f.name not in skip:

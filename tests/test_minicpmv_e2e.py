@@ -1,73 +1,144 @@
-"""MiniCPM-V (image, prompt) -> last-token logits: the device path against the torch composite.
+"""recipes/minicpm-v-2.yaml and recipes/minicpm-v-2_6.yaml on tiny checkpoints in each published layout
+(tests/minicpmv_models.py): `build` -> bundle -> the runtime's (image, prompt) logits through
+ChatSession against the torch reference composite, for an image that needs no slicing and one that
+needs several slices; `chat --image` on the bundle; one-line errors for bad folders.
 
-Device path (no torch): OpenBMB's slicing (runtime/minicpmv_slices.py) -> numpy pixels -> the ONNX
-vision graph with numpy position tables -> rows spliced between the prompt's text pieces -> llama.cpp
-on the split LLM's F32 GGUF (2.0's rows divided by scale_emb). Torch composite: the same slices'
-pixels through our torch reference (tower + resampler, its own torch positions) and the LLM in torch
-(our MiniCPM reference for 2.0, transformers' Qwen2 for 2.6) on embeddings with the rows in place of
-the unk runs. Tolerance: max abs difference of the last-token logits under 2% of their standard
-deviation (relative, as the tiny 2.0's logits are small: logits / (hidden / dim_model_base)), top-1
-equal. Measured (2 threads): 2.0 8e-6 and 1.7e-5 on a std of 0.037 (46 and 206 prompt positions);
-2.6 7.8e-3 and 1.3e-2 on a std of 1.5-1.6 (54 and 181 positions; llama.cpp's f16 KV cache). The ONNX
-rows alone are within 1e-4 of torch (tests/export/test_minicpmv_vision.py).
-Slices are made at scale_resolution 112 (8 x 8 patches) to keep the tiny runs fast; the rule is the same.
+Device path (no torch): the bundle's manifest (slicing, markers) -> OpenBMB's slicing in numpy -> the
+ONNX vision graph with numpy position tables -> each block of rows at its run of unk tokens ->
+llama.cpp on the F32 GGUF (2.0's rows divided by scale_emb). Torch composite: the same slices' pixels
+through our torch reference (tower + resampler, its own torch positions) and the LLM in torch (our
+MiniCPM reference for 2.0, transformers' Qwen2 for 2.6) on embeddings with the rows in place of the
+unk runs, the prompt written out here as the published chat() writes it.
+Tolerance: max abs difference of the last-token logits under 2% of their standard deviation
+(relative, as the tiny 2.0's logits are small: logits / (hidden / dim_model_base)), top-1 equal.
+Measured (2 threads) on the hand-wired path before: 2.0 8e-6 .. 1.7e-5 on a std of 0.037; 2.6 7.8e-3 ..
+1.3e-2 on a std of 1.5-1.6 (llama.cpp's f16 KV cache).
+The slicing is the published one (scale_resolution 448, max_slice_nums 9, patch 14).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vishwamai_edge.export.gguf import convert_hf_to_gguf
 from vishwamai_edge.export.minicpm_lm import load_minicpm_lm
-from vishwamai_edge.export.minicpmv import read_minicpmv, write_llm_folder
-from vishwamai_edge.export.minicpmv_vision import load_vision, position_table
-from vishwamai_edge.export.onnx.minicpmv import export_minicpmv_vision
+from vishwamai_edge.export.minicpmv import read_minicpmv, slicing
+from vishwamai_edge.export.minicpmv_vision import load_vision
 from vishwamai_edge.export.torch_state import safetensors_state
-from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
-from vishwamai_edge.runtime.minicpmv import MiniCPMVEncoder, prompt_segments
-from vishwamai_edge.runtime.minicpmv_slices import placeholder, slice_pixels
+from vishwamai_edge.runtime.minicpmv_slices import placeholder, plan_slices, slice_pixels
+from vishwamai_edge.runtime.session import IMAGE_SENTINEL
 
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"2.0": ROOT / "recipes" / "minicpm-v-2.yaml", "2.6": ROOT / "recipes" / "minicpm-v-2_6.yaml"}
 QUESTION = "What is in the picture?"
+F32 = ("export.gguf.outtype=f32", "export.gguf.quants=[]", "export.gguf.imatrix=false")
+# (height, width): under 448^2 pixels (no slices), and 700 x 1000 (ratio 3.5: a grid of several slices)
+SIZES = {"plain": (300, 400), "sliced": (700, 1000)}
+
+
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def build(variant: str, src: Path, out: Path, *overrides: str, quant: str | None = "f32", target: str = "laptop-cpu",
+          expect: int = 0) -> subprocess.CompletedProcess:
+    args = ["build", "--recipe", str(RECIPES[variant]), "--target", target, "--out", str(out), "--threads", "2",
+            "--set", f"source.path={src}"]
+    for item in overrides:
+        args += ["--set", item]
+    if quant:
+        args += ["--quant", quant]
+    proc = cli(*args)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def bundle_of(out: Path) -> Path:
+    bundles = [p.parent for p in out.glob("*/*/manifest.json")]
+    assert len(bundles) == 1, bundles
+    return bundles[0]
+
+
+def photo(h: int, w: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
 def built(tiny_minicpmv, tmp_path_factory):
-    """variant -> (layout, torch vision, torch LLM, tokenizer, GGUF path, ONNX encoder, scale_emb)."""
-    import transformers
-
-    out: dict[str, tuple] = {}
+    """variant -> (source folder, bundle, the build's LLM folder), built once through the recipe."""
+    out: dict[str, tuple[Path, Path, Path]] = {}
 
     def make(variant: str):
-        if variant in out:
-            return out[variant]
-        root = tmp_path_factory.mktemp(f"minicpmv-{variant}")
-        layout = read_minicpmv(tiny_minicpmv(variant))
-        state = safetensors_state(layout.root, "MiniCPM-V")
-        vision, vlayout = load_vision(state, layout.config, layout.root)
-        llm_dir = root / "llm"
-        llm_dir.mkdir()
-        write_llm_folder(layout, llm_dir)
-        if variant == "2.0":
-            llm, scale = load_minicpm_lm(llm_dir), float(layout.config["scale_emb"])
-        else:
-            llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
-            scale = 1.0
-        gguf = convert_hf_to_gguf(llm_dir, root / "llm.gguf", "f32").path
-        graph = export_minicpmv_vision(vision, vlayout, root / "vision.onnx")
-        slices = dataclasses.replace(layout.slices, scale_resolution=112)
-        encoder = MiniCPMVEncoder.load(graph, position_table(state, vlayout), slices, vlayout.embed_dim, threads=2)
-        tokenizer = reference_tokenizer(llm_dir)
-        out[variant] = (slices, vision, llm, tokenizer, gguf, encoder, scale)
+        if variant not in out:
+            src = tiny_minicpmv(variant)
+            root = tmp_path_factory.mktemp(f"minicpmv-build-{variant}")
+            build(variant, src, root, *F32)
+            name = RECIPES[variant].stem
+            out[variant] = (src, bundle_of(root), root / name / "llm-hf")
         return out[variant]
 
     return make
 
 
-def reference_tokenizer(llm_dir):
+class Composite:
+    """The torch reference: our vision side from the source folder, the LLM from the split folder."""
+
+    def __init__(self, variant: str, src: Path, llm_dir: Path):
+        import transformers
+
+        self.variant = variant
+        layout = read_minicpmv(src)
+        self.slices = slicing(layout)
+        self.vision, _ = load_vision(safetensors_state(src, "MiniCPM-V"), layout.config, src)
+        if variant == "2.0":
+            self.llm = load_minicpm_lm(llm_dir)
+            self.embed = self.llm.embed
+        else:
+            self.llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+            self.embed = self.llm.get_input_embeddings()
+        self.tokenize = reference_tokenizer(llm_dir)
+
+    def prompt(self, image: np.ndarray, question: str) -> str:
+        """The prompt as the published chat() writes it for one image and a question."""
+        ph = placeholder(plan_slices(image.shape[1], image.shape[0], self.slices), self.slices, 0)
+        if self.variant == "2.0":  # MiniCPMVTokenizer.apply_chat_template: <用户>content<AI>
+            return f"<用户>{ph}\n{question}<AI>"
+        return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{ph}\n{question}"
+                "<|im_end|>\n<|im_start|>assistant\n")
+
+    def ids(self, text: str) -> list[int]:
+        """The prompt's ids with a sentinel per unk run (OpenBMB's processor bounds the runs)."""
+        pieces = text.split(self.slices.unk * self.slices.query_num)
+        ids = self.tokenize(pieces[0], True)
+        for piece in pieces[1:]:
+            ids += [IMAGE_SENTINEL] + (self.tokenize(piece, False) if piece else [])
+        return ids
+
+    def logits(self, image: np.ndarray, text: str) -> np.ndarray:
+        pieces = text.split(self.slices.unk * self.slices.query_num)
+        pixels = slice_pixels(image, plan_slices(image.shape[1], image.shape[0], self.slices))
+        assert len(pixels) == len(pieces) - 1
+        parts = []
+        with torch.no_grad():
+            for i, piece in enumerate(pieces):
+                ids = self.tokenize(piece, i == 0)
+                if ids:
+                    parts.append(self.embed(torch.tensor(ids)))
+                if i < len(pixels):
+                    x = torch.from_numpy(pixels[i].copy()).float().div(255).sub(0.5).div(0.5).permute(2, 0, 1)[None]
+                    parts.append(self.vision(x)[0])
+            return self.llm(inputs_embeds=torch.cat(parts)[None]).logits[0, -1].numpy()
+
+
+def reference_tokenizer(llm_dir: Path):
     """piece, first -> ids: SentencePiece itself for a tokenizer.model-only folder (2.0, as published; as
     export/verify.py compares), else the HF tokenizer."""
     import transformers
@@ -80,54 +151,172 @@ def reference_tokenizer(llm_dir):
     return lambda piece, first: list(hf(piece, add_special_tokens=first)["input_ids"])
 
 
-def torch_logits(variant, slices, vision, llm, tokenizer, image, text):
-    """The composite in torch: unk runs replaced by the reference's rows, as the published code does."""
-    run = slices.unk * slices.query_num
-    pieces = text.split(run)
-    plan_pixels = slice_pixels(image, _plan(image, slices))
-    embed = llm.embed if variant == "2.0" else llm.get_input_embeddings()
-    parts, ids_all = [], []
-    with torch.no_grad():
-        for i, piece in enumerate(pieces):
-            ids = tokenizer(piece, i == 0)
-            ids_all.append(ids)
-            if ids:
-                parts.append(embed(torch.tensor(ids)))
-            if i < len(plan_pixels):
-                x = torch.from_numpy(plan_pixels[i].copy()).float().div(255).sub(0.5).div(0.5).permute(2, 0, 1)[None]
-                parts.append(vision(x)[0])
-        logits = llm(inputs_embeds=torch.cat(parts)[None]).logits[0, -1].numpy()
-    return logits, ids_all
-
-
-def _plan(image, slices):
-    from vishwamai_edge.runtime.minicpmv_slices import plan_slices
-
-    return plan_slices(image.shape[1], image.shape[0], slices)
+def runtime_logits(pipeline, messages: list[dict]) -> tuple[np.ndarray, list[int], int]:
+    session = pipeline.session()
+    prompt = session.prompt(messages)
+    pipeline.llm.prefill(prompt.segments(pipeline.encode_images(prompt.images)))
+    return pipeline.llm.logits(), prompt.tokens, prompt.size
 
 
 @pytest.mark.parametrize("variant", ["2.0", "2.6"])
-@pytest.mark.parametrize("size, n_blocks", [((80, 100), 1), ((200, 300), 1 + 6)])
-def test_device_logits_match_torch_composite(built, variant, size, n_blocks):
-    slices, vision, llm, tokenizer, gguf, encoder, scale = built(variant)
-    image = np.random.default_rng(3).integers(0, 256, size=(*size, 3), dtype=np.uint8)
-    plan, blocks = encoder.encode(image)
-    assert len(blocks) == n_blocks == 1 + plan.n_slices
-    text = placeholder(plan, slices) + "\n" + QUESTION
-    want, want_ids = torch_logits(variant, slices, vision, llm, tokenizer, image, text)
+def test_manifest_carries_the_slicing_and_markers(built, variant):
+    _, bundle, _ = built(variant)
+    m = json.loads((bundle / "manifest.json").read_text())
+    image = m["encoders"]["image"]
+    assert image["kind"] == "minicpmv" and (bundle / image["file"]).is_file() and (bundle / image["positions"]).is_file()
+    assert image["slicing"] == {"version": variant, "max_slice_nums": 9, "scale_resolution": 448, "patch_size": 14,
+                                "query_num": 8, "use_image_id": variant == "2.6"}
+    assert image["markers"]["unk"] == "<unk>" and image["n_tokens"] == 8 and image["hidden"] == 256
+    assert image["row_divisor"] == (3.0 if variant == "2.0" else 1.0)  # the tiny MiniCPM's scale_emb
+    assert image["check"]["max_abs_diff"] < 1e-4 and image["check"]["max_rel_diff"] < 1e-4
+    assert m["llm"]["image_token"] == {"text": "(<image>./</image>)", "id": None}
+    assert ("<用户>" if variant == "2.0" else "<|im_start|>") in m["llm"]["chat_template"]
+    assert m["llm"]["file"] == "llm/model-f32.gguf"
 
-    backend = LlamaCppBackend.load(gguf, n_ctx=1024, n_threads=2)
+
+@pytest.mark.parametrize("variant", ["2.0", "2.6"])
+@pytest.mark.parametrize("size", ["plain", "sliced"])
+def test_bundle_logits_match_torch_composite(built, variant, size):
+    from vishwamai_edge.runtime.session import Pipeline
+
+    src, bundle, llm_dir = built(variant)
+    ref = Composite(variant, src, llm_dir)
+    image = photo(*SIZES[size])
+    n_blocks = 1 + plan_slices(image.shape[1], image.shape[0], ref.slices).n_slices
+    assert (n_blocks == 1) == (size == "plain") and n_blocks in (1, 4, 5, 6)
+    messages = [{"role": "user", "content": [{"type": "image", "pixels": image}, {"type": "text", "text": QUESTION}]}]
+    text = ref.prompt(image, QUESTION)
+    if variant == "2.6":
+        assert text.count("<image_id>0</image_id>") == 1 and text.count("<slice>") == n_blocks - 1
+    else:
+        assert text.count("<image>") == n_blocks and text.count("<slice>") == (n_blocks > 1)
+    want = ref.logits(image, text)
+    pipeline = Pipeline.load(bundle, n_threads=2)
     try:
-        def tokenize(piece: str, first: bool) -> list[int]:
-            return backend.tokenize(piece, add_special=first, parse_special=True) if piece or first else []
-
-        segments = prompt_segments(text, blocks, slices, tokenize, row_divisor=scale)
-        token_segments = [list(s.tokens) for s in segments if hasattr(s, "tokens")]
-        assert token_segments == [ids for ids in want_ids if ids]
-        backend.prefill(segments)
-        got = backend.logits()[:len(want)]
+        got, tokens, positions = runtime_logits(pipeline, messages)
     finally:
-        backend.close()
+        pipeline.close()
+    assert tokens == ref.ids(text)
+    assert tokens.count(IMAGE_SENTINEL) == n_blocks
+    assert positions == len(tokens) + n_blocks * (8 - 1)
+    got = got[:len(want)]
     diff = float(np.abs(got - want).max())
+    print(f"MiniCPM-V {variant} {size} ({n_blocks} blocks, {positions} positions): max |Δlogit| {diff:.3g}, "
+          f"std {float(want.std()):.3g}")
     assert diff < 0.02 * float(want.std()), (diff, float(want.std()))
     assert int(np.argmax(got)) == int(np.argmax(want))
+
+
+def test_second_turn_numbers_images_and_keeps_the_first(built):
+    """2.6: each image of a conversation gets its own <image_id>, and its rows stay at their runs."""
+    from vishwamai_edge.runtime.session import Pipeline
+
+    _, bundle, _ = built("2.6")
+    pipeline = Pipeline.load(bundle, n_threads=2)
+    try:
+        session = pipeline.session(max_tokens=4)
+        a, b = photo(300, 400, 1), photo(700, 1000, 2)
+        reply = "".join(session.ask(QUESTION, images=[a]))
+        assert session.last_stats.images == 1
+        "".join(session.ask("And this one?", images=[b]))
+        prompt = session.prompt(session.messages[:-1])
+        blocks = 1 + plan_slices(1000, 700, pipeline.encoders["image"].slices).n_slices
+        assert prompt.blocks_per_image == [1, blocks]
+        assert prompt.tokens.count(IMAGE_SENTINEL) == 1 + blocks
+        assert session.last_stats.prompt_tokens == prompt.size
+        assert isinstance(reply, str)
+    finally:
+        pipeline.close()
+
+
+@pytest.mark.parametrize("variant", ["2.0", "2.6"])
+def test_chat_image_on_the_bundle(built, variant, tmp_path):
+    from PIL import Image
+
+    _, bundle, _ = built(variant)
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo(700, 1000, 7)).save(image)
+    proc = cli("chat", str(bundle), "--image", str(image), "--prompt", QUESTION, "--max-tokens", "6",
+               "--threads", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
+
+
+# -- the Q4_K_M bundle of the recipe's default ------------------------------------------------------
+
+
+def test_default_quant_bundle_for_orin(tiny_minicpmv, tmp_path):
+    """orin-nx-16 with the recipe as it is: Q4_K_M, fp32 vision graph, CUDA first for ONNX Runtime."""
+    build("2.0", tiny_minicpmv("2.0"), tmp_path, quant=None, target="orin-nx-16")
+    m = json.loads((bundle_of(tmp_path) / "manifest.json").read_text())
+    assert m["llm"]["quant"] == "q4_k_m" and m["encoders"]["image"]["kind"] == "minicpmv"
+    assert m["encoders"]["image"]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert m["memory_plan"]["fits"] is True and "engines" not in m
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def test_missing_resampler_tensors(tiny_minicpmv, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "MiniCPM-V-2"
+    shutil.copytree(tiny_minicpmv("2.0"), broken)
+    state = load_file(str(broken / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("resampler.")}, str(broken / "model.safetensors"))
+    _one_line_error(build("2.0", broken, tmp_path / "b", expect=2), "resampler.query", "no resampler tensors")
+
+
+def test_unknown_version(tiny_minicpmv, tmp_path):
+    broken = tmp_path / "MiniCPM-V-2_6"
+    shutil.copytree(tiny_minicpmv("2.6"), broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["version"] = 9.5
+    (broken / "config.json").write_text(json.dumps(config))
+    _one_line_error(build("2.6", broken, tmp_path / "b", expect=2), "version 9.5", "not supported", "2.0", "2.6")
+
+
+def test_fp16_vision_refused(tiny_minicpmv, tmp_path):
+    _one_line_error(build("2.0", tiny_minicpmv("2.0"), tmp_path, "export.vision.dtype=fp16", expect=2),
+                    "export.vision.dtype", "fp32")
+
+
+def test_api_answers_a_sliced_image_as_the_session_does(built, tmp_path):
+    """`serve` (a real process on 127.0.0.1) on the 2.6 bundle: an image that needs slices, sent as a
+    data URL, gets the in-process session's greedy answer and the same prompt size."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from serve_process import start_server, stop_server
+    from vlm_bundles import in_process_answers
+
+    _, bundle, _ = built("2.6")
+    image = photo(700, 1000, 5)
+    (want,) = in_process_answers(bundle, [(QUESTION, [image])], 6)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    live = start_server(bundle, tmp_path / "server.log")
+    try:
+        body = {"model": live.model, "max_tokens": 6, "temperature": 0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": QUESTION}]}]}
+        r = httpx.post(live.base_url + "/chat/completions", json=body, timeout=120)
+    finally:
+        stop_server(live)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want
+    # overview + 4 slices of 8 rows, each run one position per row
+    assert r.json()["usage"]["prompt_tokens"] > 5 * 8

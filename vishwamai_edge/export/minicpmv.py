@@ -160,3 +160,113 @@ def model_size(layout: MiniCPMVLayout, name: str) -> Any:
     resampler = c * d + 4 * d * d + d * d + queries * d  # kv_proj, attention in/out, proj, queries
     return replace(size, encoder_params=float(tower + resampler),
                    image_tokens=(1 + layout.slices.max_slice_nums) * queries)
+
+
+# -- the chat templates and the bundle's vision side -------------------------------------------
+
+def _parts_macro(marker: str) -> str:
+    # a message's parts joined by "\n", an image as the marker: MiniCPM-V 2.6's chat() (modeling_minicpmv.py:
+    # images become "(<image>./</image>)", the contents "\n".join-ed); 2.0's chat() writes the image's
+    # placeholder, "\n", then the text, which is the same for an image first
+    return ("{%- macro text(content) -%}"
+            "{%- if content is string -%}{{- content -}}"
+            "{%- else -%}{%- for p in content -%}"
+            "{%- if not loop.first -%}{{- " + json.dumps("\n") + " -}}{%- endif -%}"
+            "{%- if p['type'] == 'image' -%}{{- " + json.dumps(marker) + " -}}"
+            "{%- else -%}{{- p['text'] -}}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}"
+            "{%- endmacro -%}")
+
+
+def chat_template(version: str) -> str:
+    """2.0: MiniCPM's "<用户>question<AI>answer" turns, "<AI>" to answer (MiniCPMVTokenizer.apply_chat_template
+    in the MiniCPM-V-2 folder; its chat() takes user/assistant only, so a system text goes first as it is);
+    2.6: Qwen2's ChatML with its default system prompt (the folder's tokenizer_config.json, which
+    chat() renders with add_generation_prompt)."""
+    from ..runtime.minicpmv import IMAGE_MARKER
+
+    head = _parts_macro(IMAGE_MARKER)
+    if version == "2.0":
+        return head + (
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'system' -%}{{- text(m['content']) -}}"
+            "{%- elif m['role'] == 'user' -%}{{- '<用户>' ~ text(m['content']) -}}"
+            "{%- else -%}{{- '<AI>' ~ text(m['content']) -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<AI>' -}}{%- endif -%}")
+    return head + (
+        "{%- for m in messages -%}"
+        "{%- if loop.first and m['role'] != 'system' -%}"
+        "{{- " + json.dumps("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n") + " -}}{%- endif -%}"
+        "{{- '<|im_start|>' ~ m['role'] ~ " + json.dumps("\n") + " ~ text(m['content']) ~ '<|im_end|>' ~ "
+        + json.dumps("\n") + " -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + json.dumps("<|im_start|>assistant\n") + " -}}{%- endif -%}")
+
+
+def slicing(layout: MiniCPMVLayout) -> SliceConfig:
+    """The slicing settings, preprocessor_config.json first (2.6 keeps scale_resolution and use_image_id
+    there; MiniCPMV.chat asserts query_num, patch_size, use_image_id, max_slice_nums agree with config.json),
+    then config.json (2.0 keeps them all at its top level)."""
+    from dataclasses import replace
+
+    pre_path = layout.root / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else {}
+    base = layout.slices
+    use_image_id = pre.get("use_image_id", layout.config.get("use_image_id"))
+    config = replace(base, max_slice_nums=int(pre.get("max_slice_nums", base.max_slice_nums)),
+                     scale_resolution=int(pre.get("scale_resolution", base.scale_resolution)),
+                     patch_size=int(pre.get("patch_size", base.patch_size)),
+                     use_image_id=bool(use_image_id) if use_image_id is not None else SCHEMES[layout.version][0])
+    queries = int(pre.get("image_feature_size", config.query_num))
+    if queries != config.query_num:
+        raise SourceError(f"{pre_path}: image_feature_size {queries} but config.json query_num {config.query_num}")
+    return config
+
+
+def export_vision(layout: MiniCPMVLayout, graph: Path, positions: Path, threads: int | None = None) -> dict[str, Any]:
+    """Tower + resampler -> ONNX (fp32) and the tower's position table -> .npy, the graph checked against
+    our torch reference on an overview-sized grid and a non-square slice grid. The caller makes the
+    paths atomic. Returns the manifest entry's numbers."""
+    import numpy as np
+
+    from ..errors import ExportError, require
+    from .minicpmv_vision import load_vision, position_table
+    from .onnx.minicpmv import REL_TOLERANCE, compare_minicpmv_vision, export_minicpmv_vision
+    from .torch_state import safetensors_state
+
+    torch = require("torch", "build")
+    if threads:
+        torch.set_num_threads(threads)
+    state = safetensors_state(layout.root, "MiniCPM-V")
+    module, vlayout = load_vision(state, layout.config, layout.root)
+    table = position_table(state, vlayout)
+    export_minicpmv_vision(module, vlayout, graph)
+    with open(positions, "wb") as f:
+        np.save(f, table.table)
+    config = slicing(layout)
+    n = max(config.scale_resolution // config.patch_size, 1)
+    grids = [(n, n), (max(n - n // 4, 1), n + n // 3)]
+    worst, rel = compare_minicpmv_vision(module, vlayout, graph, grids)
+    if rel > REL_TOLERANCE:
+        raise ExportError(f"{graph.name} does not match the torch reference: max |diff| {worst:.3g}, "
+                          f"{rel:.3g} of the rows' range (tolerance {REL_TOLERANCE})")
+    return {"variant": vlayout.variant, "pos_side": vlayout.pos_side, "hidden": vlayout.embed_dim,
+            "vision_hidden": vlayout.width, "n_tokens": config.query_num,
+            "check": {"max_abs_diff": worst, "max_rel_diff": rel, "grids": [list(g) for g in grids],
+                      "rel_tolerance": REL_TOLERANCE}}
+
+
+def manifest_entry(layout: MiniCPMVLayout, exported: dict[str, Any], graph_rel: str, positions_rel: str,
+                   providers: list[str]) -> dict[str, Any]:
+    """`encoders.image` for runtime/minicpmv.py's MiniCPMVImageEncoder."""
+    config = slicing(layout)
+    return {**exported, "kind": "minicpmv", "file": graph_rel, "positions": positions_rel, "providers": providers,
+            "slicing": {"version": layout.version, "max_slice_nums": config.max_slice_nums,
+                        "scale_resolution": config.scale_resolution, "patch_size": config.patch_size,
+                        "query_num": config.query_num, "use_image_id": config.use_image_id},
+            "markers": {"unk": config.unk, "image": ["<image>", "</image>"], "slice": ["<slice>", "</slice>"],
+                        "image_id": ["<image_id>", "</image_id>"]},
+            # llama.cpp's minicpm graph scales every input row by embedding_scale, MiniCPM-V 2.0 splices
+            # its rows unscaled: they go in divided by scale_emb (runtime/minicpmv.py)
+            "row_divisor": float(layout.config["scale_emb"]) if layout.version == "2.0" else 1.0}

@@ -111,3 +111,70 @@ def prompt_segments(text: str, blocks: Sequence[np.ndarray], slices: SliceConfig
             segments.append(EmbeddingSegment(np.ascontiguousarray(blocks[i] / np.float32(row_divisor),
                                                                   dtype=np.float32)))
     return segments
+
+
+# the text a chat template writes for one image (MiniCPM-V's own chat() and processors write it too:
+# "(<image>./</image>)"), replaced per image by its overview + slices placeholder
+IMAGE_MARKER = "(<image>./</image>)"
+
+
+class MiniCPMVImageEncoder:
+    """A bundle's MiniCPM-V image encoder (manifest `encoders.image`, kind minicpmv): one image in,
+    its placeholder text and (1 + slices) x query_num rows out. Each block of query_num rows stands
+    for one run of unk tokens in the placeholder, in the same order (overview, then slices row by row)."""
+
+    kind = "minicpmv"
+    sliced = True  # rows per image vary: the session asks `placeholder` and `n_blocks` per image
+
+    def __init__(self, encoder: MiniCPMVEncoder, row_divisor: float = 1.0):
+        self.encoder = encoder
+        self.slices = encoder.slices
+        self.n_tokens = encoder.slices.query_num  # rows per block
+        self.hidden = encoder.embed_dim
+        self.row_divisor = row_divisor
+        self.providers: list[str] = list(encoder.session.get_providers())
+
+    @classmethod
+    def from_manifest(cls, bundle: Any, entry: dict[str, Any], threads: int | None = None,
+                      providers: Sequence[Provider] | None = None) -> MiniCPMVImageEncoder:
+        """`entry` is what build.py's MiniCPM-V stage writes: graph, position table, slicing, markers."""
+        try:
+            s = entry["slicing"]
+            slices = SliceConfig(str(s["version"]), int(s["max_slice_nums"]), int(s["scale_resolution"]),
+                                 int(s["patch_size"]), int(s["query_num"]), str(entry["markers"]["unk"]),
+                                 bool(s["use_image_id"]))
+            table = np.load(bundle.file(entry["positions"]), allow_pickle=False)
+            positions = PositionTable(str(entry["variant"]), table.astype(np.float32), int(entry["pos_side"]))
+            embed_dim, divisor = int(entry["hidden"]), float(entry.get("row_divisor", 1.0))
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise BundleError(f"the manifest's MiniCPM-V image encoder entry is incomplete ({exc})") from None
+        if table.shape != (positions.side ** 2, table.shape[-1]):
+            raise BundleError(f"{entry['positions']}: a {table.shape} table is no {positions.side}^2 grid")
+        encoder = MiniCPMVEncoder.load(bundle.file(entry["file"]), positions, slices, embed_dim,
+                                       providers or entry.get("providers"), threads)
+        return cls(encoder, divisor)
+
+    def plan(self, image: np.ndarray) -> SlicePlan:
+        if not (isinstance(image, np.ndarray) and image.ndim == 3):
+            raise InputError(f"an image must be an (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', None)}")
+        return plan_slices(image.shape[1], image.shape[0], self.slices)
+
+    def placeholder(self, image: np.ndarray, index: int) -> str:
+        from .minicpmv_slices import placeholder
+
+        return placeholder(self.plan(image), self.slices, index)
+
+    def n_blocks(self, image: np.ndarray) -> int:
+        return 1 + self.plan(image).n_slices
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per image its (n_blocks * query_num, D) rows, already divided by `row_divisor`."""
+        out = []
+        for image in images:
+            _, blocks = self.encoder.encode(image)
+            rows = np.concatenate(blocks, axis=0) / np.float32(self.row_divisor)
+            out.append(np.ascontiguousarray(rows, dtype=np.float32))
+        return out
+
+    def close(self) -> None:
+        self.encoder.session = None

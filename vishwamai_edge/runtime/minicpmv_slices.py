@@ -51,6 +51,10 @@ class SliceConfig:
     patch_size: int = 14
     query_num: int = 64
     unk: str = "<unk>"
+    # 2.6: `<image_id>N</image_id>` before each image; the folder's config.json and
+    # preprocessor_config.json both carry `use_image_id` (true as published; MiniCPMV.chat asserts
+    # they agree). None: the version's scheme (2.0 never writes ids).
+    use_image_id: bool | None = None
 
     def __post_init__(self) -> None:
         if self.version not in SCHEMES:
@@ -167,6 +171,8 @@ def plan_slices_llamacpp(width: int, height: int, slice_size: int = 448, patch: 
 def placeholder(plan: SlicePlan, config: SliceConfig, image_index: int = 0) -> str:
     """The text standing for one image in the prompt; each run of `unk` gets one image's query rows."""
     use_image_id, per_slice_marks = SCHEMES[config.version]
+    if config.use_image_id is not None:
+        use_image_id = config.use_image_id
     queries = config.unk * config.query_num
     text = f"<image_id>{image_index}</image_id>" if use_image_id else ""
     text += f"<image>{queries}</image>"

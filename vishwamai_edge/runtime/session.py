@@ -6,8 +6,10 @@ bundles whose audio encoder feeds the LLM (manifest `encoders.audio.mode` embedd
 `{"type": "audio", "samples": (n,) float32, "rate": Hz}`. The chat template writes one
 placeholder token per image (LLaVA's `<image>`) or audio clip (`<audio>`); the encoder's rows
 replace it in the prompt as an embedding segment, so an image takes `n_tokens` positions of
-the context and is never part of a reused KV prefix. Other bundles with an audio encoder
-transcribe audio first and send the text (the speech-to-text cascade).
+the context and is never part of a reused KV prefix. A sliced image (MiniCPM-V: an overview
+and a grid of slices) takes a variable number of blocks of rows: its marker becomes its
+placeholder text, and each block's run of unk tokens becomes one embedding segment. Other
+bundles with an audio encoder transcribe audio first and send the text (the speech-to-text cascade).
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ class Prompt:
 
     tokens: list[int]
     images: list[np.ndarray]
-    image_positions: list[int]
-    tokens_per_image: int = 0
+    image_positions: list[int]  # one per block of rows: an image with slices (MiniCPM-V) has several
+    tokens_per_image: int = 0  # rows per block
+    blocks_per_image: list[int] = field(default_factory=list)  # empty: one block each
     audio: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (samples, rate)
     audio_positions: list[int] = field(default_factory=list)
     tokens_per_audio: int = 0
@@ -120,12 +123,16 @@ class Prompt:
     @property
     def size(self) -> int:
         """Context positions it takes: each placeholder becomes the encoder's rows."""
-        return (len(self.tokens) + len(self.images) * (self.tokens_per_image - 1)
+        return (len(self.tokens) + len(self.image_positions) * (self.tokens_per_image - 1)
                 + len(self.audio) * (self.tokens_per_audio - 1))
 
     def segments(self, embeddings: list[np.ndarray], audio_embeddings: list[np.ndarray] | tuple = ()) -> list[Segment]:
         out: list[Segment] = []
         start = 0
+        if self.blocks_per_image:  # each image's rows, one block per position
+            n = self.tokens_per_image
+            embeddings = [rows[i * n:(i + 1) * n] for rows, k in zip(embeddings, self.blocks_per_image)
+                          for i in range(k)]
         placed = sorted([*zip(self.image_positions, embeddings), *zip(self.audio_positions, audio_embeddings)],
                         key=lambda item: item[0])
         for pos, rows in placed:
@@ -352,7 +359,11 @@ def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any
     out: dict[str, Any] = {}
     try:
         for kind, entry in entries.items():
-            if kind == "image" and isinstance(entry, dict) and "file" in entry:
+            if kind == "image" and isinstance(entry, dict) and entry.get("kind") == "minicpmv":
+                from .minicpmv import MiniCPMVImageEncoder
+
+                out[kind] = MiniCPMVImageEncoder.from_manifest(bundle, entry, threads=n_threads)
+            elif kind == "image" and isinstance(entry, dict) and "file" in entry:
                 out[kind] = ImageEncoder.from_manifest(bundle.file(entry["file"]), entry, threads=n_threads)
             elif kind == "audio" and isinstance(entry, dict) and entry.get("mode") == "embeddings":
                 out[kind] = AudioEmbeddingEncoder.from_manifest(bundle.file(entry.get("file", "")), entry,
@@ -483,9 +494,11 @@ class ChatSession:
                 raise InputError("this bundle has no image encoder; send text only, or build a bundle from a "
                                  "multimodal recipe")
             positions = [i for i, t in enumerate(tokens) if t == token_id]
-            if len(positions) != len(images):
+            blocks = [encoder.n_blocks(im) for im in images] if getattr(encoder, "sliced", False) else []
+            if len(positions) != (sum(blocks) if blocks else len(images)):
                 raise InputError(f"the chat template placed {len(positions)} image markers for {len(images)} images")
             prompt.images, prompt.image_positions, prompt.tokens_per_image = images, positions, encoder.n_tokens
+            prompt.blocks_per_image = blocks
         if clips:
             if not self.pipeline.audio_embeds:
                 raise InputError("this bundle's LLM takes no audio rows; audio parts are transcribed by `ask`")
@@ -504,7 +517,10 @@ class ChatSession:
             eos_token=_special_text(self.llm, "eos"),
         )
         split = self.pipeline.image_split_text
-        if split is None:
+        encoder = self.pipeline.encoders.get("image")
+        if split is not None and getattr(encoder, "sliced", False):
+            tokens = self._sliced_tokens(prompt, split, encoder, messages)
+        elif split is None:
             tokens = self.llm.tokenize(prompt, add_special=True, parse_special=True)
         else:
             first, *rest = prompt.split(split)
@@ -515,6 +531,23 @@ class ChatSession:
         bos = self.llm.special_token("bos")
         if len(tokens) > 1 and bos is not None and tokens[0] == tokens[1] == bos[0]:
             tokens = tokens[1:]  # the template wrote BOS and the tokenizer added another
+        return tokens
+
+    def _sliced_tokens(self, prompt: str, marker: str, encoder: Any, messages: list[dict[str, Any]]) -> list[int]:
+        """MiniCPM-V: each image's marker becomes its placeholder text (overview + slices, with their
+        `<image>`/`<slice>` marks), and the text is tokenized piece by piece between the runs of unk
+        tokens, as OpenBMB's processor bounds them; a sentinel stands for each run (one block of rows)."""
+        images = [p["pixels"] for m in messages if isinstance(m["content"], list) for p in m["content"]
+                  if p.get("type") == "image"]
+        first, *rest = prompt.split(marker)
+        if len(rest) != len(images):
+            raise InputError(f"the chat template placed {len(rest)} image markers for {len(images)} images")
+        text = first + "".join(encoder.placeholder(im, i) + chunk for i, (im, chunk) in enumerate(zip(images, rest)))
+        head, *pieces = text.split(encoder.slices.unk * encoder.slices.query_num)
+        tokens = self.llm.tokenize(head, add_special=True, parse_special=True)
+        for piece in pieces:
+            tokens += [IMAGE_SENTINEL] + (self.llm.tokenize(piece, add_special=False, parse_special=True)
+                                          if piece else [])
         return tokens
 
     def _for_template(self, message: dict[str, Any]) -> dict[str, Any]:
