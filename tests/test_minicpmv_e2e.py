@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,8 @@ from vishwamai_edge.export.torch_state import safetensors_state
 from vishwamai_edge.runtime.minicpmv_slices import placeholder, plan_slices, slice_pixels
 from vishwamai_edge.runtime.session import IMAGE_SENTINEL
 
+from recipe_builds import build_recipe, bundle_of, cli
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"2.0": ROOT / "recipes" / "minicpm-v-2.yaml", "2.6": ROOT / "recipes" / "minicpm-v-2_6.yaml"}
 QUESTION = "What is in the picture?"
@@ -43,28 +44,9 @@ F32 = ("export.gguf.outtype=f32", "export.gguf.quants=[]", "export.gguf.imatrix=
 SIZES = {"plain": (300, 400), "sliced": (700, 1000)}
 
 
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def build(variant: str, src: Path, out: Path, *overrides: str, quant: str | None = "f32", target: str = "laptop-cpu",
           expect: int = 0) -> subprocess.CompletedProcess:
-    args = ["build", "--recipe", str(RECIPES[variant]), "--target", target, "--out", str(out), "--threads", "2",
-            "--set", f"source.path={src}"]
-    for item in overrides:
-        args += ["--set", item]
-    if quant:
-        args += ["--quant", quant]
-    proc = cli(*args)
-    assert proc.returncode == expect, proc.stderr[-3000:]
-    return proc
-
-
-def bundle_of(out: Path) -> Path:
-    bundles = [p.parent for p in out.glob("*/*/manifest.json")]
-    assert len(bundles) == 1, bundles
-    return bundles[0]
+    return build_recipe(RECIPES[variant], src, out, *overrides, quant=quant, target=target, expect=expect)
 
 
 def photo(h: int, w: int, seed: int = 3) -> np.ndarray:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from recipe_builds import build_recipe, bundle_of, cli
 from vila_models import (LLM_HIDDEN, N_TOKENS, NotATensor, PROJECTOR_CONFIG, TOP_LEVEL, V_HIDDEN, VilaReference,
                          build_tiny_vila, build_tiny_vila_awq, pack_tinychat_v2, tinychat_truth, tinychat_weight,
                          vila_prompt)
@@ -30,28 +30,9 @@ NO_ENGINES_EXPORT = "export.engines.edgellm=false"  # Edge-LLM's export has its 
 F32 = ("export.gguf.outtype=f32", "export.vision.dtype=fp32", "export.gguf.imatrix=false", "export.gguf.quants=[]")
 
 
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def build(src: Path, out: Path, *overrides: str, target: str = "laptop-cpu", quant: str | None = None,
           expect: int = 0) -> subprocess.CompletedProcess:
-    args = ["build", "--recipe", str(RECIPE), "--target", target, "--out", str(out), "--threads", "2",
-            "--set", f"source.path={src}", "--set", NO_ENGINES_EXPORT]
-    for item in overrides:
-        args += ["--set", item]
-    if quant:
-        args += ["--quant", quant]
-    proc = cli(*args)
-    assert proc.returncode == expect, proc.stderr[-3000:]
-    return proc
-
-
-def bundle_of(out: Path) -> Path:
-    bundles = [p.parent for p in out.glob("*/*/manifest.json")]
-    assert len(bundles) == 1, bundles
-    return bundles[0]
+    return build_recipe(RECIPE, src, out, NO_ENGINES_EXPORT, *overrides, quant=quant, target=target, expect=expect)
 
 
 def photo(h: int, w: int, seed: int) -> np.ndarray:

@@ -160,18 +160,24 @@ def test_stop_string_and_budget_as_plain(pipeline):
     assert "1902" not in results[0][0]
 
 
+def same_as_plain(pipeline, spec, texts) -> SpeculativeCounts:
+    """Each prompt's speculative greedy reply and KV cache equal plain decoding's; the drafts counted."""
+    total = SpeculativeCounts()
+    for text in texts:
+        ids = prompt_ids(pipeline, text)
+        plain, plain_keys = plain_tokens(pipeline.llm, ids)
+        fast, fast_keys, counts = spec_tokens(spec, pipeline.llm, ids)
+        assert fast == plain and fast_keys == plain_keys
+        total.drafted += counts.drafted
+        total.accepted += counts.accepted
+    return total
+
+
 def test_draft_model_equal_to_target_accepts_nearly_everything(pipeline, shipped):
     llm = pipeline.llm
     spec = Speculator.load(SpeculativeOptions(mode="draft", draft=shipped), llm, n_threads=1)
     try:
-        counts_all = SpeculativeCounts()
-        for text in (QUOTE_PROMPTS[2], CHAT_PROMPTS[0]):
-            ids = prompt_ids(pipeline, text)
-            plain, plain_keys = plain_tokens(llm, ids)
-            fast, fast_keys, counts = spec_tokens(spec, llm, ids)
-            assert fast == plain and fast_keys == plain_keys
-            counts_all.drafted += counts.drafted
-            counts_all.accepted += counts.accepted
+        counts_all = same_as_plain(pipeline, spec, (QUOTE_PROMPTS[2], CHAT_PROMPTS[0]))
         assert counts_all.drafted > 0 and counts_all.acceptance > 0.95, counts_all
     finally:
         spec.close()
@@ -181,14 +187,7 @@ def test_a_requantized_draft_model_gives_the_plain_reply(pipeline, q4_0_draft):
     llm = pipeline.llm
     spec = Speculator.load(SpeculativeOptions(mode="draft", draft=q4_0_draft), llm, n_threads=1)
     try:
-        total = SpeculativeCounts()
-        for text in (QUOTE_PROMPTS[1], CHAT_PROMPTS[1]):
-            ids = prompt_ids(pipeline, text)
-            plain, plain_keys = plain_tokens(llm, ids)
-            fast, fast_keys, counts = spec_tokens(spec, llm, ids)
-            assert fast == plain and fast_keys == plain_keys
-            total.drafted += counts.drafted
-            total.accepted += counts.accepted
+        total = same_as_plain(pipeline, spec, (QUOTE_PROMPTS[1], CHAT_PROMPTS[1]))
         assert 0 < total.accepted < total.drafted  # another model: some drafts are rejected, most not
     finally:
         spec.close()
