@@ -64,7 +64,6 @@ def bench_transformers(args) -> dict:
 
     torch.set_num_threads(args.threads)
     hf_dir = Path(args.hf_dir) if args.hf_dir else embedded_hf_dir()
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor([args.prompt_ids])
     n = min(args.tokens, 64)  # fp32 is slow: fewer tokens give the same per-token figure

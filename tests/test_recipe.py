@@ -78,3 +78,15 @@ def test_targets():
     assert all(t.cuda_arch == "87" for t in TARGETS.values() if t.jetson)
     with pytest.raises(Exception, match="unknown target"):
         get_target("raspberry")
+
+
+def test_quantized_llm_must_be_what_the_bundle_ships(tmp_path):
+    align = ("name: x\nfinetune:\n  method: align\n  dataset: {shapes: {train: 12, eval: 6}}\n"
+             "  align: {quantized_llm: q4_k_m, stage2_steps: %d}\nexport:\n  gguf: {quants: [%s], imatrix: %s}\n")
+    assert load_recipe(write(tmp_path, align % (0, "q4_k_m", "false"))).finetune.align.quantized_llm == "q4_k_m"
+    with pytest.raises(RecipeError, match="is not one of export.gguf.quants"):
+        load_recipe(write(tmp_path, align % (0, "q8_0", "false")))
+    with pytest.raises(RecipeError, match="needs export.gguf.imatrix: false"):
+        load_recipe(write(tmp_path, align % (0, "q4_k_m", "true")))
+    with pytest.raises(RecipeError, match=r"finetune\.align: .*stage 2 changes the LLM"):
+        load_recipe(write(tmp_path, align % (3, "q4_k_m", "false")))

@@ -214,6 +214,10 @@ class AlignSpec(Strict):
     image_token: str = Field("<image>", min_length=1, description="added to the LLM's vocabulary if missing")
     audio_token: str = Field("<audio>", min_length=1, description="audio encoders: the placeholder of an audio "
                              "part, added to the LLM's vocabulary if missing")
+    quantized_llm: Quant | None = Field(
+        None, description="stage 1 trains against the LLM quantized to this GGUF type and dequantized, so the "
+        "projector learns the weights the bundle runs (a small LLM at 4 bits reads image rows differently from "
+        "its fp16 self); one of export.gguf.quants, with export.gguf.imatrix false and stage2_steps 0")
 
     @model_validator(mode="after")
     def _stack_fits_encoder(self) -> AlignSpec:
@@ -221,6 +225,9 @@ class AlignSpec(Strict):
         if audio and "tokens" in self.projector.model_fields_set:
             raise ValueError("projector.tokens: an audio projector's rows come from projector.stack "
                              "(1500 Whisper frames / stack); leave tokens out")
+        if self.quantized_llm is not None and self.stage2_steps:
+            raise ValueError("quantized_llm: stage 2 changes the LLM that stage 1 trained against; set "
+                             "stage2_steps: 0 or leave quantized_llm out")
         if not audio and self.projector.stack != 1:
             raise ValueError(f"projector.stack: frame stacking is for audio encoders (kind whisper), not "
                              f"{self.encoder.kind!r}; image encoders pool to projector.tokens")
@@ -295,6 +302,15 @@ class Recipe(Strict):
         if a is not None and a.encoder.kind == "whisper" and self.speech is not None:
             raise ValueError("speech: this model hears audio through its own encoder (finetune.align.encoder.kind "
                              "whisper); a speech section would transcribe the same audio parts: keep one of the two")
+        if a is not None and a.quantized_llm is not None:
+            gguf = self.export.gguf
+            if a.quantized_llm not in gguf.quants:
+                raise ValueError(f"finetune.align.quantized_llm: {a.quantized_llm!r} is not one of export.gguf.quants "
+                                 f"{gguf.quants}: train against the quantization the bundle ships")
+            if gguf.imatrix:
+                raise ValueError("finetune.align.quantized_llm: needs export.gguf.imatrix: false (the importance "
+                                 "matrix is measured on the trained projector's rows, so the bundle's weights would "
+                                 "differ from those the projector learnt)")
         return self
 
     @field_validator("name")
@@ -331,14 +347,14 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' messages say what is wrong themselves
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif err["type"] == "missing":
             msg = "required field is missing"
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise RecipeError(f"{path}: {field}: {msg}{more}") from None
+        raise RecipeError(f"{path}: {field + ': ' if field else ''}{msg}{more}") from None
     recipe.path = path.resolve()
     return recipe
 

@@ -18,6 +18,7 @@ from vision_models import build_tiny_llava_vision
 
 from vishwamai_edge.errors import ExportError
 from vishwamai_edge.export.gguf.mmproj import write_mmproj
+from vishwamai_edge.runtime.backends.llamacpp import model_params
 
 IMAGE_SIZE, PATCH = 30, 6
 SIZES = {"image_size": IMAGE_SIZE, "patch_size": PATCH}
@@ -97,7 +98,7 @@ class _Mtmd:
 
         self.L, self.M = llama_cpp, M
         llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
+        mp = model_params(llama_cpp)  # as the runtime loads it (AMX off on VMs where it crashes)
         mp.n_gpu_layers = 0
         self.model = llama_cpp.llama_model_load_from_file(str(llm_gguf).encode(), mp)
         assert self.model

@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 from vishwamai_edge.errors import BundleError, ContextOverflowError
 from vishwamai_edge.export.gguf import convert_hf_to_gguf
 from vishwamai_edge.runtime.backends import EmbeddingSegment, SamplingParams, TokenSegment
-from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
+from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend, model_params
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,17 @@ def test_embedding_width_checked(tiny):
     backend, _ = tiny
     with pytest.raises(ValueError, match="embeddings must be"):
         backend.prefill([EmbeddingSegment(np.zeros((3, 7), np.float32))])
+
+
+def test_amx_kernels_only_on_request(monkeypatch):
+    """A build with AMX keeps its weights out of the AMX buffers unless asked (they crash some VMs)."""
+    import llama_cpp
+
+    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    monkeypatch.delenv("VISHWAMAI_EDGE_LLAMA_AMX", raising=False)
+    assert model_params(llama_cpp).use_extra_bufts is not amx
+    monkeypatch.setenv("VISHWAMAI_EDGE_LLAMA_AMX", "1")
+    assert model_params(llama_cpp).use_extra_bufts is True
 
 
 def test_truncated_gguf_is_refused(tiny_model, tmp_path):

@@ -131,14 +131,15 @@ def q4_k_m(shipped, tmp_path_factory):
 
 
 def test_q4_k_m_drafts_are_kept_to_exact_batches(q4_k_m):
-    """llama.cpp's CPU kernels give a Q4_K_M model other logits (by up to about 1.5) in batches of 4
-    rows or more; at 8 draft tokens 5 of the 8 replies below changed. The load-time check keeps
-    drafts at 2 (3 rows, exact), and then every reply is the plain one."""
+    """llama.cpp's CPU kernels give a Q4_K_M model other logits in larger batches: with its repacked
+    AVX kernels from 4 rows on (by up to about 1.5; at 8 draft tokens 5 of the 8 replies below
+    changed), without them (an AMX host, model_params) from 8 rows on. The load-time check keeps
+    drafts below the first inexact batch, and then every reply is the plain one."""
     llm = q4_k_m.llm
     exact, worst = exact_verify_rows(llm, 9)
-    assert exact == 3 and worst > 0.1
+    assert 1 < exact < 9 and worst > 0.01, (exact, worst)
     spec = Speculator.load(SpeculativeOptions(mode="lookup", max_draft=8), llm)
-    assert spec.max_draft == 2 and "at most 2 draft tokens" in spec.note
+    assert spec.max_draft == exact - 1 and f"at most {exact - 1} draft tokens" in spec.note
     for text in QUOTE_PROMPTS + CHAT_PROMPTS:
         ids = prompt_ids(q4_k_m, text)
         plain, plain_keys = plain_tokens(llm, ids)

@@ -114,6 +114,45 @@ def test_stage_one_leaves_the_llm_as_it_was(tiny_model, tmp_path):
         assert torch.equal(tuned[k][:rows], v), k  # embeddings gained one row (<image>); nothing else moved
 
 
+def test_stage_one_against_the_quantized_llm(tiny_model, tmp_path):
+    """quantized_llm: training sees the LLM as llama.cpp runs the bundle's quantization of it (the bundle's
+    logits sit much closer to it than to the source), and the folder keeps the source's own weights."""
+    from vishwamai_edge.export.gguf import convert_hf_to_gguf
+    from vishwamai_edge.export.quantize import quantize_gguf
+    from vishwamai_edge.runtime.backends import TokenSegment
+    from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
+    from vishwamai_edge.train.align import load_quantized_llm
+
+    llm_dir = tiny_model("llama")
+    data = spec(tmp_path, llm_dir, steps=2, align={"projector": {"tokens": 1, "depth": 1}, "stage2_steps": 0,
+                                                   "quantized_llm": "q4_k_m"})
+    r = Recipe.model_validate({**data, "export": {"gguf": {"quants": ["q4_k_m"], "imatrix": False}}})
+    r.path = tmp_path / "tiny-vlm.yaml"
+
+    ids = list(range(3, 40))
+    quantized = load_quantized_llm(r, llm_dir, tmp_path / "q", QUIET, torch.float32).eval()
+    source = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+    assert not list((tmp_path / "q").iterdir())  # its files are gone once it is loaded
+    with torch.no_grad():
+        want_q = quantized(torch.tensor([ids])).logits[0, -1].numpy()
+        want_src = source(torch.tensor([ids])).logits[0, -1].numpy()
+    f16 = convert_hf_to_gguf(llm_dir, tmp_path / "f16.gguf", "f16").path
+    quantize_gguf(f16, tmp_path / "q4.gguf", "q4_k_m")
+    backend = LlamaCppBackend.load(tmp_path / "q4.gguf", n_ctx=64, n_threads=2)
+    backend.prefill([TokenSegment(ids)])
+    got = backend.logits()[: len(want_q)]
+    backend.close()
+    to_quantized, to_source = np.abs(got - want_q).max(), np.abs(got - want_src).max()
+    assert to_quantized < to_source / 4, (to_quantized, to_source)
+
+    result = align(r, llm_dir, tmp_path / "s1", "run", console=QUIET)
+    assert read_info(tmp_path / "s1" / ALIGNED)["training"]["quantized_llm"] == "q4_k_m"
+    assert result.steps == 2
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s1" / ALIGNED / "llm").state_dict()
+    for k, v in transformers.AutoModelForCausalLM.from_pretrained(llm_dir).state_dict().items():
+        assert torch.equal(tuned[k][: v.shape[0]], v), k  # the source's weights, one <image> row more
+
+
 def test_aligned_export_matches_torch_in_every_dtype(tiny_model, tmp_path):
     llm_dir = tiny_model("llama")
     r = recipe(tmp_path, llm_dir, steps=1, align={"projector": {"tokens": 16}, "stage2_steps": 0})

@@ -47,7 +47,7 @@ def test_finetune_then_merge_and_rerun_is_up_to_date(tiny_model, chat_jsonl, tmp
         ("empty", "train.jsonl has no examples (the file is empty)"),
         ("target", "tiny.yaml: finetune.lora.target_modules.0: this llama model has no layer 'query_key_value'"),
         ("qlora", "finetune.method qlora needs a CUDA GPU"),
-        ("batch", "tiny.yaml: finetune: Value error, batch_size (4) must be a multiple of micro_batch_size (3)"),
+        ("batch", "tiny.yaml: finetune: batch_size (4) must be a multiple of micro_batch_size (3)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_model, tmp_path, case, expected):

@@ -125,7 +125,7 @@ def run_chat(pipeline: Pipeline, question: str, max_tokens: int) -> RunTimings:
     session = pipeline.session(sampling=GREEDY, max_tokens=max_tokens)
     messages = [*session.messages, {"role": "user", "content": question}]
     t = time.perf_counter()
-    ids = session.prompt_tokens(messages)  # template + tokenizer, timed on their own
+    session.prompt_tokens(messages)  # template + tokenizer, timed on their own
     tokenize_s = time.perf_counter() - t
     pipeline.llm.reset()
     for _ in session.generate(messages):

@@ -8,12 +8,14 @@ runtime decodes faster than the raw binding, below 1 that it adds overhead.
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import require
 from ..runtime.backends import LLMBackend
+from ..runtime.backends.llamacpp import model_params
 from ..runtime.session import decode_tokens_per_s
 from .measure import prompt_ids, run_prompt
 
@@ -25,10 +27,18 @@ class RawLlama:
         llama_cpp = require("llama_cpp", "runtime")
         # the backend's own offload rule: every layer on a GPU build, none on a CPU build
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
-        self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-            n_batch=512, n_ubatch=512, n_gpu_layers=gpu_layers, verbose=False,
-        )
+        # Llama() takes its model parameters from llama_model_default_params(): lend it the
+        # backend's (the same kernels on both sides, and no AMX crash on the VMs that have one)
+        low = importlib.import_module("llama_cpp.llama_cpp")
+        default = low.llama_model_default_params
+        low.llama_model_default_params = lambda: model_params(llama_cpp)
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                n_batch=512, n_ubatch=512, n_gpu_layers=gpu_layers, verbose=False,
+            )
+        finally:
+            low.llama_model_default_params = default
 
     def run(self, ids: list[int], n_decode: int) -> dict[str, float]:
         self.llm.reset()  # no prompt prefix reused from the previous run

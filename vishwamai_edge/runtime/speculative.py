@@ -231,9 +231,10 @@ def exact_verify_rows(llm: Any, n: int) -> tuple[int, float]:
     """The largest batch of b <= n positions of one sequence whose logits equal one-token decoding's
     bit for bit (1 if none does), and the largest difference a batch of n gave.
 
-    Why: llama.cpp picks its matrix kernels by batch size. On the CPU build here, a Q4_K_M model's
-    rows come out up to about 1.5 logits off in batches of 4 or more (2 and 3 are exact), a Q4_1
-    model's are exact in any batch; GPU kernels differ between one row and several too. A verify
+    Why: llama.cpp picks its matrix kernels by batch size. On an AVX-512 CPU a Q4_K_M model's rows
+    come out up to about 1.5 logits off in batches of 4 or more with the repacked kernels (8 or more
+    without them), a Q4_1 model's are exact in any batch; GPU kernels differ between one row and
+    several too. A verify
     batch that is not exact could change a greedy reply, so the draft length is kept below it."""
     ids = llm.tokenize(PROBE_TEXT, add_special=True)
     while len(ids) < n + 8:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -114,18 +115,65 @@ class AlignProcessor:
 def add_image_token(tokenizer: Any, llm: Any, text: str) -> dict[str, Any]:
     """The image (or audio) placeholder as a special token; a new one gets the mean embedding row (it is never
     read, the projector's rows replace it, but the output layer of a tied model keeps it)."""
-    torch = require("torch", "train")
     if text not in tokenizer.get_vocab():
         tokenizer.add_tokens([text], special_tokens=True)
-        old = llm.get_input_embeddings().weight.shape[0]
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            emb = llm.get_input_embeddings().weight
-            emb[old:] = emb[:old].mean(0)
-            out = llm.get_output_embeddings()
-            if out is not None and out.weight is not emb:
-                out.weight[old:] = out.weight[:old].mean(0)
+        resize_embeddings(llm, len(tokenizer))
     return {"text": text, "id": int(tokenizer.convert_tokens_to_ids(text))}
+
+
+def resize_embeddings(llm: Any, rows: int) -> None:
+    """`rows` embedding rows, the new ones the mean of the old."""
+    torch = require("torch", "train")
+    old = llm.get_input_embeddings().weight.shape[0]
+    llm.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        emb = llm.get_input_embeddings().weight
+        emb[old:] = emb[:old].mean(0)
+        out = llm.get_output_embeddings()
+        if out is not None and out.weight is not emb:
+            out.weight[old:] = out.weight[:old].mean(0)
+
+
+def load_quantized_llm(recipe: Recipe, hf_dir: Path, out_dir: Path, console: Console, dtype: Any) -> Any:
+    """The LLM as the bundle runs it (finetune.align.quantized_llm): converted to GGUF, quantized by
+    llama.cpp as the build will (no imatrix), and dequantized back into torch. The files are removed
+    once it is loaded: the same input gives the same weights, so a resumed run makes them again."""
+    from safetensors.torch import load_file
+
+    from ..export.gguf import convert_hf_to_gguf
+    from ..export.quantize import quantize_gguf
+    from ..sources import hf_dir_from_gguf
+
+    transformers = quiet_transformers()
+    gguf = recipe.export.gguf
+    quant = _spec(recipe).align.quantized_llm
+    tmp = Path(out_dir) / f".quantized-llm.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with console.status(f"quantizing the LLM to {quant} with llama.cpp, to train against it"):
+            f16 = convert_hf_to_gguf(hf_dir, tmp / f"model-{gguf.outtype}.gguf", gguf.outtype, name=recipe.name,
+                                     tokenizer_pre=gguf.tokenizer_pre).path
+            quantize_gguf(f16, tmp / f"model-{quant}.gguf", quant)
+            f16.unlink()
+            folder = hf_dir_from_gguf(tmp / f"model-{quant}.gguf", tmp / "hf")
+            state: dict[str, Any] = {}
+            for f in sorted(folder.glob("*.safetensors")):
+                state.update(load_file(str(f)))
+        # the source's config (a GGUF does not carry all of it, e.g. Llama 3's RoPE scaling), the GGUF's weights
+        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        try:
+            got = llm.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        except RuntimeError as exc:  # a shape that changed on the way through GGUF
+            raise FinetuneError(f"{hf_dir}: its {quant} round trip does not fit the model: "
+                                f"{str(exc).splitlines()[-1].strip()}") from None
+        tied = {"lm_head.weight"} if llm.config.tie_word_embeddings else set()
+        lost = sorted(set(got.missing_keys) - tied) + sorted(got.unexpected_keys)
+        if lost:
+            raise FinetuneError(f"{hf_dir}: its {quant} round trip does not fit the model: {', '.join(lost)}")
+        return llm
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _core(llm: Any) -> Any:
@@ -223,18 +271,24 @@ def align(
         shutil.rmtree(ckpt.parent, ignore_errors=True)
         ckpt, state = None, None
     clean_stale_temps(out_dir / CHECKPOINTS)
+    clean_stale_temps(out_dir)  # a quantized LLM left by a killed run
 
     records = read_records(recipe, out_dir)  # a bad line fails now, before any model is loaded
     encoder_path = recipe.resolve(a.encoder.path) if a.encoder.path else None
-    with console.status(f"loading the encoder and the LLM, encoding the {'audio' if a.encoder.kind == 'whisper' else 'images'}"):
+    with console.status("loading the encoder and the tokenizer"):
         encoder = E.load_pretrained(a.encoder.kind, encoder_path, a.encoder.feature_layer)
         encoder.module.to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    if a.quantized_llm:
+        llm = load_quantized_llm(recipe, hf_dir, out_dir, console, dtype).to(device)
+    else:
         llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
+    with console.status(f"encoding the {'audio' if a.encoder.kind == 'whisper' else 'images'}"):
         for p in llm.parameters():
             p.requires_grad_(False)
         audio = encoder.modality == "audio"
         placeholder = a.audio_token if audio else a.image_token
+        new_token = placeholder not in tokenizer.get_vocab()
         image_token = add_image_token(tokenizer, llm, placeholder)
         tokenizer.chat_template = image_chat_template(tokenizer.chat_template or CHATML_TEMPLATE, placeholder,
                                                       encoder.modality)
@@ -359,6 +413,10 @@ def align(
     merge = _merge(llm, projector, evals or train, pad_id, image_id, device, spec) if s2 else None
     if merge is not None:
         llm = merge.pop("model")
+    if a.quantized_llm:  # the folder carries the source's own weights: the build quantizes them as above
+        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        if new_token:
+            resize_embeddings(llm, len(tokenizer))
     result = TrainResult(
         adapter=str(out_dir / ALIGNED), method="align", steps=steps, examples=len(train),
         final_loss=history[-1]["loss"] if history else float("nan"),
@@ -369,7 +427,7 @@ def align(
         history=history,
     )
     training = {**result.to_dict(), "run_id": run_id, "stage1_steps": s1, "stage2_steps": s2,
-                "merge_check": merge, "base": str(Path(hf_dir).resolve())}
+                "quantized_llm": a.quantized_llm, "merge_check": merge, "base": str(Path(hf_dir).resolve())}
     with atomic_dir(out_dir / ALIGNED) as tmp:
         write_aligned(tmp, encoder, projector.cpu().eval(), llm.cpu(), tokenizer, image_token,
                       {k: v for k, v in training.items() if k != "history"})

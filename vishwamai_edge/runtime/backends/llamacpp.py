@@ -86,6 +86,20 @@ def vocab_fingerprint_of(path: Path | str) -> VocabFingerprint:
         lib.llama_model_free(model)
 
 
+def model_params(lib):
+    """llama.cpp's default model parameters, less the AMX kernels unless VISHWAMAI_EDGE_LLAMA_AMX=1.
+
+    A CPU build made on an AMX Xeon (GGML_NATIVE) routes quantized matmuls through AMX tiles; on some
+    virtual machines that advertise AMX (Firecracker guests among them) the first matmul then
+    segfaults in ggml_backend_amx_mul_mat. Without the extra buffer types the AVX-512 kernels run;
+    no edge device has AMX, so only Xeon hosts give up its prompt speed.
+    """
+    params = lib.llama_model_default_params()
+    if b"AMX_INT8 = 1" in lib.llama_print_system_info() and os.environ.get("VISHWAMAI_EDGE_LLAMA_AMX") != "1":
+        params.use_extra_bufts = False
+    return params
+
+
 def prompt_keys(segments: Sequence[Segment]) -> list[int]:
     """A prompt as the KV cache records it: token ids, _EMBEDDING_KEY for embedding rows."""
     keys: list[int] = []
@@ -201,7 +215,7 @@ class LlamaCppBackend:
             raise InputError(f"llama.cpp runs 1 to {lib.llama_max_parallel_sequences()} parallel sequences, "
                              f"not {n_seq}")
         n_batch = min(n_batch, n_ctx * n_seq)
-        mparams = lib.llama_model_default_params()
+        mparams = model_params(lib)
         if n_gpu_layers is None:  # a CUDA/Metal build offloads every layer; a CPU build ignores it
             n_gpu_layers = -1 if lib.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = n_gpu_layers
