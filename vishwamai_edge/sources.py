@@ -99,7 +99,7 @@ def hf_dir_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
     digest = gguf_sha256(gguf_path, previous)
     if previous is not None and previous.get("sha256") == digest:
         return out_dir
-    model, tokenizer = _dequantize(gguf_path)
+    model, tokenizer = dequantize_gguf(gguf_path)
     n_tokens = _restore_tokenizer(tokenizer, gguf_path)
 
     record = {"gguf": str(gguf_path), "sha256": digest, "file": _file_key(gguf_path)}
@@ -112,7 +112,7 @@ def hf_dir_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _dequantize(gguf_path: Path):
+def dequantize_gguf(gguf_path: Path):
     """The GGUF's model (fp16, every weight from the file) and tokenizer, as transformers reads them."""
     torch = require("torch", "build")
     transformers = quiet_transformers()

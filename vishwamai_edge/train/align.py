@@ -138,11 +138,9 @@ def load_quantized_llm(recipe: Recipe, hf_dir: Path, out_dir: Path, console: Con
     """The LLM as the bundle runs it (finetune.align.quantized_llm): converted to GGUF, quantized by
     llama.cpp as the build will (no imatrix), and dequantized back into torch. The files are removed
     once it is loaded: the same input gives the same weights, so a resumed run makes them again."""
-    from safetensors.torch import load_file
-
     from ..export.gguf import convert_hf_to_gguf
     from ..export.quantize import quantize_gguf
-    from ..sources import hf_dir_from_gguf
+    from ..sources import dequantize_gguf
 
     transformers = quiet_transformers()
     gguf = recipe.export.gguf
@@ -156,10 +154,7 @@ def load_quantized_llm(recipe: Recipe, hf_dir: Path, out_dir: Path, console: Con
                                      tokenizer_pre=gguf.tokenizer_pre).path
             quantize_gguf(f16, tmp / f"model-{quant}.gguf", quant)
             f16.unlink()
-            folder = hf_dir_from_gguf(tmp / f"model-{quant}.gguf", tmp / "hf")
-            state: dict[str, Any] = {}
-            for f in sorted(folder.glob("*.safetensors")):
-                state.update(load_file(str(f)))
+            state = dequantize_gguf(tmp / f"model-{quant}.gguf")[0].state_dict()
         # the source's config (a GGUF does not carry all of it, e.g. Llama 3's RoPE scaling), the GGUF's weights
         llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
         try:
