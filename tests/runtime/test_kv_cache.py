@@ -24,8 +24,13 @@ from vishwamai_edge.sources import embedded_gguf
 # q8_0 at most 2.32 from f16, the top token the same at 96.3% of positions; q4_0 8.13 and 87.7%.
 # Even position 0 moves (0.45 with q8_0): the cache holds V rounded to 32-value blocks, and flash
 # attention, which a quantized cache needs, rounds Q to K's type for the dot products (f16 runs
-# flash attention too here: its logits equal those without). The bounds leave room for other CPUs' kernels.
-TOLERANCE = {"q8_0": 3.0, "q4_0": 10.0}
+# flash attention too here: its logits equal those without).
+# The max is one entry out of 187 x 49152, where a position's attention shifts most: it moves with
+# the CPU's kernels while the top-1 rate does not. q4_0 measured 8.13 on an AVX-512 Xeon and 12.07
+# on an AVX2 EPYC (top-1 87.7% on both; llama.cpp picks its f16 / q4_0 dot-product kernels by CPU
+# and sums in their order). The bounds stay under a quarter of the logit span (55-70): a cache
+# that lost the context (wrong type, wrong cells) moves logits by the span itself.
+TOLERANCE = {"q8_0": 4.0, "q4_0": 16.0}
 MIN_TOP1 = {"q8_0": 0.93, "q4_0": 0.82}
 MIB_ROUNDING = 0.005 * 2**20 + 1  # llama.cpp reports MiB with two decimals, K and V each (+1: our rounding)
 

@@ -206,7 +206,8 @@ def test_seeded_sampled_replies_are_reproducible(pipeline, q4_0_draft):
             first, keys, counts = spec_tokens(spec, llm, ids, sampling=hot)
             again, keys_again, _ = spec_tokens(spec, llm, ids, sampling=hot)
             other, _, _ = spec_tokens(spec, llm, ids, sampling=SamplingParams(temperature=0.8, seed=8))
-            assert first == again and keys == keys_again and len(first) == N
+            # a sampled reply may draw the end token before N (42 tokens on an AVX2 host's kernels)
+            assert first == again and keys == keys_again and 0 < len(first) <= N
             assert counts.accepted > 0
             assert first != greedy or other != greedy  # it did sample
     finally:

@@ -57,6 +57,16 @@ FORCED_STEPS = 5  # decoder_with_past steps checked after the prompt
 #   fp32  encoder 2.8e-6 relative; logits 0.8e-6 .. 1.2e-6 relative; top-1 all agree
 #   fp16  encoder 3.5e-3 (cosine 0.99998); logits 2.0e-3 .. 2.4e-3; top-1 all agree
 #   int8  encoder 6.8e-2 (cosine 0.995); logits 4.3e-2 .. 5.2e-2; top-1 0.93 .. 0.94
+# fp32's encoder limit is the larger of the table's and FP32_FLOOR_FACTOR x the model's own fp32
+# rounding: torch fp32 against torch float64 on the same inputs, measured at every export. No fp32
+# implementation can be held closer to torch than torch is to the exact result: ONNX Runtime sums in
+# another order (MLAS and oneDNN pick AVX2, AVX-512 or NEON kernels by CPU), so its error and
+# torch's are of the same size and add up to at most twice it. The real tiny.en encoder (outputs
+# up to 15) measured torch fp32 at 1.85e-4 relative from float64 and ONNX Runtime at 2.08e-4 from
+# torch on an AVX2 host: over the table's 1e-4 on every CPU, while the tiny test models stay near
+# 3e-6. Factor 3 leaves the kernels' spread room without letting a real defect through (a wrong
+# op moves the output by percents).
+FP32_FLOOR_FACTOR = 3.0
 TOLERANCE: dict[str, dict[str, float]] = {
     "fp32": {"encoder_max_rel_diff": 1e-4, "logits_max_rel_diff": 1e-4, "min_top1_agreement": 1.0},
     "fp16": {"encoder_max_rel_diff": 1e-2, "logits_max_rel_diff": 1e-2, "min_top1_agreement": 0.9},
@@ -284,8 +294,11 @@ def export_whisper(
         shutil.copy(tok_file, tmp / TOKENIZER)
         (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         check = check_against_torch(model, tmp, spec.prompt, check_features, threads=threads)
-        limits = tolerance or TOLERANCE[dtype]
-        check["tolerance"] = dict(limits)
+        limits = dict(tolerance or TOLERANCE[dtype])
+        if dtype == "fp32" and tolerance is None:
+            floor = FP32_FLOOR_FACTOR * check["encoder"]["fp32_rounding_rel"]
+            limits["encoder_max_rel_diff"] = max(limits["encoder_max_rel_diff"], floor)
+        check["tolerance"] = limits
         enc, dec = check["encoder"], check["decoder"]
         if (enc["max_rel_diff"] > limits["encoder_max_rel_diff"]
                 or dec["max_rel_diff"] > limits["logits_max_rel_diff"]
@@ -340,7 +353,11 @@ def check_against_torch(model: Any, folder: Path, prompt: list[int], extra: list
     with torch.no_grad():
         states = model.model.encoder(torch.from_numpy(features)).last_hidden_state
         want_logits = model(encoder_outputs=(states,), decoder_input_ids=torch.from_numpy(ids)).logits.numpy()
+        exact = copy.deepcopy(model.model.encoder).double()(torch.from_numpy(features).double()).last_hidden_state
     want_states = states.numpy()
+    exact_states = exact.numpy()
+    # torch's own fp32 rounding on this model: the floor under any fp32 implementation's difference
+    fp32_rounding = float(np.abs(want_states - exact_states).max() / max(float(np.abs(exact_states).max()), 1e-12))
 
     runner = WhisperONNX.load(folder, providers=["CPUExecutionProvider"], threads=threads)
     try:
@@ -377,7 +394,8 @@ def check_against_torch(model: Any, folder: Path, prompt: list[int], extra: list
     cos = _cosine(got_states.reshape(-1, got_states.shape[-1]), ref_states.reshape(-1, ref_states.shape[-1]))
     return {
         "inputs": int(features.shape[0]),
-        "encoder": {**diffs(got_states, ref_states), "min_cosine": float(cos.min())},
+        "encoder": {**diffs(got_states, ref_states), "min_cosine": float(cos.min()),
+                    "fp32_rounding_rel": fp32_rounding},
         "decoder": {
             **diffs(got_logits, want_logits),
             "prompt": list(prompt), "forced_tokens": forced,
