@@ -7,6 +7,9 @@ The CLI prints that sentence and exits with code 2. Anything else is a bug.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 
 class UserError(Exception):
     """A problem the user can fix; the message is one sentence."""
@@ -51,6 +54,16 @@ def quiet_transformers():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+@contextlib.contextmanager
+def peft_on_transformers():
+    """Around peft's model wrapping: peft 0.21 reads `is_gradient_checkpointing`, an alias that
+    transformers 5 deprecated with a FutureWarning on every read. The call is peft's, not ours, so
+    this one message (and nothing else) is held back until peft reads `is_activation_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def require(module: str, extra: str):

@@ -25,6 +25,7 @@ def adapter_weights(result) -> dict[str, torch.Tensor]:
     return load_file(f"{result.adapter}/adapter_model.safetensors")
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no library warnings reach the user (peft's alias read)
 def test_lora_learns_and_writes_an_adapter(tiny_model, chat_jsonl, make_recipe, tmp_path):
     hf = tiny_model("llama")
     recipe = make_recipe(hf, chat_jsonl, steps=12, dataset={"eval_fraction": 0.25}, eval_every=6)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from ..errors import quiet_transformers, require
+from ..errors import peft_on_transformers, quiet_transformers, require
 from ..fsutil import atomic_dir, clean_stale_temps, write_json
 from ..recipe import FinetuneSpec, Recipe
 from ..runtime.audio import window_features
@@ -205,7 +205,8 @@ def _add_lora(llm: Any, spec: FinetuneSpec, where: str) -> tuple[Any, list[str]]
     torch.manual_seed(spec.seed * 31 + 1)  # the adapters' initial weights: a function of the seed
     config = peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return peft.get_peft_model(llm, config), targets
+    with peft_on_transformers():
+        return peft.get_peft_model(llm, config), targets
 
 
 def _trainable(llm: Any, projector: Any) -> list[Any]:

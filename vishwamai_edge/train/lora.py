@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError, UserError, quiet_transformers, require
+from ..errors import RecipeError, UserError, peft_on_transformers, quiet_transformers, require
 from ..recipe import FinetuneSpec
 from .targets import is_vision_language, projector_name, resolve_target_modules
 
@@ -105,7 +105,8 @@ def load_for_training(hf_dir: Path, spec: FinetuneSpec, device, where: str) -> L
         r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
         target_modules=targets, modules_to_save=modules_to_save, bias="none", task_type="CAUSAL_LM",
     )
-    model = peft.get_peft_model(model, lora_config)
+    with peft_on_transformers():
+        model = peft.get_peft_model(model, lora_config)
     if dtype != torch.float32 and spec.method != "qlora":
         # adapters train in fp32 over a 16-bit base: small updates do not vanish in rounding
         for p in model.parameters():

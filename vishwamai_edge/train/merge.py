@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..errors import SourceError, quiet_transformers, require
+from ..errors import SourceError, peft_on_transformers, quiet_transformers, require
 from ..fsutil import atomic_dir, write_json
 from .lora import FinetuneError, model_class
 
@@ -79,7 +79,8 @@ def merge_adapter(
 
     with console.status(f"merging {adapter_dir.name} into {base_dir.name} ({_name(merge_dtype)})"):
         base = model_class(config).from_pretrained(base_dir, dtype=merge_dtype).to(device)
-        model = peft.PeftModel.from_pretrained(base, adapter_dir)
+        with peft_on_transformers():
+            model = peft.PeftModel.from_pretrained(base, adapter_dir)
         model.eval()
         want = _last_logits(model, tokenizer, prompts, torch)
         merged = model.merge_and_unload()
