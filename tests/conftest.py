@@ -184,3 +184,30 @@ def tiny_minicpmv(tmp_path_factory, tokenizer_dirs):
         return built[variant]
 
     return make
+
+
+# -- test tiers -----------------------------------------------------------------------------------
+# `python -m pytest` runs the fast tier; `python -m pytest -m slow` the slow one (real weights at
+# length, training to a quality bar, browsers, the Edge-LLM exporter). In the fast tier a test whose
+# body (call and teardown) takes longer than FAST_LIMIT_S fails, and so does a setup longer than
+# FAST_SETUP_LIMIT_S: a setup builds the shared fixtures (the embedded bundle, tiny models) that
+# many tests then reuse, paid by whichever test comes first, so it gets its own, larger bound.
+FAST_LIMIT_S = float(os.environ.get("VISHWAMAI_EDGE_FAST_LIMIT_S", "60"))
+FAST_SETUP_LIMIT_S = float(os.environ.get("VISHWAMAI_EDGE_FAST_SETUP_LIMIT_S", "180"))
+_SPENT = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    spent = item.stash.setdefault(_SPENT, {})
+    spent[call.when] = call.duration
+    if call.when != "teardown" or item.get_closest_marker("slow") is not None or not report.passed:
+        return
+    body, setup = spent.get("call", 0.0) + spent["teardown"], spent.get("setup", 0.0)
+    if body > FAST_LIMIT_S or setup > FAST_SETUP_LIMIT_S:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {body:.0f} s (setup {setup:.0f} s) in the fast tier, over its "
+                           f"limits ({FAST_LIMIT_S:.0f} s, setup {FAST_SETUP_LIMIT_S:.0f} s): make it smaller, "
+                           "share its fixture, or mark it @pytest.mark.slow (tests/README.md)")
