@@ -27,6 +27,7 @@ from ..runtime.media import audio_part
 
 from ..runtime.engine import Engine, Generation
 from .auth import APIKeyMiddleware
+from .hosts import HostCheckMiddleware, allowed_hosts
 from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")
@@ -36,7 +37,9 @@ POLL_S = 0.5  # how often a waiting request checks that its client is still ther
 KEEPALIVE_S = 10.0
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               host: str = "127.0.0.1") -> FastAPI:
+    """`host`: the address the server is bound to; on loopback only loopback Host headers pass."""
     # No /docs: FastAPI's docs page loads its scripts from a CDN, and this server is offline.
     app = FastAPI(title="vishwamai-edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -44,6 +47,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if not api_key.strip():
             raise UserError("the API key is empty; give a non-empty --api-key or unset it")
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    allowed = allowed_hosts(host)
+    if allowed is not None:  # added last: the outermost check, before the key is even looked at
+        app.add_middleware(HostCheckMiddleware, allowed=allowed)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
