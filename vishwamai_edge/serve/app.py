@@ -28,6 +28,7 @@ from ..runtime.media import audio_part
 from ..runtime.engine import Engine, Generation
 from .auth import APIKeyMiddleware
 from .hosts import HostCheckMiddleware, allowed_hosts
+from .limits import BodyLimitMiddleware
 from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")
@@ -47,6 +48,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if not api_key.strip():
             raise UserError("the API key is empty; give a non-empty --api-key or unset it")
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # every API body counted as it arrives (a chunked upload included); the UI mounted at /ui has its own limits
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: max_body_bytes if path.startswith("/v1/") else None)
     allowed = allowed_hosts(host)
     if allowed is not None:  # added last: the outermost check, before the key is even looked at
         app.add_middleware(HostCheckMiddleware, allowed=allowed)

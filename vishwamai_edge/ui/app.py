@@ -340,6 +340,15 @@ def _bytes(mb: float) -> int:
     return int(mb * 1024 * 1024)
 
 
+def body_limits(max_file_mb: float):
+    """Byte limits for the page's requests. Gradio checks each uploaded file's size, not the
+    request's: one upload request may carry up to two files of the limit (the page sends one
+    per component) plus 1 MiB of form; any other request (a chat turn with its history) 20 MiB."""
+    upload = 2 * _bytes(max_file_mb) + 2**20
+    other = max(20 * 2**20, upload)
+    return lambda path: upload if path.rstrip("/").endswith("/gradio_api/upload") else other
+
+
 def theme():
     gr = import_gradio()
     return gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
@@ -351,10 +360,11 @@ def launch_ui(engine: Engine, host: str = "127.0.0.1", port: int = 7860, max_fil
     from starlette.middleware import Middleware
 
     from ..serve.hosts import HostCheckMiddleware, allowed_hosts
+    from ..serve.limits import BodyLimitMiddleware
 
     blocks = build_ui(engine)
     allowed = allowed_hosts(host)
-    middleware = [Middleware(OfflineMiddleware)]
+    middleware = [Middleware(OfflineMiddleware), Middleware(BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]
     if allowed is not None:
         middleware.append(Middleware(HostCheckMiddleware, allowed=allowed))
     blocks.launch(
@@ -370,12 +380,15 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
     """The same page inside another FastAPI app (the API server, which checks the Host), on the same engine."""
     from starlette.middleware import Middleware
 
+    from ..serve.limits import BodyLimitMiddleware
+
     gr = import_gradio()
     blocks = build_ui(engine)
     return gr.mount_gradio_app(app, blocks, path=path, max_file_size=_bytes(max_file_mb), ssr_mode=False,
                                pwa=False, mcp_server=False, enable_monitoring=False, theme=theme(),
                                footer_links=["settings"], run_history=False,
-                               app_kwargs={"middleware": [Middleware(OfflineMiddleware)]})
+                               app_kwargs={"middleware": [Middleware(OfflineMiddleware), Middleware(
+                                   BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]})
 
 
 def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
