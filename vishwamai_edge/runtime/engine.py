@@ -261,18 +261,25 @@ class Engine:
         self._check(request)
         gen = Generation(request)
         with self._cond:
-            if self._failure is not None:
-                raise EngineFailedError(f"the model worker has stopped ({type(self._failure).__name__})")
-            if self._closed:
-                raise EngineClosedError("the model server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise EngineBusyError(
-                    f"the model is busy: {len(self._pending)} requests are already waiting; retry shortly"
-                )
+            self._check_room()
             gen._on_cancel = self._drop
             self._pending.append(gen)
             self._cond.notify()
         return gen
+
+    def check_room(self) -> None:
+        """Raise now if a request submitted now would be refused: a front end calls this before it
+        decodes a request's images or audio, so a full queue costs no decoding."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:  # the caller holds the lock
+        if self._failure is not None:
+            raise EngineFailedError(f"the model worker has stopped ({type(self._failure).__name__})")
+        if self._closed:
+            raise EngineClosedError("the model server is shutting down")
+        if len(self._pending) >= self.max_queue:
+            raise EngineBusyError(f"the model is busy: {len(self._pending)} requests are already waiting; retry shortly")
 
     def _drop(self, gen: Generation) -> None:
         """A cancelled request that has not started frees its place in the queue now."""

@@ -10,6 +10,7 @@ first piece of the reply, so a prompt over the context is a 400, not a broken st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -35,6 +36,9 @@ log = logging.getLogger("vishwamai_edge.serve")
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # room for a few base64 images
 POLL_S = 0.5  # how often a waiting request checks that its client is still there
+# Requests whose media are decoded at once (up to 192 MB of pixels each); the rest wait their turn,
+# and each checks the queue has room before it decodes anything.
+DECODE_AT_ONCE = 2
 KEEPALIVE_S = 10.0
 
 
@@ -74,6 +78,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         return {"status": "ok", "model": engine.model_id, "n_ctx": engine.n_ctx, "queue": engine.status()}
 
     v1 = APIRouter(prefix="/v1")
+    decoding = asyncio.Semaphore(DECODE_AT_ONCE)
 
     def model_card(model_id: str) -> dict[str, Any]:
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
@@ -98,10 +103,17 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        except RecursionError:  # [[[[... deeper than Python's parser goes
+            raise APIError(400, "the request body's JSON is nested too deeply") from None
         req = parse_request(data)
         if req.model not in engine.model_ids:
             raise _unknown_model(req.model, engine)
-        chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
+        async with decoding:
+            try:
+                engine.check_room()
+            except Exception as exc:
+                raise api_error_for(exc) from None
+            chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
         chat = replace(chat, adapter=engine.model_ids[req.model])
         try:
             gen = engine.submit(chat)
@@ -162,7 +174,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             raise APIError(400, f"response_format {fmt!r} is not supported (json, text)", param="response_format")
         data = await upload.read()
         try:
-            part = await run_in_threadpool(audio_part, data, engine.media_budget())
+            async with decoding:
+                part = await run_in_threadpool(audio_part, data, engine.media_budget())
             text = await run_in_threadpool(engine.pipeline.transcribe, part.samples, part.sample_rate)
         except InputError as exc:
             raise APIError(400, f"file: {exc}", param="file", code="invalid_audio") from None
