@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from test_ui_files import chat
+from security_targets import chat
 
 pytestmark = pytest.mark.e2e
 

@@ -15,21 +15,9 @@ import time
 import httpx
 import pytest
 
-from conftest import HF_TOKEN
+from security_targets import HF_TOKEN, chat
 
 pytestmark = pytest.mark.e2e
-
-
-def chat(target, history: list, text: str = "hi", **headers: str) -> str:
-    """One turn through gradio's HTTP API (`/gradio_api/call/chat`); the whole event stream as text."""
-    data = [text, None, None, history, "", 0.0, 0.95, 4, 0, None, "base model"]
-    r = httpx.post(f"{target.ui}/gradio_api/call/chat", json={"data": data}, headers=target.headers(**headers),
-                   timeout=60)
-    assert r.status_code == 200, r.text
-    event = r.json()["event_id"]
-    with httpx.stream("GET", f"{target.ui}/gradio_api/call/chat/{event}", headers=target.headers(),
-                      timeout=120) as s:
-        return "".join(s.iter_text())
 
 
 def named_file(path: str) -> list:
