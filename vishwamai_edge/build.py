@@ -812,8 +812,13 @@ def build(
     n_threads: int | None = None,
     console: Console | None = None,
 ) -> BuildResult:
+    from .export.quantize import QUANT_FTYPES
+
     console = console or Console(stderr=True)
     quant = quant or target.gguf_quant
+    known = (*QUANT_FTYPES, recipe.export.gguf.outtype)
+    if quant not in known:  # before minutes of dequantizing and converting, not after
+        raise ExportError(f"unknown quantization {quant!r}; choose one of {', '.join(known)}")
     root = Path(out_root) / recipe.name
     for sub in (root, root / "export", root / "finetune"):
         clean_stale_temps(sub)

@@ -329,6 +329,10 @@ class Recipe(Strict):
 
 def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        raise RecipeError(f"recipe {path} is a folder, not a YAML file"
+                          + (f"; pick one of its recipes: {', '.join(yamls)}" if yamls else ""))
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
     try:

@@ -96,6 +96,37 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model, chat_jsonl, m
     assert result.resumed_from is None
 
 
+class _Planted:
+    """Unpickling this calls a function of its choice (here `open`, creating the marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("resume", [None, True])
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_a_planted_checkpoint_pickle_is_refused_not_run(tiny_model, chat_jsonl, make_recipe, tmp_path, resume,
+                                                        writer):
+    import pickle
+
+    hf = tiny_model("llama")
+    recipe = make_recipe(hf, chat_jsonl)
+    out, marker = tmp_path / "ft", tmp_path / "pwned"
+    ckpt = out / F.CHECKPOINTS / "step-000002"
+    ckpt.mkdir(parents=True)
+    state = {"run_id": F.run_fingerprint(recipe, "tiny"), "step": 2, "history": [], "x": _Planted(marker)}
+    with open(ckpt / F.STATE_FILE, "wb") as f:
+        torch.save(state, f) if writer == "torch" else pickle.dump(state, f)
+    with pytest.raises(FinetuneError) as err:
+        train(recipe, hf, out, resume=resume)
+    assert not marker.exists()
+    message = str(err.value)
+    assert "\n" not in message and "refused, not unpickled" in message and str(ckpt / F.STATE_FILE) in message
+
+
 def test_packing_and_gradient_checkpointing_train(tiny_model, chat_jsonl, make_recipe, tmp_path):
     hf = tiny_model("qwen2")
     recipe = make_recipe(hf, chat_jsonl, steps=4, packing=True, max_seq_len=128, batch_size=2,

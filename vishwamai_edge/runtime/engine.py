@@ -23,11 +23,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import InputError, UserError
+from ..errors import ContextOverflowError, InputError, UserError
 from .backends import SamplingParams
 from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
 from .session import ChatSession, GenerationStats, Pipeline, ReplyText
@@ -48,6 +48,12 @@ class EngineClosedError(UserError):
 class EngineFailedError(RuntimeError):
     """The worker thread died: a bug, answered as a server error, never a wait without end."""
 
+
+# A conversation is bounded before it is rendered or tokenized, in the caller's thread: no token of
+# a vocabulary we ship spans more than this many characters (SmolLM2's longest: 81), so longer text
+# cannot fit the context anyway, and every message costs at least one token. What passes tokenizes
+# in well under a second (2048-token context: 262 k characters of `<|im_end|>` as text, 0.3 s).
+MAX_CHARS_PER_TOKEN = 128
 
 # -- request ------------------------------------------------------------------------------
 Role = Literal["system", "user", "assistant"]
@@ -251,21 +257,29 @@ class Engine:
 
     def submit(self, request: ChatRequest) -> Generation:
         """Check the request and queue it; raises InputError / EngineBusyError at once."""
+        request = self._bounded(request)
         self._check(request)
         gen = Generation(request)
         with self._cond:
-            if self._failure is not None:
-                raise EngineFailedError(f"the model worker has stopped ({type(self._failure).__name__})")
-            if self._closed:
-                raise EngineClosedError("the model server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise EngineBusyError(
-                    f"the model is busy: {len(self._pending)} requests are already waiting; retry shortly"
-                )
+            self._check_room()
             gen._on_cancel = self._drop
             self._pending.append(gen)
             self._cond.notify()
         return gen
+
+    def check_room(self) -> None:
+        """Raise now if a request submitted now would be refused: a front end calls this before it
+        decodes a request's images or audio, so a full queue costs no decoding."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:  # the caller holds the lock
+        if self._failure is not None:
+            raise EngineFailedError(f"the model worker has stopped ({type(self._failure).__name__})")
+        if self._closed:
+            raise EngineClosedError("the model server is shutting down")
+        if len(self._pending) >= self.max_queue:
+            raise EngineBusyError(f"the model is busy: {len(self._pending)} requests are already waiting; retry shortly")
 
     def _drop(self, gen: Generation) -> None:
         """A cancelled request that has not started frees its place in the queue now."""
@@ -319,6 +333,36 @@ class Engine:
                 elif isinstance(part, AudioPart):
                     budget.require("audio")
                     budget.charge_seconds(part.samples.size / part.sample_rate)
+
+    def _bounded(self, request: ChatRequest) -> ChatRequest:
+        """The request within the size any prompt of this context can have: the oldest messages
+        dropped when it may trim its history, else refused (ContextOverflowError) before any work."""
+        max_chars, max_messages = self.n_ctx * MAX_CHARS_PER_TOKEN, self.n_ctx
+
+        def chars(m: Message) -> int:
+            return sum(len(p.text) for p in m.parts if isinstance(p, TextPart))
+
+        messages, total = list(request.messages), sum(chars(m) for m in request.messages)
+        if request.trim_history and (total > max_chars or len(messages) > max_messages):
+            # newest first: system messages and the last one always stay, older ones while they fit
+            keep, full = [m.role == "system" for m in messages], False
+            total, count = sum(chars(m) for m, k in zip(messages, keep) if k), sum(keep)
+            for i in reversed(range(len(messages))):
+                if keep[i]:
+                    continue
+                c = chars(messages[i])
+                if i == len(messages) - 1 or not full and total + c <= max_chars and count < max_messages:
+                    keep[i], total, count = True, total + c, count + 1
+                else:
+                    full = True
+            messages = [m for m, k in zip(messages, keep) if k]
+        if total > max_chars:
+            raise ContextOverflowError(f"the conversation is {total} characters; no more than {max_chars} fit the "
+                                       f"context of {self.n_ctx} tokens")
+        if len(messages) > max_messages:
+            raise ContextOverflowError(f"the conversation has {len(messages)} messages; no more than {max_messages} "
+                                       f"fit the context of {self.n_ctx} tokens")
+        return request if len(messages) == len(request.messages) else replace(request, messages=tuple(messages))
 
     def _session_messages(self, request: ChatRequest) -> tuple[list[dict[str, Any]], list[str]]:
         """Engine messages -> the session's (a string, or parts when a message carries images or audio

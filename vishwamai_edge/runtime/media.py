@@ -23,6 +23,12 @@ from .preprocess import rgb_array
 MAX_IMAGE_PIXELS = 40_000_000  # one image (120 MB as decoded RGB)
 MAX_REQUEST_PIXELS = 64_000_000  # all images of one request together
 MAX_AUDIO_SECONDS = 600.0  # all audio of one request together
+# Seconds alone do not bound the work: 599 s of 8 channels at 192 kHz decodes to 3.7 GB of float32,
+# and a header claiming 4 GHz makes a short file "last" milliseconds while resampling takes seconds.
+# So the decoded samples (frames x channels) are charged too, up to the limit's worth of 48 kHz
+# stereo (230 MB as float32), and sample rates outside what audio hardware records are refused.
+MAX_AUDIO_SAMPLES = int(MAX_AUDIO_SECONDS * 48_000 * 2)
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 192_000
 
 Kind = Literal["image", "audio"]
 
@@ -58,6 +64,7 @@ class MediaBudget:
         self.accepts = frozenset(accepts)
         self.pixels_left = max_pixels
         self.seconds_left = max_audio_seconds
+        self.samples_left = MAX_AUDIO_SAMPLES
 
     def require(self, kind: Kind) -> None:
         if kind not in self.accepts:
@@ -77,6 +84,18 @@ class MediaBudget:
                 f"{MAX_REQUEST_PIXELS // 1_000_000} megapixels together; send fewer or smaller images"
             )
         self.pixels_left -= n
+
+    def charge_audio(self, frames: int, channels: int, rate: int) -> None:
+        """Charge an audio file by what its header says, before decoding it."""
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise InputError(f"the audio's sample rate is {rate} Hz; {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz is accepted")
+        samples = frames * max(channels, 1)
+        if samples > self.samples_left:
+            raise InputError(f"the request's audio decodes to {samples / 1e6:.0f} million samples ({channels} channels "
+                             f"at {rate} Hz), over the limit of {MAX_AUDIO_SAMPLES / 1e6:.0f} million; send a "
+                             "shorter, mono or lower-rate recording")
+        self.charge_seconds(frames / rate)
+        self.samples_left -= samples
 
     def charge_seconds(self, seconds: float) -> None:
         if seconds > self.seconds_left:
@@ -126,7 +145,7 @@ def _read_wav(data: bytes, budget: MediaBudget) -> tuple[np.ndarray, int]:
     try:
         with wave.open(io.BytesIO(data)) as w:
             width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            budget.charge_seconds(w.getnframes() / max(rate, 1))
+            budget.charge_audio(w.getnframes(), channels, rate)
             frames = w.readframes(w.getnframes())
     except (wave.Error, EOFError) as exc:
         raise InputError(f"the WAV audio cannot be read ({exc})") from None
@@ -152,7 +171,7 @@ def _read_soundfile(data: bytes, budget: MediaBudget) -> tuple[np.ndarray, int]:
         raise InputError("the audio is not a WAV file (other formats need the soundfile package)") from None
     try:
         info = soundfile.info(io.BytesIO(data))
-        budget.charge_seconds(info.frames / max(info.samplerate, 1))
+        budget.charge_audio(info.frames, info.channels, info.samplerate)
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except InputError:
         raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -53,6 +54,10 @@ def decode_tokens_per_s(tokens: int, first_to_last_s: float) -> float:
     """The one definition of decode speed used everywhere (see DECODE_RATE_DEFINITION)."""
     return (tokens - 1) / first_to_last_s if tokens > 1 and first_to_last_s > 0 else 0.0
 
+
+# Client text holding a control token's string is wrapped in these (Unicode private use) for tokenizing
+PROTECT_OPEN, PROTECT_CLOSE = "\ue000", "\ue001"
+_PROTECTED = re.compile(f"[{PROTECT_OPEN}{PROTECT_CLOSE}]")
 
 @dataclass
 class GenerationStats:
@@ -466,20 +471,32 @@ class ChatSession:
         """Drop the oldest exchanges until the prompt leaves `reserve` tokens for the reply;
         returns the kept messages and how many were dropped. System messages always stay.
 
-        A single message that does not fit is left alone: prefill reports it clearly.
+        A single message that does not fit is left alone: prefill reports it clearly. The
+        candidates (one exchange fewer each) are searched by bisection, so a long history costs
+        a few tokenizations, not one per exchange.
         """
-        messages = list(messages)
-        dropped = 0
-        while self.prompt(messages).size + reserve > self.llm.n_ctx:
-            turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
+        candidates = [list(messages)]
+        while True:
+            kept = list(candidates[-1])
+            turns = [i for i, m in enumerate(kept) if m["role"] != "system"]
             if len(turns) <= 1:
                 break
-            first = turns[0]
             # an exchange is a user turn and the replies up to the next user turn
-            end = next((i for i in turns[1:] if messages[i]["role"] == "user"), turns[-1])
-            dropped += end - first
-            del messages[first:end]
-        return messages, dropped
+            end = next((i for i in turns[1:] if kept[i]["role"] == "user"), turns[-1])
+            del kept[turns[0]:end]
+            candidates.append(kept)
+
+        def fits(k: int) -> bool:
+            return self.prompt(candidates[k]).size + reserve <= self.llm.n_ctx
+
+        lo, hi = 0, len(candidates) - 1  # the answer: the first candidate that fits, else the last
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return candidates[lo], len(messages) - len(candidates[lo])
 
     def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
         """Render and tokenize `messages`; images and audio stay placeholders, collected in their order."""
@@ -521,13 +538,12 @@ class ChatSession:
         if split is not None and getattr(encoder, "sliced", False):
             tokens = self._sliced_tokens(prompt, split, encoder, messages)
         elif split is None:
-            tokens = self.llm.tokenize(prompt, add_special=True, parse_special=True)
+            tokens = self._tokenize(prompt, add_special=True)
         else:
             first, *rest = prompt.split(split)
-            tokens = self.llm.tokenize(first, add_special=True, parse_special=True)
+            tokens = self._tokenize(first, add_special=True)
             for chunk in rest:
-                tokens += [IMAGE_SENTINEL] + (self.llm.tokenize(chunk, add_special=False, parse_special=True)
-                                              if chunk else [])
+                tokens += [IMAGE_SENTINEL] + (self._tokenize(chunk, add_special=False) if chunk else [])
         bos = self.llm.special_token("bos")
         if len(tokens) > 1 and bos is not None and tokens[0] == tokens[1] == bos[0]:
             tokens = tokens[1:]  # the template wrote BOS and the tokenizer added another
@@ -544,17 +560,38 @@ class ChatSession:
             raise InputError(f"the chat template placed {len(rest)} image markers for {len(images)} images")
         text = first + "".join(encoder.placeholder(im, i) + chunk for i, (im, chunk) in enumerate(zip(images, rest)))
         head, *pieces = text.split(encoder.slices.unk * encoder.slices.query_num)
-        tokens = self.llm.tokenize(head, add_special=True, parse_special=True)
+        tokens = self._tokenize(head, add_special=True)
         for piece in pieces:
-            tokens += [IMAGE_SENTINEL] + (self.llm.tokenize(piece, add_special=False, parse_special=True)
-                                          if piece else [])
+            tokens += [IMAGE_SENTINEL] + (self._tokenize(piece, add_special=False) if piece else [])
+        return tokens
+
+    def _protect(self, text: str) -> str:
+        """A message's text as the template gets it: text that holds a control token's string
+        (`<|im_end|>` typed by a user) is wrapped in private-use marks, and `_tokenize` reads
+        it as plain text; the template's own markers, outside the marks, stay control tokens.
+        Other text is left alone, so it is tokenized exactly as before (one call, no seams)."""
+        if not any(s in text for s in self.llm.special_texts()):
+            return text
+        return PROTECT_OPEN + text.replace(PROTECT_OPEN, "").replace(PROTECT_CLOSE, "") + PROTECT_CLOSE
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        if PROTECT_OPEN not in text:
+            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
+        tokens: list[int] = []
+        for i, piece in enumerate(_PROTECTED.split(text)):  # outside, inside, outside, ...
+            if piece or (i == 0 and add_special):
+                tokens += self.llm.tokenize(piece, add_special=add_special and i == 0, parse_special=i % 2 == 0)
         return tokens
 
     def _for_template(self, message: dict[str, Any]) -> dict[str, Any]:
         """What the template sees: no pixels, and parts or a string as the template expects."""
         content = message["content"]
+        if isinstance(content, str):
+            content = self._protect(content)
+            message = {**message, "content": content}
         if isinstance(content, list):
-            parts = [{"type": p["type"]} if p.get("type") in ("image", "audio") else p for p in content]
+            parts = [{"type": p["type"]} if p.get("type") in ("image", "audio")
+                     else {**p, "text": self._protect(p.get("text", ""))} for p in content]
             if self.pipeline.structured_content:
                 return {**message, "content": parts}
             return {**message, "content": "".join(p.get("text", "") for p in parts)}

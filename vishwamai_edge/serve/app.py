@@ -10,6 +10,7 @@ first piece of the reply, so a prompt over the context is a 400, not a broken st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,16 +28,23 @@ from ..runtime.media import audio_part
 
 from ..runtime.engine import Engine, Generation
 from .auth import APIKeyMiddleware
+from .hosts import HostCheckMiddleware, allowed_hosts
+from .limits import BodyLimitMiddleware
 from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # room for a few base64 images
 POLL_S = 0.5  # how often a waiting request checks that its client is still there
+# Requests whose media are decoded at once (up to 192 MB of pixels each); the rest wait their turn,
+# and each checks the queue has room before it decodes anything.
+DECODE_AT_ONCE = 2
 KEEPALIVE_S = 10.0
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               host: str = "127.0.0.1") -> FastAPI:
+    """`host`: the address the server is bound to; on loopback only loopback Host headers pass."""
     # No /docs: FastAPI's docs page loads its scripts from a CDN, and this server is offline.
     app = FastAPI(title="vishwamai-edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -44,6 +52,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if not api_key.strip():
             raise UserError("the API key is empty; give a non-empty --api-key or unset it")
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # every API body counted as it arrives (a chunked upload included); the UI mounted at /ui has its own limits
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: max_body_bytes if path.startswith("/v1/") else None)
+    allowed = allowed_hosts(host)
+    if allowed is not None:  # added last: the outermost check, before the key is even looked at
+        app.add_middleware(HostCheckMiddleware, allowed=allowed)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -65,6 +78,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         return {"status": "ok", "model": engine.model_id, "n_ctx": engine.n_ctx, "queue": engine.status()}
 
     v1 = APIRouter(prefix="/v1")
+    decoding = asyncio.Semaphore(DECODE_AT_ONCE)
 
     def model_card(model_id: str) -> dict[str, Any]:
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
@@ -89,10 +103,17 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        except RecursionError:  # [[[[... deeper than Python's parser goes
+            raise APIError(400, "the request body's JSON is nested too deeply") from None
         req = parse_request(data)
         if req.model not in engine.model_ids:
             raise _unknown_model(req.model, engine)
-        chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
+        async with decoding:
+            try:
+                engine.check_room()
+            except Exception as exc:
+                raise api_error_for(exc) from None
+            chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
         chat = replace(chat, adapter=engine.model_ids[req.model])
         try:
             gen = engine.submit(chat)
@@ -153,7 +174,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             raise APIError(400, f"response_format {fmt!r} is not supported (json, text)", param="response_format")
         data = await upload.read()
         try:
-            part = await run_in_threadpool(audio_part, data, engine.media_budget())
+            async with decoding:
+                part = await run_in_threadpool(audio_part, data, engine.media_budget())
             text = await run_in_threadpool(engine.pipeline.transcribe, part.samples, part.sample_rate)
         except InputError as exc:
             raise APIError(400, f"file: {exc}", param="file", code="invalid_audio") from None

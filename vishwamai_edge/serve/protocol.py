@@ -124,6 +124,7 @@ class ChatCompletionRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     n: int = 1
     logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 def parse_request(data: Any) -> ChatCompletionRequest:
@@ -142,6 +143,8 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         raise APIError(400, "only n=1 is supported", param="n")
     if req.logprobs:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if req.top_logprobs is not None:
+        raise APIError(400, "top_logprobs is not supported by this server", param="top_logprobs")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")

@@ -71,7 +71,7 @@ def run_server(
     if note:
         print(f"note: {note}", file=sys.stderr)
     try:
-        app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024))
+        app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024), host=host)
         if with_ui:
             from ..ui.app import mount_ui
 

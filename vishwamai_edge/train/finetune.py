@@ -191,8 +191,8 @@ def _load_checkpoint(ckpt: Path, model, optimizer, run_id: str) -> dict[str, Any
     peft = require("peft", "train")
     from safetensors.torch import load_file
 
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-    if state.get("run_id") != run_id:
+    state = checkpoint_state(ckpt)
+    if state is None or state.get("run_id") != run_id:
         raise FinetuneError(
             f"checkpoint {ckpt} was made from other data or settings than the recipe's now; "
             f"delete {ckpt.parent} to start over"
@@ -406,11 +406,24 @@ def _save_adapter(model, loaded, out: Path, hf_dir: Path, result: TrainResult, r
 
 
 def checkpoint_state(ckpt: Path) -> dict[str, Any] | None:
-    """A checkpoint's trainer state; None for a half-written or foreign file (then it is not ours)."""
+    """A checkpoint's trainer state; None for a half-written file (then it is not ours).
+
+    Read with `weights_only=True`: our own state is tensors, numbers, strings and lists, all
+    of which that unpickler accepts, and a planted pickle that would run code is refused
+    before anything in it runs (a FinetuneError naming the file), never silently discarded.
+    """
+    import pickle
+
     torch = require("torch", "build")
-    try:  # our own file (optimizer state needs the full unpickler)
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001
+    path = ckpt / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FinetuneError(
+            f"{path} holds objects other than tensors and numbers, so it is not a checkpoint this tool wrote; "
+            f"it was refused, not unpickled: delete {ckpt.parent} to start over"
+        ) from None
+    except Exception:  # noqa: BLE001  a truncated or unreadable file
         return None
     return state if isinstance(state, dict) else None
 

@@ -1,8 +1,9 @@
 """`vishwamai-edge ui`: a local Gradio chat page on the shared `Engine`.
 
-Offline by construction: telemetry and the version check off, no share link, the
-bundled fonts only, bound to 127.0.0.1 unless told otherwise. Gradio's queue lets
-one chat turn at a time reach the engine; uploads have a size limit.
+Offline by construction: telemetry, the version check and run history off, no share link,
+the bundled fonts only, bound to 127.0.0.1 (and answering only loopback Host names) unless
+told otherwise; files are read only from gradio's upload folder (guard.py). Gradio's queue
+lets one chat turn at a time reach the engine; uploads have a size limit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, Engine, Generation, Message, RequestStats
 from ..runtime.media import ImagePart, MediaBudget, Part, TextPart, audio_part, decode_data_url, image_part
 from ..runtime.speculative import SpeculativeOptions
+from .guard import OfflineMiddleware, accept_uploads_only, is_uploaded
 
 DEFAULT_MAX_FILE_MB = 10
 UPDATE_EVERY_S = 0.05  # batch streamed pieces: one browser update per 50 ms, not one per token
@@ -120,11 +122,9 @@ def _file_path(item: dict[str, Any]) -> str | None:
 
 
 def _history_image(path: str, budget: MediaBudget) -> ImagePart:
-    from gradio.utils import get_upload_folder, is_in_or_equal
-
     budget.require("image")
     # The history comes from the browser: read only files gradio stored from an upload.
-    if not is_in_or_equal(path, get_upload_folder()):
+    if not is_uploaded(path):
         raise InputError("an image in the conversation is not one uploaded here; clear the conversation")
     try:
         data = Path(path).read_bytes()
@@ -150,16 +150,23 @@ def _user_parts(text: str, image: str | None, audio: str | None, budget: MediaBu
     parts: list[Part] = []
     if image:
         budget.require("image")  # before reading the file: a text-only bundle never decodes it
-        data = decode_data_url(image, "image") if image.startswith("data:") else Path(image).read_bytes()
+        data = decode_data_url(image, "image") if image.startswith("data:") else _uploaded_bytes(image)
         parts.append(image_part(data, budget))
     if audio:
         budget.require("audio")
-        parts.append(audio_part(Path(audio).read_bytes(), budget))
+        parts.append(audio_part(_uploaded_bytes(audio), budget))
     if text.strip():
         parts.append(TextPart(text))
     if not parts:
         raise UserError("type a message (or add an image or audio) first")
     return parts
+
+
+def _uploaded_bytes(path: str) -> bytes:
+    # gradio hands over paths it took from the request: read only what it stored from an upload
+    if not is_uploaded(path):
+        raise InputError("a file in this request was not uploaded here; upload it again")
+    return Path(path).read_bytes()
 
 
 def _text(text: str) -> dict[str, str]:
@@ -323,6 +330,7 @@ def build_ui(engine: Engine):
 
     # as many chats stream at once as the engine has slots; the engine's own queue holds the rest
     blocks.queue(default_concurrency_limit=engine.parallel, max_size=engine.max_queue)
+    accept_uploads_only(blocks)
     return blocks
 
 
@@ -330,6 +338,15 @@ def _bytes(mb: float) -> int:
     if mb <= 0:
         raise UserError("the upload size limit must be positive")
     return int(mb * 1024 * 1024)
+
+
+def body_limits(max_file_mb: float):
+    """Byte limits for the page's requests. Gradio checks each uploaded file's size, not the
+    request's: one upload request may carry up to two files of the limit (the page sends one
+    per component) plus 1 MiB of form; any other request (a chat turn with its history) 20 MiB."""
+    upload = 2 * _bytes(max_file_mb) + 2**20
+    other = max(20 * 2**20, upload)
+    return lambda path: upload if path.rstrip("/").endswith("/gradio_api/upload") else other
 
 
 def theme():
@@ -340,22 +357,38 @@ def theme():
 def launch_ui(engine: Engine, host: str = "127.0.0.1", port: int = 7860, max_file_mb: float = DEFAULT_MAX_FILE_MB,
               prevent_thread_lock: bool = False, quiet: bool = False):
     """Serve the page; with `prevent_thread_lock` return the running Blocks (call `.close()`)."""
+    from starlette.middleware import Middleware
+
+    from ..serve.hosts import HostCheckMiddleware, allowed_hosts
+    from ..serve.limits import BodyLimitMiddleware
+
     blocks = build_ui(engine)
+    allowed = allowed_hosts(host)
+    middleware = [Middleware(OfflineMiddleware), Middleware(BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]
+    if allowed is not None:
+        middleware.append(Middleware(HostCheckMiddleware, allowed=allowed))
     blocks.launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
         mcp_server=False, enable_monitoring=False, show_error=True, quiet=quiet, theme=theme(),
         max_file_size=_bytes(max_file_mb), prevent_thread_lock=prevent_thread_lock, footer_links=["settings"],
+        run_history=False, app_kwargs={"middleware": middleware},
     )
     return blocks
 
 
 def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAULT_MAX_FILE_MB):
-    """The same page inside another FastAPI app (the API server), on the same engine."""
+    """The same page inside another FastAPI app (the API server, which checks the Host), on the same engine."""
+    from starlette.middleware import Middleware
+
+    from ..serve.limits import BodyLimitMiddleware
+
     gr = import_gradio()
     blocks = build_ui(engine)
     return gr.mount_gradio_app(app, blocks, path=path, max_file_size=_bytes(max_file_mb), ssr_mode=False,
                                pwa=False, mcp_server=False, enable_monitoring=False, theme=theme(),
-                               footer_links=["settings"])
+                               footer_links=["settings"], run_history=False,
+                               app_kwargs={"middleware": [Middleware(OfflineMiddleware), Middleware(
+                                   BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]})
 
 
 def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,

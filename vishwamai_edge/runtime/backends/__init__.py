@@ -114,6 +114,9 @@ class LLMBackend(Protocol):
 
     def token_bytes(self, token: int) -> bytes: ...
 
+    def special_texts(self) -> frozenset[str]:
+        """The text of every token that `tokenize(..., parse_special=True)` turns into a control token."""
+
     def is_eog(self, token: int) -> bool: ...
 
     def special_token(self, kind: str) -> tuple[int, str] | None:

@@ -162,6 +162,7 @@ class LlamaCppBackend:
         self._ctx = ctx
         self.path = path
         self._vocab = lib.llama_model_get_vocab(model)
+        self._special_texts: frozenset[str] | None = None
         self.n_seq = n_seq
         self.n_ctx: int = lib.llama_n_ctx_seq(ctx)  # what one sequence may hold
         self.n_embd: int = lib.llama_model_n_embd(model)
@@ -270,6 +271,14 @@ class LlamaCppBackend:
             buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
+
+    def special_texts(self) -> frozenset[str]:
+        if self._special_texts is None:  # once: about 50 k calls
+            lib, marked = self._lib, self._lib.LLAMA_TOKEN_ATTR_CONTROL | self._lib.LLAMA_TOKEN_ATTR_USER_DEFINED
+            ids = [t for t in range(lib.llama_vocab_n_tokens(self._vocab)) if lib.llama_vocab_get_attr(self._vocab, t) & marked]
+            self._special_texts = frozenset(filter(None, (self.token_bytes(t, special=True).decode("utf-8", "replace")
+                                                          for t in ids)))
+        return self._special_texts
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))

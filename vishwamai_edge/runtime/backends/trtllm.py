@@ -237,6 +237,9 @@ class TrtLlmBackend:
             tok.encode_special_tokens = not parse_special
         return list(tok.encode(text, add_special_tokens=add_special).ids)
 
+    def special_texts(self) -> frozenset[str]:
+        return frozenset(filter(None, (self._tok.id_to_token(t) for t in self._specials)))
+
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         key = token if not special else -1 - token
         if key in self._cache:
