@@ -26,7 +26,7 @@ from test_whisper_source import (  # noqa: F401  (session fixtures shared with t
     word_error_rate,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

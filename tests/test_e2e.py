@@ -44,6 +44,10 @@ def test_q4_k_m_answers_paris(pipeline):
 
 
 def test_streaming_pieces_and_second_turn(pipeline):
+    # From an empty cache: a prefix reused from an earlier test's session was computed with other
+    # batch shapes, and llama.cpp's CPU kernels round batches differently from one-token decoding
+    # (as llama-server's cache_prompt does). On an AVX2 host that flipped this borderline follow-up.
+    pipeline.llm.reset()
     session = pipeline.session(max_tokens=24)
     pieces = list(session.ask("What is the capital of France?"))
     assert len(pieces) > 1 and "Paris" in "".join(pieces)  # streamed, not returned in one piece

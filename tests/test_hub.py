@@ -122,6 +122,7 @@ def test_interrupted_download_resumes(hub, tmp_path, monkeypatch):
     assert result.manifest["source"]["revision_sha"] == hub.repos[REPO].sha
 
 
+@pytest.mark.slow
 def test_interrupted_download_fails_one_line_and_rerun_resumes(hub, tmp_path):
     """More drops than huggingface_hub retries: one line, exit 2; the rerun fetches only what is missing."""
     recipe = write_recipe(tmp_path, hub_source())

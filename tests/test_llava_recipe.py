@@ -185,6 +185,7 @@ def _vlm_dataset(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_finetuned_vlm_keeps_its_vision_through_export(llava15, tmp_path):
     import yaml
 

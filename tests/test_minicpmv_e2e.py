@@ -227,6 +227,7 @@ def test_chat_image_on_the_bundle(built, variant, tmp_path):
 # -- the Q4_K_M bundle of the recipe's default ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_quant_bundle_for_orin(tiny_minicpmv, tmp_path):
     """orin-nx-16 with the recipe as it is: Q4_K_M, fp32 vision graph, CUDA first for ONNX Runtime."""
     build("2.0", tiny_minicpmv("2.0"), tmp_path, quant=None, target="orin-nx-16")
@@ -255,7 +256,7 @@ def test_missing_resampler_tensors(tiny_minicpmv, tmp_path):
     shutil.copytree(tiny_minicpmv("2.0"), broken)
     state = load_file(str(broken / "model.safetensors"))
     save_file({k: v for k, v in state.items() if not k.startswith("resampler.")}, str(broken / "model.safetensors"))
-    _one_line_error(build("2.0", broken, tmp_path / "b", expect=2), "resampler.query", "no resampler tensors")
+    _one_line_error(build("2.0", broken, tmp_path / "b", *F32, expect=2), "resampler.query", "no resampler tensors")
 
 
 def test_unknown_version(tiny_minicpmv, tmp_path):
@@ -264,11 +265,11 @@ def test_unknown_version(tiny_minicpmv, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["version"] = 9.5
     (broken / "config.json").write_text(json.dumps(config))
-    _one_line_error(build("2.6", broken, tmp_path / "b", expect=2), "version 9.5", "not supported", "2.0", "2.6")
+    _one_line_error(build("2.6", broken, tmp_path / "b", *F32, expect=2), "version 9.5", "not supported", "2.0", "2.6")
 
 
 def test_fp16_vision_refused(tiny_minicpmv, tmp_path):
-    _one_line_error(build("2.0", tiny_minicpmv("2.0"), tmp_path, "export.vision.dtype=fp16", expect=2),
+    _one_line_error(build("2.0", tiny_minicpmv("2.0"), tmp_path, *F32, "export.vision.dtype=fp16", expect=2),
                     "export.vision.dtype", "fp32")
 
 

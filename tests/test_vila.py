@@ -201,6 +201,7 @@ def test_pad_aspect_ratio_pads_to_square(vila, tmp_path):
     assert max(runtime_vs_reference(bundle, VilaReference(padded))) < REL_TOLERANCE
 
 
+@pytest.mark.slow
 def test_orin_bundle_holds_awq_trtllm_checkpoint_and_plan(orin_build):
     bundle = bundle_of(orin_build)
     m = json.loads((bundle / "manifest.json").read_text())
@@ -248,6 +249,7 @@ def test_tinychat_unpacking_inverts_llm_awq_packing():
         assert np.array_equal(unpack_qweight(packed).numpy(), codes)
 
 
+@pytest.mark.slow
 def test_tinychat_source_converts_without_requantization(vila_awq, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -282,6 +284,7 @@ def test_tinychat_source_converts_without_requantization(vila_awq, tmp_path):
     assert torch.equal(back.q, o["q"]) and torch.equal(back.zeros, o["zeros"]) and torch.equal(back.scales, o["scales"])
 
 
+@pytest.mark.slow
 def test_tinychat_source_on_the_laptop_equals_the_reference(vila_awq, tmp_path):
     out = tmp_path / "build"
     build(vila_awq, out, *F32, quant="f32")
@@ -319,6 +322,7 @@ def test_unknown_projector_type(vila, tmp_path):
     _one_line_error(build(broken, tmp_path / "b", expect=2), "mm_projector_type", "mlp2x_gelu", "mlp_downsample")
 
 
+@pytest.mark.slow
 def test_pickle_that_is_not_tensors_only_is_refused(vila_awq, tmp_path):
     import torch
 
@@ -333,6 +337,7 @@ def test_pickle_that_is_not_tensors_only_is_refused(vila_awq, tmp_path):
     assert not any((tmp_path / "b").glob("*/*/manifest.json"))
 
 
+@pytest.mark.slow
 def test_truncated_tinychat_file(vila_awq, tmp_path):
     broken = tmp_path / "VILA-AWQ"
     shutil.copytree(vila_awq, broken)

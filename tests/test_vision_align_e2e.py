@@ -19,7 +19,7 @@ from vishwamai_edge.build import build
 from vishwamai_edge.demo import BUILTIN_VISION, VISION_RECIPE, shapes_accuracy, vision_recipe
 from vishwamai_edge.targets import get_target
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "vishwamai_edge.cli"]
 QUIET = Console(stderr=True, quiet=True)

@@ -25,6 +25,8 @@ import whisper_models
 from vishwamai_edge.errors import SourceError
 from vishwamai_edge.whisper_source import read_ct2_model, whisper_hf_from_ctranslate2
 
+pytestmark = pytest.mark.slow
+
 SOT, NO_TIMESTAMPS, EOT = 50257, 50362, 50256
 ENCODER_TOLERANCE = 1e-3  # measured 2e-5 on outputs of magnitude up to ~13 (float32 rounding only)
 MAX_MEAN_WER = 0.25  # espeak's voice is hard for tiny.en; the check that matters is engine equality

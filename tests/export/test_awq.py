@@ -114,6 +114,7 @@ def smollm2_awq():
     return src, quantize_awq(src, 64, calibration=CALIBRATION_TEXT[:6], clip=False)
 
 
+@pytest.mark.slow
 def test_smollm2_awq_beats_rtn(smollm2_awq, tmp_path):
     src, result = smollm2_awq
     ppl = check_awq(result)
@@ -129,6 +130,7 @@ def test_smollm2_awq_beats_rtn(smollm2_awq, tmp_path):
     assert "lm_head.weight" not in state  # tied to the embedding, kept fp16
 
 
+@pytest.mark.slow
 def test_check_awq_refuses_a_loss(smollm2_awq):
     import dataclasses
 

@@ -29,6 +29,8 @@ from vishwamai_edge.export.edgellm import (
 )
 from vishwamai_edge.sources import embedded_hf_dir
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / ".ci" / "install-edgellm"
 SMOLLM2 = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}

@@ -32,7 +32,7 @@ from vishwamai_edge.runtime.speculative import (
 )
 from vishwamai_edge.sources import embedded_gguf
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GREEDY = SamplingParams()
 N = 48

@@ -265,6 +265,7 @@ def test_16_concurrent_streams_are_not_interleaved(server, client):
     assert server.proc.poll() is None and server.health()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_memory_flat_over_200_sequential_requests(server):
     proc = psutil.Process(server.proc.pid)
     with httpx.Client(base_url=server.base_url, headers=server.headers(), timeout=TIMEOUT) as http:

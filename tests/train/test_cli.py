@@ -79,6 +79,7 @@ def test_method_flag_overrides_the_recipe(tiny_model, chat_jsonl, tmp_path):
     assert proc.returncode == 2 and "--method cpt reads 'text' lines" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_losses_as_one(tiny_model, chat_jsonl, tmp_path):
     """The DDP path of `accelerate launch` / torchrun, on the CPU (gloo): each process runs half of
     every step's examples; the losses equal the single-process run's."""

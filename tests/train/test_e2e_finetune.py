@@ -17,7 +17,7 @@ from vishwamai_edge.demo import FINETUNE_RECIPE, ask_once, held_out_question
 from vishwamai_edge.recipe import load_recipe
 from vishwamai_edge.targets import get_target
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / FINETUNE_RECIPE
 

@@ -29,6 +29,7 @@ def user_texts(page) -> list[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_spoken_question_heard_shown_and_answered(browser, speech_url, question_wav):
     page = browser.new_page()
     try:

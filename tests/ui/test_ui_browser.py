@@ -12,7 +12,7 @@ import pytest
 
 from vishwamai_edge.ui.app import format_stats
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 WAIT_MS = 120_000  # generous: the machine may be shared; timings are never asserted
 
