@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from security_targets import API_KEY, HF_TOKEN, Recorder, Target, start_ui
+from security_targets import API_KEY, API_TARGETS, HF_TOKEN, Recorder, Target, start_ui
 from serve_process import start_server, stop_server
 
 
@@ -26,7 +26,7 @@ def server_env(hub_recorder, tmp_path_factory) -> dict[str, str]:
             "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio-cache"))}
 
 
-@pytest.fixture(scope="session", params=["serve --ui", "serve --ui --api-key", "ui"])
+@pytest.fixture(scope="session", params=[*API_TARGETS, "ui"])
 def target(request, embedded_bundle, server_env, tmp_path_factory) -> Iterator[Target]:
     log = tmp_path_factory.mktemp("security") / "server.log"
     if request.param == "ui":

@@ -15,6 +15,7 @@ from in_thread_server import free_port
 
 API_KEY = "sk-security-0123456789"
 HF_TOKEN = "hf_securitytestFAKEtoken000"
+API_TARGETS = ["serve --ui", "serve --ui --api-key"]  # the processes that serve the OpenAI API
 MAX_FILE_MB = 1
 
 

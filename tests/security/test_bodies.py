@@ -13,6 +13,7 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
+from speech_bundles import speech_bundle  # noqa: F401  (the shared session fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,3 +75,20 @@ def test_a_chunked_body_is_cut_off_and_memory_stays_bounded(target):
         # this bundle has no audio encoder: the transcription route may refuse before reading (400)
         allowed = (b"HTTP/1.1 413", b"HTTP/1.1 400") if "audio" in path else (b"HTTP/1.1 413",)
         assert reply.startswith(allowed), (path, reply[:200])
+
+
+@pytest.mark.slow  # builds the speech bundle (real Whisper tiny.en)
+def test_a_chunked_audio_upload_to_a_speech_bundle_is_cut_off(speech_bundle, tmp_path):
+    """The issue's route on a bundle that really transcribes: it reads the file part, so only the
+    byte count as the body arrives stops it."""
+    from security_targets import Target
+    from serve_process import start_server, stop_server
+
+    server = start_server(speech_bundle, tmp_path / "server.log", "--max-request-mb", "1")
+    try:
+        target = Target("serve", server.url, server.url + "/ui", server.proc, server.api_key)
+        reply, sent, growth = stream_field(target, "/v1/audio/transcriptions")
+        print(f"speech bundle: refused after {sent} MiB sent, RSS grew {growth:.0f} MiB: {reply[:12]!r}")
+        assert reply.startswith(b"HTTP/1.1 413") and sent < 8 and growth < RSS_GROWTH_AT_MOST_MB, (reply[:200], growth)
+    finally:
+        stop_server(server)

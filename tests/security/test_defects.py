@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from security_targets import API_TARGETS
 
 from vishwamai_edge.errors import InputError
 from vishwamai_edge.runtime.media import MAX_AUDIO_SAMPLES, MediaBudget, audio_part
@@ -45,6 +47,29 @@ def test_a_wav_header_claiming_an_absurd_rate_is_refused_before_decoding(rate):
     assert time.monotonic() - t < 1.0
 
 
+def test_a_many_channel_high_rate_flac_is_refused_before_decoding(tmp_path):
+    """The issue's FLAC (8 channels at 192 kHz, within the seconds budget) is charged by its header's
+    samples: 40 s of it is 61 million samples, refused before a sample is decoded."""
+    import psutil
+    import soundfile
+
+    path = tmp_path / "wide.flac"
+    with soundfile.SoundFile(path, "w", samplerate=192_000, channels=8, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((192_000, 8), dtype=np.int16)
+        for _ in range(40):
+            f.write(block)
+    data = path.read_bytes()
+    rss, t = psutil.Process().memory_info().rss, time.monotonic()
+    with pytest.raises(InputError, match="million samples"):
+        audio_part(data)
+    assert time.monotonic() - t < 1.0 and psutil.Process().memory_info().rss - rss < 50 * 2**20
+    # an ordinary FLAC still decodes, to mono
+    small = tmp_path / "small.flac"
+    soundfile.write(small, np.zeros((16_000, 2), dtype=np.float32), 16_000, format="FLAC")
+    part = audio_part(small.read_bytes())
+    assert part.sample_rate == 16_000 and part.samples.shape == (16_000,)
+
+
 def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
@@ -63,9 +88,8 @@ def test_an_unknown_quantization_is_refused_before_any_stage(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("target", API_TARGETS, indirect=True)  # `ui` serves no API
 def test_the_api_refuses_deep_nesting_and_top_logprobs_with_400(target):
-    if target.name == "ui":
-        pytest.skip("the OpenAI API's defects: `ui` serves no API")
     url = f"{target.root}/v1/chat/completions"
     headers = target.headers(**{"content-type": "application/json"})
     r = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers=headers, timeout=60)
