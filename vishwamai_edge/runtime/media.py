@@ -89,12 +89,12 @@ class MediaBudget:
         """Charge an audio file by what its header says, before decoding it."""
         if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
             raise InputError(f"the audio's sample rate is {rate} Hz; {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz is accepted")
+        self.charge_seconds(frames / rate)  # first: a long recording is told of the seconds limit
         samples = frames * max(channels, 1)
         if samples > self.samples_left:
             raise InputError(f"the request's audio decodes to {samples / 1e6:.0f} million samples ({channels} channels "
                              f"at {rate} Hz), over the limit of {MAX_AUDIO_SAMPLES / 1e6:.0f} million; send a "
                              "shorter, mono or lower-rate recording")
-        self.charge_seconds(frames / rate)
         self.samples_left -= samples
 
     def charge_seconds(self, seconds: float) -> None:
