@@ -112,7 +112,7 @@ def test_usage_errors_print_usage_and_exit_2(argv, message):
 
 def test_out_of_range_values_are_refused_by_the_library_too(tmp_path):
     from vishwamai_edge.errors import UserError
-    from vishwamai_edge.serve.server import check_port_free
+    from vishwamai_edge.web.listen import check_port_free
 
     with pytest.raises(UserError, match="not a TCP port"):
         check_port_free("127.0.0.1", 99999)

@@ -68,7 +68,7 @@ def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build")
                        console, n_threads)
     hf_dir = stage_source(ctx)
     from .export.llava import is_llava
-    from .export.vila import is_vila
+    from .sources import is_vila
 
     if is_llava(hf_dir) or is_vila(hf_dir) or bundle.manifest.get("encoders", {}).get("image"):
         # the projector lives in the ONNX encoder and the LLM was split out of the VLM folder: a

@@ -31,14 +31,22 @@ from rich.console import Console
 
 from . import __version__
 from .errors import ExportError, SourceError
-from .fsutil import atomic_dir, atomic_file, clean_stale_temps, sha256_json, weights_digest, write_json
 from .export.llava import is_llava
 from .export.minicpmv import is_minicpmv
-from .export.vila import is_vila
-from .vlm.folder import is_aligned
+from .fsutil import (
+    atomic_dir,
+    atomic_file,
+    check_gguf_file,
+    clean_stale_temps,
+    sha256_json,
+    weights_digest,
+    write_json,
+)
 from .recipe import Recipe
 from .runtime.bundle import write_manifest
+from .sources import is_vila
 from .targets import TargetProfile
+from .vlm.folder import is_aligned
 
 STAMP_SUFFIX = ".stamp.json"
 
@@ -122,7 +130,7 @@ def stage_source(ctx: BuildContext) -> Path:
     if spec.kind == "hf":
         return sources.check_hf_dir(path)
     if spec.use_as_is:
-        return sources.check_gguf_file(path)
+        return check_gguf_file(path)
     with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
         return sources.hf_dir_from_gguf(path, ctx.root / "source")
 
@@ -219,11 +227,13 @@ def source_size(hf_dir: Path, name: str) -> Any:
     from .memory_plan import model_size
 
     if is_vila(hf_dir):
-        from .export.vila import model_size as vila_size, read_vila
+        from .export.vila import model_size as vila_size
+        from .export.vila import read_vila
 
         return vila_size(read_vila(hf_dir), name)
     if is_minicpmv(hf_dir):
-        from .export.minicpmv import model_size as minicpmv_size, read_minicpmv
+        from .export.minicpmv import model_size as minicpmv_size
+        from .export.minicpmv import read_minicpmv
 
         return minicpmv_size(read_minicpmv(hf_dir), name)
     return model_size(read_config(hf_dir), name)
@@ -270,7 +280,14 @@ def stage_vila(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path, Path | 
     LLM (VILA *-AWQ) becomes our AWQ GEMM folder, codes and scales unchanged, and is dequantized
     for the GGUF export. Returns the vision part, the LLM folder and the AWQ folder (or None)."""
     from .export.tinychat import find_checkpoint, write_awq_folder
-    from .export.vila import IMAGE_TEXT, VICUNA_V1_TEMPLATE, check_llm, read_vila, with_template, write_llm_folder
+    from .export.vila import (
+        IMAGE_TEXT,
+        VICUNA_V1_TEMPLATE,
+        check_llm,
+        read_vila,
+        with_template,
+        write_llm_folder,
+    )
 
     layout = read_vila(root)
     check_llm(layout)

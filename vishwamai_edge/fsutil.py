@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import SourceError
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
@@ -86,3 +88,22 @@ def clean_stale_temps(folder: Path) -> None:
                 shutil.rmtree(item, ignore_errors=True)
             else:
                 item.unlink(missing_ok=True)
+
+
+def copy_hf_dir(src: Path, dst: Path) -> None:
+    """Copy the files an HF folder needs (no optimizer states, no checkpoints)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+
+
+def check_gguf_file(path: Path) -> Path:
+    """Cheap validity check: the file exists and starts with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SourceError(f"{path} is not a GGUF file (bad magic)")
+    return path

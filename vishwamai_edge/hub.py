@@ -173,8 +173,7 @@ def _listed_files(snap: HubSnapshot) -> list[str]:
 
 def pickles_to_safetensors(src: Path, out_dir: Path) -> Path:
     """torch pickles (weights only) -> an HF folder with the same tensors in safetensors, once per commit."""
-    from .fsutil import atomic_dir
-    from .sources import copy_hf_dir
+    from .fsutil import atomic_dir, copy_hf_dir
 
     stamp = out_dir / ".from-snapshot"
     if stamp.is_file() and stamp.read_text() == str(src):

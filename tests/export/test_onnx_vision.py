@@ -25,7 +25,8 @@ from vision_models import LLM_HIDDEN, build_tiny_llava_vision
 
 from vishwamai_edge.errors import BundleError, ExportError, InputError, MissingDependencyError
 from vishwamai_edge.export.onnx import TOLERANCE, export_vision, supported_families
-from vishwamai_edge.runtime.encoders import VisionEncoder, choose_providers
+from vishwamai_edge.runtime.encoders import VisionEncoder
+from vishwamai_edge.runtime.onnx_session import choose_providers
 from vishwamai_edge.runtime.preprocess import ImageProcessorSpec, preprocess, rgb_array
 
 VARIANTS = {

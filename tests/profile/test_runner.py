@@ -10,6 +10,7 @@ from rich.console import Console
 
 from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile import runner
+from vishwamai_edge.profile.outputs import write_outputs
 from vishwamai_edge.runtime.backends import MemoryUse
 from vishwamai_edge.runtime.session import Pipeline
 
@@ -186,9 +187,9 @@ def test_atomic_write_keeps_the_previous_report(tmp_path, monkeypatch, fake_bund
     def explode(_report):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rpt, "render_markdown", explode)
+    monkeypatch.setattr("vishwamai_edge.profile.outputs.render_markdown", explode)
     with pytest.raises(OSError):
-        rpt.write_outputs(out, report, final=False)
+        write_outputs(out, report, final=False)
     assert (out / "report.md").read_text() == before
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 

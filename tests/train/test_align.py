@@ -3,6 +3,7 @@ stages, exact resume, the aligned folder, its ONNX export against torch, and the
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -231,3 +232,64 @@ def test_recipe_field_errors_exit_2_with_one_line(tiny_model, tmp_path):
     out = subprocess.run([*CLI, "finetune", "--recipe", str(path), "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "holds a 'llama' model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_shared_prefix_ids_stop_before_the_image_and_the_answer():
+    from vishwamai_edge.train.align import shared_prefix_ids
+
+    ig = D.IGNORE
+    a = D.Example(input_ids=[1, 2, 3, 9, 9, 4, 5], labels=[ig, ig, ig, ig, ig, ig, 5])
+    b = D.Example(input_ids=[1, 2, 3, 9, 9, 6, 7], labels=[ig, ig, ig, ig, ig, ig, 7])
+    assert shared_prefix_ids([a, b], placeholder=9) == [1, 2, 3]
+    c = D.Example(input_ids=[1, 2, 8, 9, 9, 6], labels=[ig, ig, ig, ig, ig, 6])
+    assert shared_prefix_ids([a, b, c], placeholder=9) == [1, 2]  # up to the first difference
+    text = D.Example(input_ids=[1, 2, 3, 4], labels=[ig, 2, 3, 4])
+    assert shared_prefix_ids([text], placeholder=9) == [1]  # no loss inside the prefix
+    packed = D.Example(input_ids=[1, 2, 3], labels=[ig, ig, 3], position_ids=[0, 1, 0])
+    assert shared_prefix_ids([packed], placeholder=9) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_stage_one_from_the_shared_prefix_cache_equals_the_whole_forward(tiny_model, tmp_path, family,
+                                                                          monkeypatch):
+    """Stage 1 runs each step from the cached system prompt: its loss and projector gradient equal the
+    whole sequence's (what the speed costs: nothing)."""
+    from vishwamai_edge.train.align import AlignProcessor, _loss_sum, _prefix_for, add_image_token
+    from vishwamai_edge.train.finetune import prepare_examples, read_records
+    from vishwamai_edge.vlm import encoders as E
+    from vishwamai_edge.vlm.folder import image_chat_template
+
+    llm_dir = tiny_model(family)
+    r = recipe(tmp_path, llm_dir)
+    llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(llm_dir)
+    image = add_image_token(tok, llm, "<image>")
+    tok.chat_template = image_chat_template(tok.chat_template, "<image>", "image")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    encoder = E.load_pretrained("efficientnet-lite0", None, None)
+    torch.manual_seed(0)
+    projector = make_projector(encoder.dim, llm.config.hidden_size, encoder.grid, 4)
+    train, _, _ = prepare_examples(r, read_records(r, tmp_path), tok,
+                                   AlignProcessor(tok, tok.chat_template, "<image>", 4, encoder))
+    prefix = _prefix_for(llm, projector, train, tok.pad_token_id, image["id"], "cpu", QUIET)
+    assert prefix is not None and prefix.length >= 2
+    # the check can fail: a cache that is not the prefix's (here its values zeroed) is refused
+    real = prefix.layers
+    prefix.layers = [(k, torch.zeros_like(v)) for k, v in real]
+    monkeypatch.setattr("vishwamai_edge.train.align.SharedPrefix.__init__", lambda self, *a: self.__dict__.update(
+        prefix.__dict__))
+    said = Console(file=io.StringIO(), width=200)
+    assert _prefix_for(llm, projector, train, tok.pad_token_id, image["id"], "cpu", said) is None
+    assert "training on whole sequences" in said.file.getvalue()
+    prefix.layers = real
+    batch = D.collate(train[:4], tok.pad_token_id)
+    batch.pop("n_tokens")
+    grads = []
+    for p in (None, prefix):
+        projector.zero_grad()
+        loss = _loss_sum(llm, projector, batch, image["id"], "cpu", p)
+        loss.backward()
+        grads.append((loss.item(), [q.grad.clone() for q in projector.parameters()]))
+    (whole, g1), (cached, g2) = grads
+    assert abs(whole - cached) <= 1e-4 * abs(whole)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(g1, g2))

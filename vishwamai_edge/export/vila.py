@@ -53,10 +53,9 @@ from typing import Any
 
 from ..errors import ExportError, SourceError, quiet_transformers, require
 from ..runtime.preprocess import ImageProcessorSpec, default_spec, spec_from_preprocessor_config
+from ..sources import is_vila
 from .torch_state import load_exact, safetensors_state
 
-ARCHITECTURES = ("LlavaLlamaModel",)
-MODEL_TYPES = ("llava_llama",)
 PROJECTOR_TYPES = ("mlp_downsample",)
 ASPECT_RATIOS = {"resize": False, "pad": True}  # image_aspect_ratio -> pad to square first
 # "cls_patch" keeps every token; "patch" would drop a real SigLIP patch and leave no square grid
@@ -136,15 +135,6 @@ def _json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SourceError(f"{path} is not a JSON object")
     return data
-
-
-def is_vila(folder: Path) -> bool:
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and (
-        any(a in ARCHITECTURES for a in config.get("architectures") or []) or config.get("model_type") in MODEL_TYPES)
 
 
 def _part_dir(root: Path, config: dict[str, Any], key: str) -> Path:

@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import MissingDependencyError
-from ..fsutil import atomic_file, write_json
 from ..runtime.session import DECODE_RATE_DEFINITION
 from .roofline import APPROXIMATION
 
@@ -403,35 +401,3 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     out += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
-
-
-def write_outputs(out: Path, report: dict[str, Any], final: bool) -> list[Path]:
-    """report.json and report.md always; plots and report.html when `final`. Atomic, each."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    if final:
-        try:
-            from .plots import write_plots
-
-            report["plots"] = {name: str(p.relative_to(out)) for name, p in write_plots(out, report).items()}
-            written += [out / rel for rel in report["plots"].values()]
-        except MissingDependencyError as exc:
-            report["notes"].append(f"plots skipped: {exc}")
-    write_json(out / "report.json", report)
-    written.append(out / "report.json")
-    with atomic_file(out / "report.md") as tmp:
-        tmp.write_text(render_markdown(report))
-    written.append(out / "report.md")
-    if final:
-        from .html import render_html
-
-        with atomic_file(out / "report.html") as tmp:
-            tmp.write_text(render_html(report, out))
-        written.append(out / "report.html")
-    return written

@@ -22,9 +22,18 @@ from ..targets import get_target
 from . import report as rpt
 from .gguf_meta import ModelShape, model_shape
 from .monitors import RssSampler, device_monitor, is_jetson, process_maxrss_bytes
+from .outputs import write_outputs
 from .roofline import bytes_per_token, roofline_ratio
-from .scenarios import (CHAT_QUESTION, IMAGE_QUESTION, SECOND_COPY, PlannedScenario, Scenario, context_for,
-                        parse_names, plan)
+from .scenarios import (
+    CHAT_QUESTION,
+    IMAGE_QUESTION,
+    SECOND_COPY,
+    PlannedScenario,
+    Scenario,
+    context_for,
+    parse_names,
+    plan,
+)
 from .stats import summarize
 
 SUMMARY_KEYS = (
@@ -121,7 +130,7 @@ def _finish(report: dict[str, Any], out: Path, console: Console) -> None:
     report["finished"] = _now()
     report["process_maxrss_bytes"] = process_maxrss_bytes()
     rpt.add_summary_notes(report)
-    written = rpt.write_outputs(out, report, final=True)
+    written = write_outputs(out, report, final=True)
     console.print(f"[bold green]profile {report['status']}:[/] {out}  ({', '.join(p.name for p in written)})")
 
 
@@ -218,7 +227,7 @@ def _profile_bundle(
             if s.kind == "audio":
                 _audio_note(report, entry["label"], result)
             _snapshot(entry, rss, device)
-            rpt.write_outputs(out, report, final=False)
+            write_outputs(out, report, final=False)
         entry["status"] = "complete"
     except KeyboardInterrupt:
         entry["status"] = "interrupted"

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import BundleError
-from ..fsutil import sha256_file, write_json
+from ..fsutil import check_gguf_file, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -108,8 +108,6 @@ class Bundle:
 
     @classmethod
     def from_gguf(cls, path: Path) -> Bundle:
-        from ..sources import check_gguf_file
-
         try:
             check_gguf_file(path)
         except Exception as exc:

@@ -24,8 +24,16 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 from .backends import EmbeddingSegment, Segment, TokenSegment
-from .encoders import INPUT, OUTPUT, Provider, ort_session
-from .minicpmv_slices import SliceConfig, SlicePlan, navit_position_ids, plan_slices, resample_pos_embed, slice_pixels
+from .encoders import INPUT, OUTPUT
+from .minicpmv_slices import (
+    SliceConfig,
+    SlicePlan,
+    navit_position_ids,
+    plan_slices,
+    resample_pos_embed,
+    slice_pixels,
+)
+from .onnx_session import Provider, ort_session
 
 TOWER_POS, KEY_POS = "tower_pos", "key_pos"  # the graph's other inputs (export/onnx/minicpmv.py)
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError, InputError, require
-from .encoders import Provider, ort_session
+from .onnx_session import Provider, ort_session
 
 ENCODER, DECODER_INIT, DECODER_WITH_PAST = "encoder.onnx", "decoder_init.onnx", "decoder_with_past.onnx"
 TOKENIZER, GENERATION_CONFIG, DESCRIPTION = "tokenizer.json", "generation_config.json", "whisper.json"

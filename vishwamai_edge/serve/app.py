@@ -28,8 +28,8 @@ from ..runtime.media import audio_part
 
 from ..runtime.engine import Engine, Generation
 from .auth import APIKeyMiddleware
-from .hosts import HostCheckMiddleware, allowed_hosts
-from .limits import BodyLimitMiddleware
+from ..web.hosts import HostCheckMiddleware, allowed_hosts
+from ..web.limits import BodyLimitMiddleware
 from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")

@@ -359,8 +359,8 @@ def launch_ui(engine: Engine, host: str = "127.0.0.1", port: int = 7860, max_fil
     """Serve the page; with `prevent_thread_lock` return the running Blocks (call `.close()`)."""
     from starlette.middleware import Middleware
 
-    from ..serve.hosts import HostCheckMiddleware, allowed_hosts
-    from ..serve.limits import BodyLimitMiddleware
+    from ..web.hosts import HostCheckMiddleware, allowed_hosts
+    from ..web.limits import BodyLimitMiddleware
 
     blocks = build_ui(engine)
     allowed = allowed_hosts(host)
@@ -380,7 +380,7 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
     """The same page inside another FastAPI app (the API server, which checks the Host), on the same engine."""
     from starlette.middleware import Middleware
 
-    from ..serve.limits import BodyLimitMiddleware
+    from ..web.limits import BodyLimitMiddleware
 
     gr = import_gradio()
     blocks = build_ui(engine)
@@ -394,7 +394,7 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
 def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
            max_file_mb: float, parallel: int | None = None, speculative: SpeculativeOptions | None = None,
            kv_type: str | None = None) -> None:
-    from ..serve.server import check_port_free, is_loopback
+    from ..web.listen import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
     check_port_free(host, port)

@@ -295,7 +295,8 @@ class VisionGraph:
 def vision_graph(source: Path | str | Any) -> VisionGraph:
     """A LLaVA folder or model, an aligned folder (`align`'s output, vlm/folder.py) or a VILA folder."""
     from ...vlm.folder import is_aligned, load_aligned
-    from ..vila import is_vila, load_vila_vision
+    from ...sources import is_vila
+    from ..vila import load_vila_vision
 
     if isinstance(source, (str, Path)) and is_vila(Path(source)):
         v = load_vila_vision(Path(source))

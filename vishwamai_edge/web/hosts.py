@@ -12,13 +12,13 @@ import ipaddress
 import json
 from typing import Any
 
+from .listen import is_loopback
+
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def allowed_hosts(bind: str) -> frozenset[str] | None:
     """The Host names a server bound to `bind` answers; None when any name is allowed."""
-    from .server import is_loopback
-
     if not is_loopback(bind):
         return None
     return LOOPBACK_NAMES | {bind.lower().strip("[]")}
