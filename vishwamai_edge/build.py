@@ -33,15 +33,8 @@ from . import __version__
 from .errors import ExportError, SourceError
 from .export.llava import is_llava
 from .export.minicpmv import is_minicpmv
-from .fsutil import (
-    atomic_dir,
-    atomic_file,
-    check_gguf_file,
-    clean_stale_temps,
-    sha256_json,
-    weights_digest,
-    write_json,
-)
+from .fsutil import (atomic_dir, atomic_file, check_gguf_file, clean_stale_temps, sha256_json, weights_digest,
+                     write_json)
 from .recipe import Recipe
 from .runtime.bundle import write_manifest
 from .sources import is_vila
@@ -227,13 +220,11 @@ def source_size(hf_dir: Path, name: str) -> Any:
     from .memory_plan import model_size
 
     if is_vila(hf_dir):
-        from .export.vila import model_size as vila_size
-        from .export.vila import read_vila
+        from .export.vila import model_size as vila_size, read_vila
 
         return vila_size(read_vila(hf_dir), name)
     if is_minicpmv(hf_dir):
-        from .export.minicpmv import model_size as minicpmv_size
-        from .export.minicpmv import read_minicpmv
+        from .export.minicpmv import model_size as minicpmv_size, read_minicpmv
 
         return minicpmv_size(read_minicpmv(hf_dir), name)
     return model_size(read_config(hf_dir), name)
@@ -280,14 +271,7 @@ def stage_vila(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path, Path | 
     LLM (VILA *-AWQ) becomes our AWQ GEMM folder, codes and scales unchanged, and is dequantized
     for the GGUF export. Returns the vision part, the LLM folder and the AWQ folder (or None)."""
     from .export.tinychat import find_checkpoint, write_awq_folder
-    from .export.vila import (
-        IMAGE_TEXT,
-        VICUNA_V1_TEMPLATE,
-        check_llm,
-        read_vila,
-        with_template,
-        write_llm_folder,
-    )
+    from .export.vila import IMAGE_TEXT, VICUNA_V1_TEMPLATE, check_llm, read_vila, with_template, write_llm_folder
 
     layout = read_vila(root)
     check_llm(layout)

@@ -31,7 +31,7 @@ def chat(bundle: Path, *args: str) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=300)
 
 
-def test_the_blocker_blocks(tmp_path):
+def test_the_blocker_blocks():
     proc = subprocess.run([sys.executable, "-c", RUN.replace('runpy.run_module("vishwamai_edge.cli", '
                                                             'run_name="__main__")', "import torch")],
                           capture_output=True, text=True, timeout=60)
