@@ -23,7 +23,7 @@ PROMPT = "Tell me about the harbour towns of the north coast and what visitors s
 
 def main() -> None:
     from vishwamai_edge.runtime.backends import SamplingParams
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)

@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 def bench_runtime(args) -> dict:
     """The profile's own run: prefill with an empty KV cache, then stream greedily."""
     from vishwamai_edge.profile.measure import run_prompt
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.bundle, n_ctx=2048, n_threads=args.threads)
     decode = [run_prompt(pipeline.llm, args.prompt_ids, args.tokens) for _ in range(args.repeat)]
@@ -105,7 +105,7 @@ def main() -> None:
 
     # One chat-formatted prompt and one 512-token prompt, tokenized once, the same ids for every engine.
     from vishwamai_edge.profile.measure import prompt_ids as filler_ids
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.bundle, n_ctx=2048, n_threads=args.threads)
     prompt_ids = pipeline.session().prompt_tokens([{"role": "user", "content": PROMPT}])

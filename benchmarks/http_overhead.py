@@ -137,7 +137,7 @@ def main() -> None:
     from openai import OpenAI
 
     from vishwamai_edge.runtime.engine import Engine
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     # The server is its own process with its own copy of the model; the two in-process readers
     # share one pipeline (the engine's worker is idle while the session reads).

@@ -160,7 +160,7 @@ def ttft(threads: int, runs: int, out: Path) -> None:
 
     from vishwamai_edge.build import build
     from vishwamai_edge.recipe import load_recipe
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.targets import get_target
 
     src = out / "MiniCPM-V-2-real-vision"

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from vishwamai_edge.profile.speculative import CHAT_PROMPTS, QUOTE_PROMPTS, decode_set  # noqa: E402
-from vishwamai_edge.runtime.session import Pipeline  # noqa: E402
+from vishwamai_edge.runtime.pipeline import Pipeline  # noqa: E402
 from vishwamai_edge.runtime.speculative import SpeculativeOptions, Speculator  # noqa: E402
 
 

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def pipeline(speech_bundle):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     p = Pipeline.load(speech_bundle, n_threads=2)
     yield p

@@ -77,7 +77,7 @@ def test_runtime_logits_equal_the_torch_composite(built):
 
     from vishwamai_edge.runtime.audio import window_features
     from vishwamai_edge.runtime.chat_template import render_chat
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.vlm.folder import load_aligned, splice
 
     root, result = built
@@ -98,7 +98,7 @@ def test_runtime_logits_equal_the_torch_composite(built):
             onnx_rows = pipeline.encode_audio(prompt.audio)
             pipeline.llm.prefill(prompt.segments([], onnx_rows))
             got = pipeline.llm.logits()
-            text = render_chat(pipeline.chat_template, [session._for_template(m) for m in messages])
+            text = render_chat(pipeline.chat_template, [pipeline.prompts.for_template(m) for m in messages])
             hf = tokenizer(text, add_special_tokens=False)["input_ids"]
             # llama.cpp and transformers tokenize the prompt alike (the tiny GGUF adds a BOS in front)
             assert prompt.tokens[-len(hf):] == hf and len(prompt.tokens) - len(hf) in (0, 1)
@@ -120,7 +120,7 @@ def test_runtime_logits_equal_the_torch_composite(built):
 
 def test_a_session_hears_audio_as_rows_and_refuses_bad_audio(built):
     from vishwamai_edge.errors import InputError
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     root, result = built
     pipeline = Pipeline.load(result.bundle, n_threads=2)
@@ -176,7 +176,7 @@ def test_input_audio_through_the_api_enters_as_rows(built):
 def test_a_manifest_that_disagrees_with_the_graph_is_refused(built, tmp_path):
     from vishwamai_edge.errors import BundleError
     from vishwamai_edge.runtime.bundle import write_manifest
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     _, result = built
     bundle = tmp_path / "bundle"
@@ -195,7 +195,7 @@ def test_chat_audio_command_and_the_profile_audio_run(built):
     import sys
 
     from vishwamai_edge.profile.measure import ProfileClip, run_audio
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     root, result = built
     proc = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "chat", str(result.bundle), "--audio",

@@ -10,7 +10,7 @@ import pytest
 
 from vishwamai_edge.build import build
 from vishwamai_edge.recipe import load_recipe
-from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.targets import get_target
 
 pytestmark = pytest.mark.e2e

@@ -72,7 +72,7 @@ def test_build_script_stops_clearly_without_tensorrt_llm(orin_bundle, tmp_path):
 
 
 def test_the_gguf_fallback_still_answers(orin_bundle):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(orin_bundle, n_threads=2)
     try:
@@ -106,7 +106,7 @@ def test_a_pre_quantized_awq_source_is_not_quantized_again(tiny_model, tmp_path)
     from vishwamai_edge.export.awq import quantize_awq, read_hf_awq, write_hf_awq
     from vishwamai_edge.export.trtllm import linear_from_trtllm
     from vishwamai_edge.recipe import load_recipe
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.targets import get_target
 
     src = tiny_model("llama")  # hidden 64: group 64

@@ -17,7 +17,7 @@ from vishwamai_edge import sources
 from vishwamai_edge.build import build
 from vishwamai_edge.fsutil import sha256_file
 from vishwamai_edge.recipe import load_recipe
-from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.targets import get_target
 
 REPO = "tiny-org/tiny-llama"

@@ -95,7 +95,7 @@ def test_manifest(f32_bundle):
 
 
 def _max_diffs(bundle: Path, reference: Reference) -> list[float]:
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundle, n_threads=2)
     diffs = []
@@ -120,7 +120,7 @@ def test_runtime_logits_equal_transformers_on_non_square_images(llava15, f32_bun
 
 
 def _direct_answer(bundle: Path, img: np.ndarray, max_tokens: int = 12) -> str:
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundle, n_threads=2)
     try:

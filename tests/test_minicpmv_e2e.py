@@ -32,7 +32,7 @@ from vishwamai_edge.export.minicpmv import read_minicpmv, slicing
 from vishwamai_edge.export.minicpmv_vision import load_vision
 from vishwamai_edge.export.torch_state import safetensors_state
 from vishwamai_edge.runtime.minicpmv_slices import placeholder, plan_slices, slice_pixels
-from vishwamai_edge.runtime.session import IMAGE_SENTINEL
+from vishwamai_edge.runtime.prompts import IMAGE_SENTINEL
 
 from recipe_builds import build_recipe, bundle_of, cli
 
@@ -159,7 +159,7 @@ def test_manifest_carries_the_slicing_and_markers(built, variant):
 @pytest.mark.parametrize("variant", ["2.0", "2.6"])
 @pytest.mark.parametrize("size", ["plain", "sliced"])
 def test_bundle_logits_match_torch_composite(built, variant, size):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     src, bundle, llm_dir = built(variant)
     ref = Composite(variant, src, llm_dir)
@@ -191,7 +191,7 @@ def test_bundle_logits_match_torch_composite(built, variant, size):
 
 def test_second_turn_numbers_images_and_keeps_the_first(built):
     """2.6: each image of a conversation gets its own <image_id>, and its rows stay at their runs."""
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     _, bundle, _ = built("2.6")
     pipeline = Pipeline.load(bundle, n_threads=2)

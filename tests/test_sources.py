@@ -13,7 +13,9 @@ from safetensors.numpy import load_file
 
 import tiny_models
 from vishwamai_edge import sources
-from vishwamai_edge.build import BuildContext, folder_fingerprint, stage_source
+from vishwamai_edge.stages.context import BuildContext
+from vishwamai_edge.stages.source import stage_source
+from vishwamai_edge.stages.stamps import folder_fingerprint
 from vishwamai_edge.errors import SourceError
 from vishwamai_edge.export.gguf import base, convert_hf_to_gguf
 from vishwamai_edge.export.verify import TorchReference

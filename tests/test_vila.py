@@ -66,7 +66,7 @@ def orin_build(vila, tmp_path_factory) -> Path:
 def runtime_vs_reference(bundle: Path, reference: VilaReference) -> list[float]:
     from test_vlm_e2e import runtime_logits
 
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundle, n_threads=2)
     rel = []

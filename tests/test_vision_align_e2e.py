@@ -92,7 +92,7 @@ def test_bundle_logits_equal_the_aligned_torch_model(vision_build, tmp_path):
 
     from vishwamai_edge.runtime.chat_template import render_chat
     from vishwamai_edge.runtime.preprocess import preprocess
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.train.shapes import ASK_COLOUR
     from vishwamai_edge.vlm.folder import load_aligned, splice
 
@@ -119,7 +119,7 @@ def test_bundle_logits_equal_the_aligned_torch_model(vision_build, tmp_path):
             pipeline.llm.prefill(prompt.segments(pipeline.encoders["image"].encode(prompt.images)))
             got = pipeline.llm.logits()
             # torch: the rendered text through the HF tokenizer, the placeholder repeated n times
-            text = render_chat(pipeline.chat_template, [session._for_template(m) for m in messages])
+            text = render_chat(pipeline.chat_template, [pipeline.prompts.for_template(m) for m in messages])
             hf = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert hf == prompt.tokens  # llama.cpp and transformers tokenize the prompt alike
             ids = [t for t in hf for t in ([t] * n if t == image_id else [t])]

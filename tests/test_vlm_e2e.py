@@ -106,7 +106,7 @@ def one_image_turn(img: np.ndarray, text: str = QUESTION) -> dict:
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_runtime_logits_equal_transformers(llava_dirs, bundles, tower, outtype):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     ref = Reference(llava_dirs[tower])
     pipeline = Pipeline.load(bundles[tower, outtype], n_threads=2)
@@ -124,7 +124,7 @@ def test_runtime_logits_equal_transformers(llava_dirs, bundles, tower, outtype):
 
 
 def test_two_images_in_two_turns(llava_dirs, bundles):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     ref = Reference(llava_dirs["clip"])
     pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
@@ -143,7 +143,7 @@ def test_two_images_in_two_turns(llava_dirs, bundles):
 
 def test_image_positions_are_never_a_shared_prefix(bundles):
     # the same text with another image must not reuse the first image's KV rows
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
     try:
@@ -173,7 +173,7 @@ def test_manifest_lists_encoder_checks_and_mmproj(bundles):
 
 def test_more_images_than_the_context_holds(bundles):
     from vishwamai_edge.errors import ContextOverflowError
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundles["clip", "f32"], n_ctx=64, n_threads=2)
     try:
@@ -195,7 +195,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def test_chat_image_command(bundles, tmp_path):
     from PIL import Image
 
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     img = photo(45, 29, 7)
     Image.fromarray(img).save(tmp_path / "pic.png")
@@ -255,7 +255,7 @@ def test_profile_image_scenario(bundles, tmp_path):
 
 
 def test_an_image_resent_in_later_turns_is_encoded_once(bundles):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
     try:

@@ -45,7 +45,7 @@ def photo(h: int, w: int, seed: int) -> np.ndarray:
 
 def in_process_answers(bundle: Path, turns: list[tuple[str, list[np.ndarray]]], max_tokens: int) -> list[str]:
     """The greedy answers of one session to `turns` (text, images) in order: what a front end must show."""
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundle, n_threads=1)
     try:

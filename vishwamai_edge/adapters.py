@@ -43,7 +43,11 @@ class AdapterResult:
 
 def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build"), n_threads: int | None = None,
                 console: Console | None = None) -> AdapterResult:
-    from .build import BuildContext, _stamp_path, mark_done, stage_finetune, stage_merge, stage_source, up_to_date
+    from .families import family_for
+    from .stages.context import BuildContext
+    from .stages.finetune import stage_finetune, stage_merge
+    from .stages.source import stage_source
+    from .stages.stamps import mark_done, stamp_path, up_to_date
     from .export.gguf import convert_hf_to_gguf
     from .export.gguf.lora import write_lora_gguf
     from .runtime.bundle import Bundle, add_files
@@ -67,10 +71,7 @@ def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build")
     ctx = BuildContext(recipe, get_target(bundle.manifest.get("target", {}).get("name", "laptop-cpu")), root,
                        console, n_threads)
     hf_dir = stage_source(ctx)
-    from .export.llava import is_llava
-    from .sources import is_vila
-
-    if is_llava(hf_dir) or is_vila(hf_dir) or bundle.manifest.get("encoders", {}).get("image"):
+    if family_for(hf_dir).name != "text" or bundle.manifest.get("encoders", {}).get("image"):
         # the projector lives in the ONNX encoder and the LLM was split out of the VLM folder: a
         # llama.cpp LoRA cannot carry a projector change, and its names would not match the split LLM
         raise ExportError(f"{bundle_dir}: adapters for vision-language bundles cannot be shipped this way (a "
@@ -87,7 +88,7 @@ def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build")
     lora = root / "export" / f"adapter-{name}-{a.outtype}.gguf"
     base_gguf = root / "export" / "base-f16.gguf"
     bundle_model = bundle.manifest["files"][bundle.llm["file"]]["sha256"]
-    inputs = sha256_json(["lora-gguf", __version__, _stamp_path(adapter_dir).read_text(), a.model_dump(), digest,
+    inputs = sha256_json(["lora-gguf", __version__, stamp_path(adapter_dir).read_text(), a.model_dump(), digest,
                           recipe.export.verify.model_dump(), bundle_model])
     if (entry := up_to_date(ctx, lora, inputs, lora.name)) is None:
         with console.status(f"writing {lora.name}"):

@@ -10,7 +10,9 @@ from rich.console import Console
 from .errors import InputError
 from .runtime.backends import SamplingParams
 from .runtime.media import MediaBudget, audio_part, image_part
-from .runtime.session import ChatSession, GenerationStats, Pipeline
+from .runtime.generation_stats import GenerationStats
+from .runtime.pipeline import Pipeline
+from .runtime.session import ChatSession
 from .runtime.speculative import SpeculativeOptions
 
 

@@ -229,7 +229,7 @@ def finetune(
 ) -> None:
     """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training): an adapter, then merged.
     With method align: an aligned vision-language folder (encoder, trained projector, LLM)."""
-    from .build import finetune_and_merge
+    from .stages.finetune import finetune_and_merge
     from .recipe import load_recipe
 
     overrides = [*(set_ or []), *([f"finetune.method={method}"] if method else [])]

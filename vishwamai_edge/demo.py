@@ -10,7 +10,7 @@ from rich.console import Console
 from .build import build
 from .chat_cli import format_stats, stream_reply
 from .recipe import Recipe, load_recipe
-from .runtime.session import Pipeline
+from .runtime.pipeline import Pipeline
 from .targets import get_target
 
 DEFAULT_RECIPE = Path("recipes/smollm2-135m.yaml")

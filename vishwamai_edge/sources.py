@@ -342,7 +342,7 @@ def _gguf_header(path: Path) -> tuple[dict, dict[str, int], str]:
 
 def _llama_cpp_checks(path: Path, texts: list[str], n_threads: int | None) -> dict:
     """Tokenize -> detokenize each text through llama.cpp, and a greedy answer to AS_IS_QUESTION."""
-    from .runtime.session import Pipeline
+    from .runtime.pipeline import Pipeline
 
     try:
         pipeline = Pipeline.load(path, n_ctx=512, n_threads=n_threads)

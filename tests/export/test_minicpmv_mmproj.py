@@ -106,7 +106,7 @@ def test_recipe_bundle_carries_the_mmproj_for_stock_mtmd(folder, tmp_path):
     import sys
     from pathlib import Path
 
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "minicpm-v-2_6.yaml"
     proc = subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", "build", "--recipe", str(recipe), "--target",

@@ -12,7 +12,7 @@ from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile import runner
 from vishwamai_edge.profile.outputs import write_outputs
 from vishwamai_edge.runtime.backends import MemoryUse
-from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.runtime.pipeline import Pipeline
 
 QUIET = Console(quiet=True)
 

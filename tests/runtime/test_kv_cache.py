@@ -17,7 +17,7 @@ from vishwamai_edge.profile.gguf_meta import model_shape
 from vishwamai_edge.profile.kv_cache import QUALITY_PROMPTS, formula_bytes, prompt_logits, quality
 from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
 from vishwamai_edge.runtime.kv_cache import kv_type
-from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.sources import embedded_gguf
 
 # Measured on SmolLM2-135M Q4_1 over QUALITY_PROMPTS (187 positions, logits spanning 55-70):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vishwamai_edge.runtime.session import Detokenizer, _split_stop
+from vishwamai_edge.runtime.reply import Detokenizer, split_stop
 
 
 class BytePieces:
@@ -35,20 +35,20 @@ def test_cut_off_character_is_dropped():
 
 
 def test_stop_strings_hold_back_prefixes():
-    assert _split_stop("Hello wor", ["world"]) == ("Hello ", "wor", False)
-    assert _split_stop("Hello world!", ["world"]) == ("Hello ", "", True)
-    assert _split_stop("abc", []) == ("abc", "", False)
-    assert _split_stop("say </s", ["</s>", "STOP"]) == ("say ", "</s", False)
+    assert split_stop("Hello wor", ["world"]) == ("Hello ", "wor", False)
+    assert split_stop("Hello world!", ["world"]) == ("Hello ", "", True)
+    assert split_stop("abc", []) == ("abc", "", False)
+    assert split_stop("say </s", ["</s>", "STOP"]) == ("say ", "</s", False)
 
 
 def test_the_earliest_stop_wins_whatever_the_list_order():
-    assert _split_stop("xAyB", ["B", "A"]) == ("x", "", True)
-    assert _split_stop("xAyB", ["A", "B"]) == ("x", "", True)
-    assert _split_stop("one. two! three", ["!", "."]) == ("one", "", True)
+    assert split_stop("xAyB", ["B", "A"]) == ("x", "", True)
+    assert split_stop("xAyB", ["A", "B"]) == ("x", "", True)
+    assert split_stop("one. two! three", ["!", "."]) == ("one", "", True)
 
 
 def test_one_definition_of_decode_speed():
-    from vishwamai_edge.runtime.session import GenerationStats, decode_tokens_per_s
+    from vishwamai_edge.runtime.generation_stats import GenerationStats, decode_tokens_per_s
 
     # 11 tokens, the first at t=0 and the last at t=1 s: 10 decode steps in 1 s
     assert decode_tokens_per_s(11, 1.0) == 10.0

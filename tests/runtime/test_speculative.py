@@ -22,7 +22,7 @@ import pytest
 from vishwamai_edge.profile.speculative import CHAT_PROMPTS, QUOTE_PROMPTS
 from vishwamai_edge.runtime.backends import SamplingParams, TokenSegment
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
-from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.runtime.speculative import (
     SpeculativeCounts,
     SpeculativeOptions,

@@ -25,7 +25,7 @@ from vishwamai_edge.runtime.media import (
     decode_data_url,
     image_part,
 )
-from vishwamai_edge.runtime.session import Pipeline
+from vishwamai_edge.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.e2e
 

@@ -87,7 +87,7 @@ def test_adapter_is_added_beside_an_untouched_base(with_adapter, embedded_bundle
 
 
 def test_adapter_answers_as_the_merged_bundle_does(with_adapter, merged_bundle):
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     bundle = with_adapter[0]
     questions = held_out()

@@ -122,7 +122,7 @@ def test_oversize_upload_is_refused(ui_url, max_file_mb):
 
 def test_stats_line_format():
     from vishwamai_edge.runtime.engine import RequestStats
-    from vishwamai_edge.runtime.session import GenerationStats
+    from vishwamai_edge.runtime.generation_stats import GenerationStats
 
     g = GenerationStats(prompt_tokens=30, completion_tokens=11, ttft_s=0.0451, decode_s=0.1, finish_reason="length")
     line = format_stats(RequestStats(g, queue_wait_s=0.5, rss_bytes=300 * 2**20, model_bytes=100 * 2**20))

@@ -72,7 +72,7 @@ def wait_for_answers(page, n: int) -> list[str]:
 
 
 def answer_without_image(bundle, first: str) -> str:
-    from vishwamai_edge.runtime.session import Pipeline
+    from vishwamai_edge.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(bundle, n_threads=1)
     try:

@@ -5,7 +5,7 @@ batching, runtime/slots.py), and each level sends its N greedy requests at once,
 thread a client, as N HTTP clients would. Per level:
 - aggregate tokens/s: every stream's generated tokens / wall time from the first request sent
   to the last reply finished (prompt evaluation included, as the clients see it);
-- per-stream tokens/s: each stream's decode rate (runtime.session.DECODE_RATE_DEFINITION);
+- per-stream tokens/s: each stream's decode rate (runtime.generation_stats.DECODE_RATE_DEFINITION);
 - TTFT: each stream's time from its request sent to its first text piece (prompts are
   evaluated one chunk per engine step, so later streams wait for earlier prompts).
 Every level starts with empty slots, so no request reuses another's cached prompt.
@@ -32,7 +32,7 @@ def context_per_slot(decode_tokens: int) -> int:
 
 def load_engine(path: Path, threads: int, decode_tokens: int, kv_type: str | None, clients: int = max(CLIENTS)):
     from ..runtime.engine import Engine
-    from ..runtime.session import Pipeline
+    from ..runtime.pipeline import Pipeline
 
     per_slot = context_per_slot(decode_tokens)
     pipeline = Pipeline.load(path, n_ctx=clients * per_slot, n_threads=threads, verify=False, parallel=clients,

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..runtime.backends import LLMBackend, SamplingParams, TokenSegment
-from ..runtime.session import Pipeline, decode_tokens_per_s
+from ..runtime.generation_stats import decode_tokens_per_s
+from ..runtime.pipeline import Pipeline
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -48,7 +49,7 @@ class RunTimings:
 
     @property
     def decode_tps(self) -> float | None:
-        # runtime.session.DECODE_RATE_DEFINITION: the one definition, also used by chat, ui and serve
+        # runtime.generation_stats.DECODE_RATE_DEFINITION: the one definition, also used by chat, ui and serve
         return decode_tokens_per_s(self.decode_tokens, self.decode_s) or None
 
     @property

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import require
 from ..runtime.backends import LLMBackend
 from ..runtime.backends.llamacpp import model_params
-from ..runtime.session import decode_tokens_per_s
+from ..runtime.generation_stats import decode_tokens_per_s
 from .measure import prompt_ids, run_prompt
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..runtime.session import DECODE_RATE_DEFINITION
+from ..runtime.generation_stats import DECODE_RATE_DEFINITION
 from .roofline import APPROXIMATION
 
 SCHEMA = "vishwamai-edge/profile"

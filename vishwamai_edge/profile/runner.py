@@ -139,7 +139,7 @@ def _profile_bundle(
     threads: int, n_ctx: int, decode_tokens: int, progress: Progress, task: Any,
     report: dict[str, Any], out: Path, kv_type: str | None = None,
 ) -> None:
-    from ..runtime.session import Pipeline
+    from ..runtime.pipeline import Pipeline
 
     rss = RssSampler()
     device = device_monitor()

@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from ..runtime.backends import SamplingParams
-from ..runtime.session import Pipeline, decode_tokens_per_s
+from ..runtime.generation_stats import decode_tokens_per_s
+from ..runtime.pipeline import Pipeline
 from ..runtime.speculative import SpeculativeOptions, Speculator
 
 PASSAGE = (

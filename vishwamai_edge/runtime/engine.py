@@ -30,7 +30,10 @@ from typing import Any, Literal
 from ..errors import ContextOverflowError, InputError, UserError
 from .backends import SamplingParams
 from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
-from .session import ChatSession, GenerationStats, Pipeline, ReplyText
+from .generation_stats import GenerationStats
+from .pipeline import Pipeline
+from .reply import ReplyText
+from .session import ChatSession
 from .slots import Job, SlotDecoder
 from .speculative import SpeculativeOptions
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from .backends import Cancelled, EmbeddingSegment, SamplingParams, Segment, TokenSegment
 from .backends.llamacpp import prompt_keys
-from .session import ReplyText, Turn
+from .reply import ReplyText
+from .session import Turn
 
 
 @dataclass

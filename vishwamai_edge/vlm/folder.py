@@ -20,7 +20,7 @@ An audio encoder (family whisper) writes `"modality": "audio"` and n_mels / n_fr
 
 An image is one placeholder token in the rendered chat; its `tokens` projector rows take
 that token's place, in training (the placeholder repeated, rows scattered in) as on the
-device (`runtime.session.Prompt`).
+device (`runtime.prompts.Prompt`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,248 @@
+"""A bundle loaded for inference: the LLM backend with its slots, speculative decoding and adapters, the
+encoders, the prompt planner; images and transcripts kept for the turns that follow."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import BundleError, InputError
+from .backends import MIN_CTX, LLMBackend, load_backend
+from .bundle import Bundle
+from .chat_template import CHATML_TEMPLATE
+from .encoder_registry import load_encoders
+from .prompts import planner_for
+from .prompts.builder import PromptBuilder
+from .speculative import SpeculativeOptions, Speculator, resolve_options
+
+if TYPE_CHECKING:
+    from .session import ChatSession
+
+IMAGE_CACHE = 8  # encoded images a pipeline keeps for the turns that follow
+
+
+class Pipeline:
+    """A bundle loaded for inference: the LLM backend and, for multimodal bundles, encoders."""
+
+    def __init__(self, bundle: Bundle, llm: LLMBackend, encoders: dict[str, Any] | None = None,
+                 speculative: Speculator | None = None):
+        self.bundle = bundle
+        self.llm = llm
+        self.encoders: dict[str, Any] = encoders or {}
+        self.speculative = speculative  # replies decode speculatively, one request at a time
+        manifest_template = bundle.llm.get("chat_template")
+        self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
+        # image digest -> encoder rows, audio digest -> transcript; most recent last
+        self._encoded: OrderedDict[bytes, Any] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.planner = planner_for(bundle.llm, self.encoders.get("image"))  # where images go in a prompt
+        # an audio encoder either feeds the LLM rows at `audio_token` (embeddings) or transcribes (cascade)
+        self.audio_embeds = getattr(self.encoders.get("audio"), "mode", None) == "embeddings"
+        self.audio_token_id: int | None = None
+        if self.audio_embeds:
+            self.audio_token_id = (bundle.llm.get("audio_token") or {}).get("id")
+            if not isinstance(self.audio_token_id, int):
+                raise BundleError(f"bundle {bundle.root}: manifest llm.audio_token has no id, but encoders.audio "
+                                  "gives embeddings")
+        # templates written for image parts (LLaVA's) read text from part lists only
+        self.structured_content = "image" in self.encoders or self.audio_embeds
+        self.prompts = PromptBuilder(self)
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        verify: bool = True,
+        parallel: int | None = 1,
+        speculative: SpeculativeOptions | None = None,
+        kv_type: str | None = None,
+    ) -> Pipeline:
+        """`parallel` sequences (None: the bundle's target's default) share a context of `n_ctx`
+        tokens, split evenly as llama.cpp's server splits `-c` among `-np` slots; without
+        `n_ctx` each gets the bundle's context. `speculative` (None: the bundle's
+        `runtime.speculative`, else off) decodes one request at a time. `kv_type` (f16, q8_0,
+        q4_0) overrides the bundle's KV-cache type (manifest runtime.kv_type, default f16)."""
+        bundle = Bundle.load(path, verify=verify)
+        backend = bundle.llm.get("backend", "llamacpp")
+        options: dict[str, Any] = {}
+        if speculative is None:
+            speculative = resolve_options(None, None, None, bundle.runtime_defaults.get("speculative"))
+        if speculative.enabled:
+            if parallel not in (None, 1):
+                raise InputError(f"speculative decoding runs one request at a time: use --parallel 1, or "
+                                 f"--speculative off to decode {parallel} together")
+            if backend != "llamacpp":
+                raise InputError(f"speculative decoding needs the llama.cpp backend, not {backend}; "
+                                 "use --speculative off")
+            if speculative.mode == "draft" and bundle.manifest.get("encoders"):
+                raise InputError("a draft model cannot read image or audio rows; use --speculative lookup "
+                                 "with this bundle")
+            parallel = 1
+            if speculative.max_draft is None:
+                speculative = replace(speculative, max_draft=_target(bundle).draft_max)
+        if parallel is None:
+            parallel = default_parallel(bundle) if backend == "llamacpp" else 1
+        per_slot = slot_context(n_ctx, parallel, int(bundle.runtime_defaults.get("n_ctx", 2048)))
+        if parallel != 1:
+            if backend != "llamacpp":
+                raise InputError(f"the {backend} backend runs one request at a time here; use --parallel 1")
+            options["n_seq"] = parallel
+        kv = kv_type or bundle.runtime_defaults.get("kv_type")
+        if backend == "llamacpp":
+            options["kv_type"] = kv
+        elif kv_type is not None:
+            raise InputError(f"--kv-type is a llama.cpp setting; the {backend} backend sets its cache at engine build")
+        llm = load_backend(backend, bundle.llm_path(), n_ctx=per_slot, n_threads=n_threads, **options)
+        spec = None
+        try:
+            spec = Speculator.load(speculative, llm, n_threads)
+            encoders = load_encoders(bundle, n_threads)
+            load_adapters(bundle, llm)
+        except BaseException:
+            if spec is not None:
+                spec.close()
+            llm.close()
+            raise
+        return cls(bundle, llm, encoders, spec)
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """The bundle's LoRA adapters: name -> manifest entry (file, scale, check ...)."""
+        entries = self.bundle.manifest.get("adapters") or {}
+        return entries if hasattr(self.llm, "use_adapter") else {}
+
+    def check_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.adapters:
+            have = ", ".join(sorted(self.adapters)) or "none"
+            raise InputError(f"this bundle has no adapter {name!r} (adapters: {have})")
+
+    def use_adapter(self, name: str | None) -> None:
+        """Apply adapter `name` (None: the base alone) to what is generated next."""
+        self.check_adapter(name)
+        if hasattr(self.llm, "use_adapter"):
+            scale = float(self.adapters[name].get("scale", 1.0)) if name else 1.0
+            self.llm.use_adapter(name, scale)
+
+    def session(self, **kwargs: Any) -> ChatSession:
+        from .session import ChatSession
+
+        kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.get("system_prompt"))
+        return ChatSession(self, **kwargs)
+
+    def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Encoder rows per image. A conversation resends its earlier images every turn (the chat
+        page does): the last few are kept by content digest and not encoded again."""
+        keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes() + str(im.shape).encode(), digest_size=16).digest()
+                for im in images]
+        return self._encode_cached(keys, images, self.encoders["image"].encode)
+
+    def encode_audio(self, clips: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """Embedding rows per (samples, rate) clip, cached as images are (embeddings mode)."""
+        keys = [b"rows" + hashlib.blake2b(np.ascontiguousarray(x).tobytes() + str(rate).encode(),
+                                          digest_size=16).digest() for x, rate in clips]
+        return self._encode_cached(keys, clips, self.encoders["audio"].encode)
+
+    def _encode_cached(self, keys: list[bytes], items: list[Any], encode: Callable[[list[Any]], list[np.ndarray]]
+                       ) -> list[np.ndarray]:
+        with self._cache_lock:
+            found = {k: self._encoded[k] for k in keys if k in self._encoded}
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        if missing:
+            for i, rows in zip(missing, encode([items[i] for i in missing])):
+                found[keys[i]] = rows
+        with self._cache_lock:
+            for k in keys:
+                self._encoded[k] = found[k]
+                self._encoded.move_to_end(k)
+            while len(self._encoded) > IMAGE_CACHE:
+                self._encoded.popitem(last=False)
+        return [found[k] for k in keys]
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int) -> str:
+        """What the bundle's speech encoder hears in the audio (kept for resent audio, like images)."""
+        encoder = self.encoders.get("audio")
+        if encoder is None:
+            raise InputError("this bundle has no audio encoder; send text only, or build a bundle with a "
+                             "speech section (recipes/smollm2-135m-whisper.yaml)")
+        if self.audio_embeds:
+            raise InputError("this bundle's audio encoder feeds the LLM directly and writes no transcript; "
+                             "send the audio as a chat part")
+        key = b"audio" + hashlib.blake2b(np.ascontiguousarray(samples).tobytes() + str(sample_rate).encode(),
+                                         digest_size=16).digest()
+        with self._cache_lock:
+            if key in self._encoded:
+                return self._encoded[key]
+        text = encoder.transcribe(samples, sample_rate)  # outside the lock: the API's route may run beside
+        with self._cache_lock:
+            self._encoded[key] = text
+            while len(self._encoded) > IMAGE_CACHE:
+                self._encoded.popitem(last=False)
+        return text
+
+    def forget_images(self) -> None:
+        """Drop the encoded-image and transcript cache (the profile times the encoders on every run)."""
+        with self._cache_lock:
+            self._encoded.clear()
+
+    def close(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.close()
+        if self.speculative is not None:
+            self.speculative.close()
+        self.llm.close()
+
+
+def _target(bundle: Bundle):
+    """The bundle's target profile (targets.py); a bare GGUF gets laptop-cpu's."""
+    from ..targets import TARGETS
+
+    target = bundle.manifest.get("target") or {}
+    name = target.get("name") if isinstance(target, dict) else None
+    return TARGETS.get(name or "laptop-cpu", TARGETS["laptop-cpu"])
+
+
+def default_parallel(bundle: Bundle) -> int:
+    """The slots a bundle's target runs by default (targets.py); a bare GGUF gets laptop-cpu's."""
+    return _target(bundle).parallel
+
+
+def slot_context(n_ctx: int | None, parallel: int, default: int) -> int:
+    """Each slot's context: `n_ctx` split among `parallel` slots, or `default` each without it."""
+    if parallel < 1:
+        raise InputError(f"--parallel must be at least 1, got {parallel}")
+    if n_ctx is None or parallel == 1:
+        return n_ctx or default  # one slot: the backend checks the length itself
+    per_slot = n_ctx // parallel
+    if per_slot < MIN_CTX:
+        raise InputError(f"{parallel} slots cannot share a context of {n_ctx} tokens ({per_slot} each, under the "
+                         f"minimum of {MIN_CTX}); lower --parallel or raise --n-ctx")
+    return per_slot
+
+
+def load_adapters(bundle: Bundle, llm: LLMBackend) -> None:
+    """The manifest's `adapters` section into the backend (off until a request names one). Each was
+    built for this bundle's base weights; a manifest that says otherwise is refused."""
+    entries = bundle.manifest.get("adapters") or {}
+    if not entries:
+        return
+    if not isinstance(entries, dict):
+        raise BundleError(f"bundle {bundle.root}: manifest adapters must be a mapping")
+    if not hasattr(llm, "load_adapter"):
+        return  # a backend without run-time LoRA: the bundle serves its base (Pipeline.adapters is empty)
+    base = bundle.llm.get("weights_digest")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise BundleError(f"bundle {bundle.root}: manifest adapters.{name} has no file")
+        if entry.get("base_digest") != base:
+            raise BundleError(f"bundle {bundle.root}: adapter {name!r} was made for other base weights than the "
+                              "bundle's model")
+        llm.load_adapter(name, bundle.file(entry["file"]))

@@ -1,0 +1,93 @@
+"""The training stages: LoRA / QLoRA / CPT, align (encoder + projector), and the merge of an adapter
+into its base; `vishwamai-edge finetune` runs them alone, with the same folders and stamps as `build`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from .. import __version__
+from ..fsutil import clean_stale_temps, sha256_json
+from ..recipe import Recipe
+from .context import BuildContext
+from .source import stage_source
+from .stamps import folder_fingerprint, mark_done, stamp_path, up_to_date
+
+
+def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
+    """LoRA / QLoRA / CPT on the recipe's dataset -> finetune/adapter/; continues from its checkpoints.
+
+    resume=None (build): continue a checkpoint of the same settings, else start over.
+    """
+    from ..train.finetune import ADAPTER, finetune, run_fingerprint
+
+    folder = ctx.root / "finetune"
+    out = folder / ADAPTER
+    inputs = run_fingerprint(ctx.recipe, [__version__, folder_fingerprint(hf_dir)])
+    if up_to_date(ctx, out, inputs, "finetune") is not None:
+        return out
+    result = finetune(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    if _main_process():
+        mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
+    return out
+
+
+
+def stage_align(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
+    """`method: align`: frozen encoder + trained projector (+ LoRA) -> finetune/aligned/ (vlm/folder.py)."""
+    from ..train.align import ALIGNED, align
+    from ..train.finetune import run_fingerprint
+
+    folder = ctx.root / "finetune"
+    out = folder / ALIGNED
+    inputs = run_fingerprint(ctx.recipe, [__version__, "align", folder_fingerprint(hf_dir)], folder)
+    if up_to_date(ctx, out, inputs, "aligned") is not None:
+        return out
+    result = align(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
+    return out
+
+
+
+def stage_merge(ctx: BuildContext, hf_dir: Path, adapter_dir: Path) -> Path:
+    """base + adapter -> merged/ (plain HF folder), checked against base + adapter unmerged."""
+    from ..train.merge import merge_adapter
+
+    spec = ctx.recipe.finetune
+    assert spec is not None
+    out = ctx.root / "merged"
+    inputs = sha256_json(["merge", __version__, stamp_path(adapter_dir).read_text(), folder_fingerprint(hf_dir),
+                          spec.merge.model_dump()])
+    if up_to_date(ctx, out, inputs, "merged") is not None:
+        return out
+    check = merge_adapter(adapter_dir, out, hf_dir, spec.merge.prompts, spec.merge.tolerance, ctx.console)
+    mark_done(out, inputs, {"check": check.to_dict()})
+    return out
+
+
+
+def finetune_and_merge(
+    recipe: Recipe, out_root: Path = Path("build"), resume: bool | None = None, merge: bool = True,
+    console: Console | None = None,
+) -> Path:
+    """`vishwamai-edge finetune`: the source, finetune (and merge) stages of `build`, same folders and stamps."""
+    from ..targets import get_target
+
+    console = console or Console(stderr=True)
+    root = Path(out_root) / recipe.name
+    for sub in (root, root / "finetune"):
+        clean_stale_temps(sub)
+    ctx = BuildContext(recipe, get_target("laptop-cpu"), root, console)  # the target plays no part here
+    hf_dir = stage_source(ctx)
+    if recipe.finetune is not None and recipe.finetune.method == "align":
+        return stage_align(ctx, hf_dir, resume=resume)
+    adapter = stage_finetune(ctx, hf_dir, resume=resume)
+    # under `accelerate launch` every process trains; only the first merges
+    return stage_merge(ctx, hf_dir, adapter) if merge and _main_process() else adapter
+
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by accelerate / torchrun for each process

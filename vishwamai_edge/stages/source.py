@@ -1,0 +1,47 @@
+"""The source stages: the recipe's model as an HF folder (or a GGUF bundled as is), a pre-quantized
+AWQ checkpoint dequantized for the GGUF path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__
+from ..errors import SourceError
+from ..fsutil import atomic_dir, check_gguf_file, sha256_json
+from .context import BuildContext
+from .stamps import folder_fingerprint, mark_done, up_to_date
+
+
+def stage_source(ctx: BuildContext) -> Path:
+    """Resolve the recipe's source to an HF folder (with source.use_as_is: to the GGUF file itself)."""
+    from .. import sources
+
+    spec = ctx.recipe.source
+    if spec.kind == "embedded":
+        with ctx.console.status("materialising the embedded model (once)"):
+            return sources.embedded_hf_dir()
+    if spec.kind == "hub":  # huggingface_hub shows its own progress bars
+        return sources.hub_source(spec, ctx.root)
+    if spec.path is None:
+        raise SourceError(f"{ctx.recipe.path}: source.path: required for source kind {spec.kind!r}")
+    path = ctx.recipe.resolve(spec.path)
+    if spec.kind == "hf":
+        return sources.check_hf_dir(path)
+    if spec.use_as_is:
+        return check_gguf_file(path)
+    with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
+        return sources.hf_dir_from_gguf(path, ctx.root / "source")
+
+
+
+def stage_dequantize_awq(ctx: BuildContext, awq_dir: Path) -> Path:
+    """A pre-quantized AWQ source -> fp16 HF folder for the GGUF path (its INT4 values dequantized exactly)."""
+    from ..export.awq import dequantize_awq_folder
+
+    out = ctx.root / "awq-dequantized"
+    inputs = sha256_json(["awq-dequantized", __version__, folder_fingerprint(awq_dir)])
+    if up_to_date(ctx, out, inputs, out.name) is None:
+        with ctx.console.status("dequantizing the AWQ checkpoint for the GGUF export"), atomic_dir(out) as tmp:
+            dequantize_awq_folder(awq_dir, tmp)
+        mark_done(out, inputs, {})
+    return out
