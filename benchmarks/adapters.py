@@ -23,6 +23,7 @@ PROMPT = "Tell me about the harbour towns of the north coast and what visitors s
 
 def main() -> None:
     from vishwamai_edge.runtime.backends import SamplingParams
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    pipeline = Pipeline.load(args.bundle, n_threads=args.threads)
+    pipeline = Pipeline.load(args.bundle, RuntimeOptions(n_threads=args.threads))
     name = args.adapter or sorted(pipeline.adapters)[0]
     entry = pipeline.adapters[name]
     model_mb = pipeline.bundle.llm_path().stat().st_size / 1e6

@@ -18,9 +18,9 @@ import argparse
 import json
 import resource
 import statistics
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle."
@@ -33,9 +33,10 @@ def peak_rss_mb() -> float:
 def bench_runtime(args) -> dict:
     """The profile's own run: prefill with an empty KV cache, then stream greedily."""
     from vishwamai_edge.profile.measure import run_prompt
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, n_ctx=2048, n_threads=args.threads)
+    pipeline = Pipeline.load(args.bundle, RuntimeOptions(n_ctx=2048, n_threads=args.threads))
     decode = [run_prompt(pipeline.llm, args.prompt_ids, args.tokens) for _ in range(args.repeat)]
     ttft = [run_prompt(pipeline.llm, args.long_ids, 1).ttft_s for _ in range(args.repeat)]
     pipeline.close()
@@ -105,9 +106,10 @@ def main() -> None:
 
     # One chat-formatted prompt and one 512-token prompt, tokenized once, the same ids for every engine.
     from vishwamai_edge.profile.measure import prompt_ids as filler_ids
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, n_ctx=2048, n_threads=args.threads)
+    pipeline = Pipeline.load(args.bundle, RuntimeOptions(n_ctx=2048, n_threads=args.threads))
     prompt_ids = pipeline.session().prompt_tokens([{"role": "user", "content": PROMPT}])
     long_ids = filler_ids(pipeline.llm, 512)
     pipeline.close()

@@ -137,12 +137,13 @@ def main() -> None:
     from openai import OpenAI
 
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     # The server is its own process with its own copy of the model; the two in-process readers
     # share one pipeline (the engine's worker is idle while the session reads).
     proc, base_url, model = start_server(args)
-    pipeline = Pipeline.load(args.bundle, n_threads=args.threads)
+    pipeline = Pipeline.load(args.bundle, RuntimeOptions(n_threads=args.threads))
     engine = Engine(pipeline)
     try:
         with OpenAI(base_url=base_url, api_key="none", max_retries=0) as client:

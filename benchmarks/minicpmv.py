@@ -31,7 +31,12 @@ PHOTOS = [(640, 480), (800, 600), (1024, 768), (1280, 720), (1920, 1080), (1080,
 
 
 def slices() -> None:
-    from vishwamai_edge.runtime.minicpmv_slices import SliceConfig, n_query_rows, plan_slices, plan_slices_llamacpp
+    from vishwamai_edge.runtime.minicpmv_slices import (
+        SliceConfig,
+        n_query_rows,
+        plan_slices,
+        plan_slices_llamacpp,
+    )
 
     config = SliceConfig("2.6")
     print(f"{'photo':>10} {'overview':>10} {'grid':>5} {'blocks':>6} {'rows':>5}   llama.cpp mtmd")
@@ -160,6 +165,7 @@ def ttft(threads: int, runs: int, out: Path) -> None:
 
     from vishwamai_edge.build import build
     from vishwamai_edge.recipe import load_recipe
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.targets import get_target
 
@@ -173,7 +179,7 @@ def ttft(threads: int, runs: int, out: Path) -> None:
     t = time.perf_counter()
     result = build(recipe, get_target("laptop-cpu"), out / "build", n_threads=threads, console=Console(stderr=True))
     print(f"build (or resume) {time.perf_counter() - t:.0f} s -> {result.bundle}")
-    pipeline = Pipeline.load(result.bundle, n_threads=threads)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=threads))
     rng = np.random.default_rng(0)
     try:
         for label, size in (("text only", None), ("448x448 photo (no slices)", (448, 448)),

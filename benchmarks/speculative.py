@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from vishwamai_edge.profile.speculative import CHAT_PROMPTS, QUOTE_PROMPTS, decode_set  # noqa: E402
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline  # noqa: E402
 from vishwamai_edge.runtime.speculative import SpeculativeOptions, Speculator  # noqa: E402
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
 
-    pipeline = Pipeline.load(args.model, n_ctx=2048, n_threads=args.threads)
+    pipeline = Pipeline.load(args.model, RuntimeOptions(n_ctx=2048, n_threads=args.threads))
     configs: dict[str, Speculator | None] = {
         "plain": None,
         "lookup": Speculator.load(SpeculativeOptions(mode="lookup", max_draft=args.draft_max), pipeline.llm),

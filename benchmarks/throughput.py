@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from vishwamai_edge.profile.concurrency import prompt_text, run_level  # noqa: E402
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message  # noqa: E402
+from vishwamai_edge.runtime.options import RuntimeOptions
 
 
 def ours(model: Path, streams: int, threads: int, max_tokens: int, n_ctx_each: int, kv_type: str) -> dict:
-    engine = Engine.load(model, n_threads=threads, parallel=streams, n_ctx=streams * n_ctx_each,
-                         max_queue=streams, kv_type=kv_type)
+    engine = Engine.load(model, RuntimeOptions(n_threads=threads, parallel=streams, n_ctx=streams * n_ctx_each, kv_type=kv_type), max_queue=streams)
     try:
         engine.submit(ChatRequest((Message.text("user", "hi"),), max_tokens=4)).text()  # warm
         level = run_level(engine, streams, max_tokens)

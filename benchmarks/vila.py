@@ -126,6 +126,7 @@ def speed(args: argparse.Namespace) -> None:
     from vishwamai_edge.profile import run_profile
     from vishwamai_edge.recipe import load_recipe
     from vishwamai_edge.runtime.encoders import VisionEncoder
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.targets import get_target
 
     torch.set_num_threads(args.threads)
@@ -163,8 +164,7 @@ def speed(args: argparse.Namespace) -> None:
                           "export.verify.min_top1_agreement=0", "export.verify.quant_min_top1_agreement=0",
                           "runtime.n_ctx=1024"])
     result = build(recipe, get_target("laptop-cpu"), args.out / "build", n_threads=args.threads, console=console)
-    report = run_profile([result.bundle], args.out / "profile", "chat,image", repeat=args.runs, warmup=1,
-                         threads=args.threads, n_ctx=None, target=None, decode_tokens=16, console=console)
+    report = run_profile([result.bundle], args.out / "profile", "chat,image", repeat=args.runs, warmup=1, target=None, decode_tokens=16, console=console, options=RuntimeOptions(n_threads=args.threads, n_ctx=None))
     b = report.report["bundles"][0]
     print("\n| scenario | prompt tokens | encode s | prefill s | TTFT s |\n|---|---|---|---|---|")
     for name in ("chat", "image"):

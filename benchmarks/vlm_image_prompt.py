@@ -64,6 +64,7 @@ def main() -> None:
     from vishwamai_edge.build import build
     from vishwamai_edge.profile import run_profile
     from vishwamai_edge.recipe import load_recipe
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.targets import get_target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,8 +87,7 @@ def main() -> None:
     )
     result = build(load_recipe(recipe), get_target("laptop-cpu"), args.out / "build", n_threads=args.threads,
                    console=console)
-    report = run_profile([result.bundle], args.out / "profile", "chat,image", repeat=args.repeat, warmup=1,
-                         threads=args.threads, n_ctx=None, target=None, decode_tokens=32, console=console)
+    report = run_profile([result.bundle], args.out / "profile", "chat,image", repeat=args.repeat, warmup=1, target=None, decode_tokens=32, console=console, options=RuntimeOptions(n_threads=args.threads, n_ctx=None))
     b = report.report["bundles"][0]
     rows = []
     for name in ("chat", "image"):

@@ -6,7 +6,7 @@ change to the build's code and compare the two listings (a refactor must leave t
 Recipes whose weights are published only on the Hub (LLaVA-1.5, VILA1.5, MiniCPM-V) are built from the tiny
 checkpoints in their published layouts that the tests use; SOURCES keeps those checkpoints (made on the first
 run, reused after, so two runs see the same inputs). The embedded recipes run on their real weights, the
-training ones for a few steps. OUT is emptied first.
+training ones for a few steps. A build finished in OUT by an earlier run of the same code is not repeated.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def builds(src: dict[str, Path], out: Path) -> list[tuple[str, Path, list[str], 
         ("smollm2-135m-whisper", RECIPES / "smollm2-135m-whisper.yaml", [], "laptop-cpu", None),
         ("smollm2-135m-finetune", RECIPES / "smollm2-135m-finetune.yaml", SHORT_TRAINING, "laptop-cpu", None),
         ("smollm2-135m-vision", RECIPES / "smollm2-135m-vision.yaml",
-         [*SHORT_TRAINING, "finetune.dataset.shapes.train=8", "finetune.dataset.shapes.eval=2"], "laptop-cpu", None),
+         [*SHORT_TRAINING, "finetune.dataset.shapes.train=12", "finetune.dataset.shapes.eval=6"], "laptop-cpu", None),
         ("llava-1.5-7b", RECIPES / "llava-1.5-7b.yaml", [f"source.path={src['llava']}", *F32,
                                                          "export.vision.dtype=fp32"], "laptop-cpu", "f32"),
         ("vila1.5-3b", RECIPES / "vila1.5-3b.yaml", [f"source.path={src['vila']}", *F32, "export.vision.dtype=fp32",
@@ -119,15 +119,19 @@ def main(sources_dir: Path, out: Path) -> None:
     from vishwamai_edge.targets import get_target
 
     src = sources(sources_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     listing: dict[str, dict[str, str]] = {}
     for label, recipe_path, overrides, target, quant in builds(src, out):
-        print(f"building {label}", file=sys.stderr, flush=True)
-        recipe = load_recipe(recipe_path, overrides)
-        result = build(recipe, get_target(target), out / label, quant=quant, n_threads=2,
-                       console=Console(stderr=True, quiet=True))
-        listing[label] = {str(p.relative_to(result.bundle)): sha256(p) for p in sorted(result.bundle.rglob("*"))
+        done = out / f"{label}.done"
+        if not done.is_file():
+            print(f"building {label}", file=sys.stderr, flush=True)
+            shutil.rmtree(out / label, ignore_errors=True)
+            recipe = load_recipe(recipe_path, overrides)
+            result = build(recipe, get_target(target), out / label, quant=quant, n_threads=2,
+                           console=Console(stderr=True, quiet=True))
+            done.write_text(str(result.bundle))
+        bundle = Path(done.read_text())
+        listing[label] = {str(p.relative_to(bundle)): sha256(p) for p in sorted(bundle.rglob("*"))
                           if p.is_file() and p.name != "manifest.json"}
     json.dump(listing, sys.stdout, indent=1, sort_keys=True)
 

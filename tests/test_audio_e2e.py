@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 import speech
 from speech_bundles import QUESTION, question_wav, speech_bundle  # noqa: F401  (shared session fixtures)
 from test_whisper_source import (  # noqa: F401  (session fixtures shared with the source's tests)
@@ -31,9 +30,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def pipeline(speech_bundle):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    p = Pipeline.load(speech_bundle, n_threads=2)
+    p = Pipeline.load(speech_bundle, RuntimeOptions(n_threads=2))
     yield p
     p.close()
 
@@ -183,9 +183,9 @@ def test_profile_audio_scenario(speech_bundle, tmp_path):
     from rich.console import Console
 
     from vishwamai_edge.profile.runner import run_profile
+    from vishwamai_edge.runtime.options import RuntimeOptions
 
-    res = run_profile([speech_bundle], tmp_path / "profile", scenarios="audio", repeat=2, warmup=1, threads=2,
-                      decode_tokens=16, console=Console(stderr=True, quiet=True))
+    res = run_profile([speech_bundle], tmp_path / "profile", scenarios="audio", repeat=2, warmup=1, decode_tokens=16, console=Console(stderr=True, quiet=True), options=RuntimeOptions(n_threads=2))
     sc = res.report["bundles"][0]["scenarios"]["audio"]
     assert sc["status"] == "ok", sc.get("error")
     assert sc["clip"]["source"] == "espeak-ng" and sc["clip"]["seconds"] > 0

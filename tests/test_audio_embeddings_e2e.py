@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
-
 from whisper_models import build_tiny_whisper_encoder_folder, write_tone
 
 QUIET = Console(stderr=True, quiet=True)
@@ -77,6 +76,7 @@ def test_runtime_logits_equal_the_torch_composite(built):
 
     from vishwamai_edge.runtime.audio import window_features
     from vishwamai_edge.runtime.chat_template import render_chat
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.vlm.folder import load_aligned, splice
 
@@ -85,7 +85,7 @@ def test_runtime_logits_equal_the_torch_composite(built):
     llm = transformers.AutoModelForCausalLM.from_pretrained(aligned.llm_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(aligned.llm_dir)
     audio_id, n = aligned.image_token["id"], aligned.projector.tokens
-    pipeline = Pipeline.load(result.bundle, n_threads=2)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=2))
     worst = 0.0
     try:
         session = pipeline.session()
@@ -120,10 +120,11 @@ def test_runtime_logits_equal_the_torch_composite(built):
 
 def test_a_session_hears_audio_as_rows_and_refuses_bad_audio(built):
     from vishwamai_edge.errors import InputError
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     root, result = built
-    pipeline = Pipeline.load(result.bundle, n_threads=2)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=2))
     try:
         assert pipeline.audio_embeds and pipeline.structured_content
         session = pipeline.session(max_tokens=6)
@@ -150,10 +151,11 @@ def test_input_audio_through_the_api_enters_as_rows(built):
     from in_thread_server import serve_in_thread
 
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.serve.app import create_app
 
     root, result = built
-    engine = Engine.load(result.bundle, n_threads=2)
+    engine = Engine.load(result.bundle, RuntimeOptions(n_threads=2, parallel=None))
     try:
         with serve_in_thread(create_app(engine)) as url:
             data = base64.b64encode((root / "t1.wav").read_bytes()).decode()
@@ -176,6 +178,7 @@ def test_input_audio_through_the_api_enters_as_rows(built):
 def test_a_manifest_that_disagrees_with_the_graph_is_refused(built, tmp_path):
     from vishwamai_edge.errors import BundleError
     from vishwamai_edge.runtime.bundle import write_manifest
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     _, result = built
@@ -186,7 +189,7 @@ def test_a_manifest_that_disagrees_with_the_graph_is_refused(built, tmp_path):
     write_manifest(bundle, {k: v for k, v in manifest.items() if k != "files"}, list(manifest["files"]))
     with pytest.raises(BundleError, match=r"audio.onnx takes 80 mel bins and gives 150 x 64 embeddings; the "
                                           r"manifest says 80 bins, 150 x 48") as err:
-        Pipeline.load(bundle, n_threads=1)
+        Pipeline.load(bundle, RuntimeOptions(n_threads=1))
     assert "\n" not in str(err.value)
 
 
@@ -195,6 +198,7 @@ def test_chat_audio_command_and_the_profile_audio_run(built):
     import sys
 
     from vishwamai_edge.profile.measure import ProfileClip, run_audio
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     root, result = built
@@ -208,7 +212,7 @@ def test_chat_audio_command_and_the_profile_audio_run(built):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
-    pipeline = Pipeline.load(result.bundle, n_threads=2)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=2))
     try:
         samples, rate = read_wav(root / "t2.wav")
         run = run_audio(pipeline, ProfileClip(samples, rate, "chirp", "a tone", "Pitch?"), 4)

@@ -123,10 +123,11 @@ def test_out_of_range_values_are_refused_by_the_library_too(tmp_path):
 def test_tiny_context_on_a_real_bundle_is_one_line(embedded_bundle):
     # a typer-level minimum is one guard; the library refuses it too, before llama.cpp can abort
     from vishwamai_edge.errors import InputError
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     with pytest.raises(InputError, match="at least 64 tokens"):
-        Pipeline.load(embedded_bundle, n_ctx=10)
+        Pipeline.load(embedded_bundle, RuntimeOptions(n_ctx=10))
 
 
 def test_a_build_that_cannot_fit_its_target_stops_before_any_work(tmp_path):

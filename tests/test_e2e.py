@@ -10,6 +10,7 @@ import pytest
 
 from vishwamai_edge.build import build
 from vishwamai_edge.recipe import load_recipe
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.targets import get_target
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def pipeline(embedded_bundle):
-    p = Pipeline.load(embedded_bundle, n_threads=2)
+    p = Pipeline.load(embedded_bundle, RuntimeOptions(n_threads=2))
     yield p
     p.close()
 
@@ -119,7 +120,7 @@ def test_doctor_json():
 
 def test_long_conversation_keeps_fitting(embedded_bundle):
     """Old exchanges are dropped when the conversation outgrows the context; the newest stays."""
-    p = Pipeline.load(embedded_bundle, n_ctx=256, n_threads=2)
+    p = Pipeline.load(embedded_bundle, RuntimeOptions(n_ctx=256, n_threads=2))
     try:
         session = p.session(max_tokens=16)
         for i in range(8):

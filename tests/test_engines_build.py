@@ -72,9 +72,10 @@ def test_build_script_stops_clearly_without_tensorrt_llm(orin_bundle, tmp_path):
 
 
 def test_the_gguf_fallback_still_answers(orin_bundle):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(orin_bundle, n_threads=2)
+    pipeline = Pipeline.load(orin_bundle, RuntimeOptions(n_threads=2))
     try:
         assert "Paris" in "".join(pipeline.session(max_tokens=24).ask("What is the capital of France?"))
     finally:
@@ -106,6 +107,7 @@ def test_a_pre_quantized_awq_source_is_not_quantized_again(tiny_model, tmp_path)
     from vishwamai_edge.export.awq import quantize_awq, read_hf_awq, write_hf_awq
     from vishwamai_edge.export.trtllm import linear_from_trtllm
     from vishwamai_edge.recipe import load_recipe
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.targets import get_target
 
@@ -126,7 +128,7 @@ def test_a_pre_quantized_awq_source_is_not_quantized_again(tiny_model, tmp_path)
     got = linear_from_trtllm({k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}, 64)
     want = source.linears["model.layers.0.mlp.down_proj"]
     assert (got.q == want.q).all() and (got.zeros == want.zeros).all() and (got.scales == want.scales).all()
-    pipeline = Pipeline.load(result.bundle, n_threads=2)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=2))
     try:
         assert "".join(pipeline.session(max_tokens=4).ask("hello"))  # the GGUF fallback runs
     finally:

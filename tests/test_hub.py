@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-
 from hub_standin import HubStandIn
+from rich.console import Console
 from test_cli_errors import assert_one_line_error
+
 from vishwamai_edge import sources
 from vishwamai_edge.build import build
 from vishwamai_edge.fsutil import sha256_file
 from vishwamai_edge.recipe import load_recipe
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.targets import get_target
 
@@ -202,7 +203,7 @@ def test_gguf_bundled_as_is(tmp_path):
     result = build_in_process(recipe, tmp_path / "build")
     assert result.bundle.name == "laptop-cpu-q4_1"
     assert_as_is_bundle(result, gguf)
-    pipeline = Pipeline.load(result.bundle, n_threads=2)  # the bundle verifies and runs as checked
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=2))  # the bundle verifies and runs as checked
     try:
         answer = "".join(pipeline.session(max_tokens=32).ask("What is the capital of France?")).strip()
     finally:

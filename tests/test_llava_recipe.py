@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_vlm_e2e import TOLERANCE, Reference, hf_messages, one_image_turn, photo, runtime_logits
 from vision_models import LLAVA15_CONFIG, LLAVA15_PREPROCESSOR, build_tiny_llava15_hf
 
@@ -95,9 +94,10 @@ def test_manifest(f32_bundle):
 
 
 def _max_diffs(bundle: Path, reference: Reference) -> list[float]:
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     diffs = []
     try:
         assert pipeline.encoders["image"].n_tokens == N_TOKENS
@@ -120,9 +120,10 @@ def test_runtime_logits_equal_transformers_on_non_square_images(llava15, f32_bun
 
 
 def _direct_answer(bundle: Path, img: np.ndarray, max_tokens: int = 12) -> str:
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     try:
         return "".join(pipeline.session(max_tokens=max_tokens).ask(QUESTION, images=[img]))
     finally:

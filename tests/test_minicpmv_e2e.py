@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from recipe_builds import build_recipe, bundle_of, cli
 
 from vishwamai_edge.export.minicpm_lm import load_minicpm_lm
 from vishwamai_edge.export.minicpmv import read_minicpmv, slicing
@@ -33,8 +34,6 @@ from vishwamai_edge.export.minicpmv_vision import load_vision
 from vishwamai_edge.export.torch_state import safetensors_state
 from vishwamai_edge.runtime.minicpmv_slices import placeholder, plan_slices, slice_pixels
 from vishwamai_edge.runtime.prompts import IMAGE_SENTINEL
-
-from recipe_builds import build_recipe, bundle_of, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"2.0": ROOT / "recipes" / "minicpm-v-2.yaml", "2.6": ROOT / "recipes" / "minicpm-v-2_6.yaml"}
@@ -159,6 +158,7 @@ def test_manifest_carries_the_slicing_and_markers(built, variant):
 @pytest.mark.parametrize("variant", ["2.0", "2.6"])
 @pytest.mark.parametrize("size", ["plain", "sliced"])
 def test_bundle_logits_match_torch_composite(built, variant, size):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     src, bundle, llm_dir = built(variant)
@@ -173,7 +173,7 @@ def test_bundle_logits_match_torch_composite(built, variant, size):
     else:
         assert text.count("<image>") == n_blocks and text.count("<slice>") == (n_blocks > 1)
     want = ref.logits(image, text)
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     try:
         got, tokens, positions = runtime_logits(pipeline, messages)
     finally:
@@ -191,10 +191,11 @@ def test_bundle_logits_match_torch_composite(built, variant, size):
 
 def test_second_turn_numbers_images_and_keeps_the_first(built):
     """2.6: each image of a conversation gets its own <image_id>, and its rows stay at their runs."""
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     _, bundle, _ = built("2.6")
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     try:
         session = pipeline.session(max_tokens=4)
         a, b = photo(300, 400, 1), photo(700, 1000, 2)
@@ -281,7 +282,6 @@ def test_api_answers_a_sliced_image_as_the_session_does(built, tmp_path):
 
     import httpx
     from PIL import Image
-
     from serve_process import start_server, stop_server
     from vlm_bundles import in_process_answers
 

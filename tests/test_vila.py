@@ -13,11 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from recipe_builds import build_recipe, bundle_of, cli
-from vila_models import (LLM_HIDDEN, N_TOKENS, NotATensor, PROJECTOR_CONFIG, TOP_LEVEL, V_HIDDEN, VilaReference,
-                         build_tiny_vila, build_tiny_vila_awq, pack_tinychat_v2, tinychat_truth, tinychat_weight,
-                         vila_prompt)
+from vila_models import (
+    LLM_HIDDEN,
+    N_TOKENS,
+    PROJECTOR_CONFIG,
+    TOP_LEVEL,
+    V_HIDDEN,
+    NotATensor,
+    VilaReference,
+    build_tiny_vila,
+    build_tiny_vila_awq,
+    pack_tinychat_v2,
+    tinychat_truth,
+    tinychat_weight,
+    vila_prompt,
+)
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "vila1.5-3b.yaml"
 QUESTION = "What is in this picture?"
@@ -66,9 +77,10 @@ def orin_build(vila, tmp_path_factory) -> Path:
 def runtime_vs_reference(bundle: Path, reference: VilaReference) -> list[float]:
     from test_vlm_e2e import runtime_logits
 
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     rel = []
     try:
         assert pipeline.encoders["image"].n_tokens == N_TOKENS
@@ -237,9 +249,9 @@ def test_orin_bundle_answers_through_chat_image_on_llama_cpp(orin_build, tmp_pat
 
 
 def test_tinychat_unpacking_inverts_llm_awq_packing():
-    from vishwamai_edge.export.tinychat import unpack_qweight
-
     import torch
+
+    from vishwamai_edge.export.tinychat import unpack_qweight
 
     rng = np.random.default_rng(0)
     for shape in ((8, 128), (12, 192), (256, 128)):

@@ -91,8 +91,9 @@ def test_bundle_logits_equal_the_aligned_torch_model(vision_build, tmp_path):
     import transformers
 
     from vishwamai_edge.runtime.chat_template import render_chat
-    from vishwamai_edge.runtime.preprocess import preprocess
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
+    from vishwamai_edge.runtime.preprocess import preprocess
     from vishwamai_edge.train.shapes import ASK_COLOUR
     from vishwamai_edge.vlm.folder import load_aligned, splice
 
@@ -107,7 +108,7 @@ def test_bundle_logits_equal_the_aligned_torch_model(vision_build, tmp_path):
     llm = transformers.AutoModelForCausalLM.from_pretrained(aligned.llm_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(aligned.llm_dir)
     image_id, n = aligned.image_token["id"], aligned.projector.tokens
-    pipeline = Pipeline.load(result.bundle, n_threads=2)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=2))
     worst = 0.0
     try:
         session = pipeline.session()

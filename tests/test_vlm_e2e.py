@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from vision_models import build_tiny_llava_chat
 
 # max |logit difference| at the last position, on logits of about +-1 (the tiny models' scale):
@@ -106,10 +105,11 @@ def one_image_turn(img: np.ndarray, text: str = QUESTION) -> dict:
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_runtime_logits_equal_transformers(llava_dirs, bundles, tower, outtype):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     ref = Reference(llava_dirs[tower])
-    pipeline = Pipeline.load(bundles[tower, outtype], n_threads=2)
+    pipeline = Pipeline.load(bundles[tower, outtype], RuntimeOptions(n_threads=2))
     try:
         n = pipeline.encoders["image"].n_tokens
         for h, w, seed in ((45, 29, 0), (30, 30, 1), (17, 80, 2)):  # tall, square, wide
@@ -124,10 +124,11 @@ def test_runtime_logits_equal_transformers(llava_dirs, bundles, tower, outtype):
 
 
 def test_two_images_in_two_turns(llava_dirs, bundles):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     ref = Reference(llava_dirs["clip"])
-    pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
+    pipeline = Pipeline.load(bundles["clip", "f32"], RuntimeOptions(n_threads=2))
     try:
         a, b = photo(40, 60, 3), photo(50, 20, 4)
         messages = [one_image_turn(a, "Describe it."),
@@ -143,9 +144,10 @@ def test_two_images_in_two_turns(llava_dirs, bundles):
 
 def test_image_positions_are_never_a_shared_prefix(bundles):
     # the same text with another image must not reuse the first image's KV rows
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
+    pipeline = Pipeline.load(bundles["clip", "f32"], RuntimeOptions(n_threads=2))
     try:
         a, b = photo(30, 30, 5), photo(30, 30, 6)
         runtime_logits(pipeline, [one_image_turn(a)])
@@ -173,9 +175,10 @@ def test_manifest_lists_encoder_checks_and_mmproj(bundles):
 
 def test_more_images_than_the_context_holds(bundles):
     from vishwamai_edge.errors import ContextOverflowError
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundles["clip", "f32"], n_ctx=64, n_threads=2)
+    pipeline = Pipeline.load(bundles["clip", "f32"], RuntimeOptions(n_ctx=64, n_threads=2))
     try:
         session = pipeline.session(max_tokens=4)
         n_ctx = pipeline.llm.n_ctx  # llama.cpp may round the context up
@@ -195,6 +198,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def test_chat_image_command(bundles, tmp_path):
     from PIL import Image
 
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     img = photo(45, 29, 7)
@@ -202,7 +206,7 @@ def test_chat_image_command(bundles, tmp_path):
     proc = cli("chat", str(bundles["clip", "f32"]), "--image", str(tmp_path / "pic.png"), "-p", QUESTION,
                "--max-tokens", "12", "--threads", "2")
     assert proc.returncode == 0, proc.stderr
-    pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
+    pipeline = Pipeline.load(bundles["clip", "f32"], RuntimeOptions(n_threads=2))
     try:
         direct = "".join(pipeline.session(max_tokens=12).ask(QUESTION, images=[img]))
     finally:
@@ -241,10 +245,9 @@ def test_profile_image_scenario(bundles, tmp_path):
     from rich.console import Console
 
     from vishwamai_edge.profile import run_profile
+    from vishwamai_edge.runtime.options import RuntimeOptions
 
-    result = run_profile([bundles["clip", "f16"]], tmp_path / "profile", "chat,image", repeat=2, warmup=1,
-                         threads=2, n_ctx=None, target=None, decode_tokens=8,
-                         console=Console(stderr=True, quiet=True))
+    result = run_profile([bundles["clip", "f16"]], tmp_path / "profile", "chat,image", repeat=2, warmup=1, target=None, decode_tokens=8, console=Console(stderr=True, quiet=True), options=RuntimeOptions(n_threads=2, n_ctx=None))
     image = result.report["bundles"][0]["scenarios"]["image"]
     assert image["status"] == "ok", image
     for run in image["runs"]:  # each run encodes the image again (no cached rows)
@@ -255,9 +258,10 @@ def test_profile_image_scenario(bundles, tmp_path):
 
 
 def test_an_image_resent_in_later_turns_is_encoded_once(bundles):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundles["clip", "f32"], n_threads=2)
+    pipeline = Pipeline.load(bundles["clip", "f32"], RuntimeOptions(n_threads=2))
     try:
         calls = []
         encoder = pipeline.encoders["image"]

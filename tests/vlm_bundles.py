@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from vision_models import build_tiny_llava15_hf
 
 _built: dict[str, Path] = {}  # one build per test session, however many conftests use the fixture
@@ -45,9 +44,10 @@ def photo(h: int, w: int, seed: int) -> np.ndarray:
 
 def in_process_answers(bundle: Path, turns: list[tuple[str, list[np.ndarray]]], max_tokens: int) -> list[str]:
     """The greedy answers of one session to `turns` (text, images) in order: what a front end must show."""
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, n_threads=1)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=1))
     try:
         session = pipeline.session(max_tokens=max_tokens)
         return ["".join(session.ask(text, images=images)) for text, images in turns]

@@ -43,14 +43,14 @@ class AdapterResult:
 
 def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build"), n_threads: int | None = None,
                 console: Console | None = None) -> AdapterResult:
+    from .export.gguf import convert_hf_to_gguf
+    from .export.gguf.lora import write_lora_gguf
     from .families import family_for
+    from .runtime.bundle import Bundle, add_files
     from .stages.context import BuildContext
     from .stages.finetune import stage_finetune, stage_merge
     from .stages.source import stage_source
     from .stages.stamps import mark_done, stamp_path, up_to_date
-    from .export.gguf import convert_hf_to_gguf
-    from .export.gguf.lora import write_lora_gguf
-    from .runtime.bundle import Bundle, add_files
 
     console = console or Console(stderr=True)
     spec = recipe.finetune
@@ -61,17 +61,17 @@ def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build")
     bundle = Bundle.load(bundle_dir)  # every file checked against the manifest first
     if bundle.bare_file is not None:
         raise ExportError(f"{bundle_dir}: adapters go into a bundle folder with a manifest, not a bare GGUF")
-    base_digest = bundle.llm.get("weights_digest")
+    base_digest = bundle.llm.weights_digest
     if not base_digest:
         raise ExportError(f"{bundle_dir}: its manifest does not say which weights its model was made from "
                           "(built before adapters existed): build the bundle again, then add the adapter")
     root = Path(out_root) / recipe.name
     for sub in (root, root / "export", root / "finetune"):
         clean_stale_temps(sub)
-    ctx = BuildContext(recipe, get_target(bundle.manifest.get("target", {}).get("name", "laptop-cpu")), root,
+    ctx = BuildContext(recipe, get_target(bundle.manifest.target.name), root,
                        console, n_threads)
     hf_dir = stage_source(ctx)
-    if family_for(hf_dir).name != "text" or bundle.manifest.get("encoders", {}).get("image"):
+    if family_for(hf_dir).name != "text" or "image" in bundle.manifest.encoders:
         # the projector lives in the ONNX encoder and the LLM was split out of the VLM folder: a
         # llama.cpp LoRA cannot carry a projector change, and its names would not match the split LLM
         raise ExportError(f"{bundle_dir}: adapters for vision-language bundles cannot be shipped this way (a "
@@ -87,7 +87,7 @@ def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build")
     a = recipe.export.adapter
     lora = root / "export" / f"adapter-{name}-{a.outtype}.gguf"
     base_gguf = root / "export" / "base-f16.gguf"
-    bundle_model = bundle.manifest["files"][bundle.llm["file"]]["sha256"]
+    bundle_model = bundle.manifest.files[bundle.llm.file].sha256
     inputs = sha256_json(["lora-gguf", __version__, stamp_path(adapter_dir).read_text(), a.model_dump(), digest,
                           recipe.export.verify.model_dump(), bundle_model])
     if (entry := up_to_date(ctx, lora, inputs, lora.name)) is None:
@@ -99,7 +99,7 @@ def add_adapter(recipe: Recipe, bundle_dir: Path, out_root: Path = Path("build")
             mark_done(base_gguf, digest, {})
         entry = {**info.to_dict(), "scale": a.scale, "method": spec.method, "recipe": recipe.name,
                  "check": check_adapter(ctx, merged, base_gguf, bundle.llm_path(), lora, a.scale,
-                                        bundle.llm.get("quant", "?"))}
+                                        bundle.llm.quant or "?")}
         mark_done(lora, inputs, entry)
     rel = f"{ADAPTER_DIR}/{name}.gguf"
     dst = bundle.root / rel

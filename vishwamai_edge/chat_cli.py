@@ -9,11 +9,11 @@ from rich.console import Console
 
 from .errors import InputError
 from .runtime.backends import SamplingParams
-from .runtime.media import MediaBudget, audio_part, image_part
 from .runtime.generation_stats import GenerationStats
+from .runtime.media import MediaBudget, audio_part, image_part
+from .runtime.options import RuntimeOptions
 from .runtime.pipeline import Pipeline
 from .runtime.session import ChatSession
-from .runtime.speculative import SpeculativeOptions
 
 
 def format_stats(s: GenerationStats) -> str:
@@ -73,32 +73,28 @@ def stream_reply(session: ChatSession, text: str, out=sys.stdout, images=(), aud
 
 def run_chat(
     bundle: Path,
+    options: RuntimeOptions,
     prompt: str | None,
     system: str | None,
     max_tokens: int | None,
     temperature: float | None,
-    n_ctx: int | None,
-    threads: int | None,
     show_stats: bool,
     images: list[Path] | None = None,
     audio: list[Path] | None = None,
     adapter: str | None = None,
-    speculative: SpeculativeOptions | None = None,
     seed: int | None = None,
-    kv_type: str | None = None,
 ) -> None:
     err = Console(stderr=True)
     with err.status("loading the bundle"):
-        pipeline = Pipeline.load(bundle, n_ctx=n_ctx, n_threads=threads, speculative=speculative,
-                                 kv_type=kv_type)
+        pipeline = Pipeline.load(bundle, options)
     if pipeline.speculative is not None and pipeline.speculative.note:
         err.print(f"[yellow]note:[/] {pipeline.speculative.note}", highlight=False)
     defaults = pipeline.bundle.runtime_defaults
     session = pipeline.session(
-        system_prompt=system if system is not None else defaults.get("system_prompt"),
-        sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 0.0),
+        system_prompt=system if system is not None else defaults.system_prompt,
+        sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.temperature,
                                 seed=seed if seed is not None else 0),
-        max_tokens=max_tokens or defaults.get("max_tokens", 512),
+        max_tokens=max_tokens or defaults.max_tokens,
         adapter=adapter,
     )
 

@@ -16,34 +16,35 @@ from rich.markup import escape
 from .errors import UserError
 from .runtime.backends import MIN_CTX
 
-N_CTX_HELP = "context tokens, shared evenly by the --parallel slots (default: the bundle's context for each)"
-PARALLEL_HELP = "requests decoded together, one context slot each (default: the bundle's target's)"
-SPECULATIVE_HELP = ("speculative decoding, lossless, one request at a time: lookup (drafts from n-grams of the "
-                    "conversation) or draft (a smaller GGUF of the same vocabulary, --draft); default: the bundle's, "
-                    "else off")
-DRAFT_HELP = "draft model GGUF for --speculative draft (same vocabulary as the bundle's model)"
-DRAFT_MAX_HELP = "draft tokens verified per step at most (default: the bundle's target's, 3 on laptop-cpu, 8 elsewhere)"
+# The run-time options, declared once: chat, ui, serve and profile take them and build one RuntimeOptions
+NCtx = Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context tokens, shared evenly by the --parallel slots "
+                                             "(default: the bundle's context for each)")]
+Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: physical cores)")]
+Parallel = Annotated[Optional[int], typer.Option(min=1, help="requests decoded together, one context slot each "
+                                                 "(default: the bundle's target's)")]
+Speculative = Annotated[Optional[str], typer.Option(help=(
+    "speculative decoding, lossless, one request at a time: lookup (drafts from n-grams of the conversation) or "
+    "draft (a smaller GGUF of the same vocabulary, --draft); default: the bundle's, else off"))]
+Draft = Annotated[Optional[Path], typer.Option(help="draft model GGUF for --speculative draft (same vocabulary as the "
+                                               "bundle's model)")]
+DraftMax = Annotated[Optional[int], typer.Option(min=1, max=64, help="draft tokens verified per step at most (default: "
+                                                 "the bundle's target's, 3 on laptop-cpu, 8 elsewhere)")]
+KvType = Annotated[Optional[str], typer.Option("--kv-type", help="KV-cache type: f16, q8_0 or q4_0 (quantized types "
+                                               "turn on flash attention; default: the bundle's)")]
 
 
-def _speculative(mode: Optional[str], draft: Optional[Path], draft_max: Optional[int]):
-    """The speculative options a subcommand was given (None: nothing said, the bundle decides)."""
-    if mode is None and draft is None and draft_max is None:
-        return None
+def _options(n_ctx: int | None, threads: int | None, parallel: int | None = None, speculative: str | None = None,
+             draft: Path | None = None, draft_max: int | None = None, kv_type: str | None = None):
+    """The flags as one RuntimeOptions; a bad --kv-type or --speculative fails before any model loads."""
+    from .runtime.kv_cache import kv_type as check_kv_type
+    from .runtime.options import RuntimeOptions
     from .runtime.speculative import resolve_options
 
-    return resolve_options(mode, draft, draft_max)
+    given = speculative is not None or draft is not None or draft_max is not None
+    return RuntimeOptions(n_ctx=n_ctx, n_threads=threads, parallel=parallel,
+                          speculative=resolve_options(speculative, draft, draft_max) if given else None,
+                          kv_type=check_kv_type(kv_type).name if kv_type is not None else None)
 
-
-KV_TYPE_HELP = "KV-cache type: f16, q8_0 or q4_0 (quantized types turn on flash attention; default: the bundle's)"
-
-
-def _kv_type(value: str | None) -> str | None:
-    """A bad --kv-type fails before any model loads."""
-    if value is not None:
-        from .runtime.kv_cache import kv_type
-
-        return kv_type(value).name
-    return None
 
 app = typer.Typer(
     name="vishwamai-edge",
@@ -90,23 +91,23 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="reply length limit")] = None,
     temperature: Annotated[Optional[float], typer.Option(min=0.0, max=2.0, help="0 = greedy")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
+    n_ctx: NCtx = None,
+    threads: Threads = None,
     stats: Annotated[bool, typer.Option(help="print time to first token and tokens/s after each reply")] = True,
     image: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="image file for the first message (repeatable)")] = None,
     audio: Annotated[Optional[list[Path]], typer.Option("--audio", "-a", help="spoken question (WAV) for the first message; heard, then answered")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="apply this LoRA adapter of the bundle (its manifest's adapters)")] = None,
-    speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
-    draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
-    draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
+    speculative: Speculative = None,
+    draft: Draft = None,
+    draft_max: DraftMax = None,
     seed: Annotated[Optional[int], typer.Option(help="random seed of sampled replies (temperature > 0)")] = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
+    kv_type: KvType = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
-    run_chat(bundle, prompt, system, max_tokens, temperature, n_ctx, threads, stats, image, audio, adapter,
-             speculative=_speculative(speculative, draft, draft_max), seed=seed, kv_type=_kv_type(kv_type))
+    options = _options(n_ctx, threads, 1, speculative, draft, draft_max, kv_type)  # one conversation: one slot
+    run_chat(bundle, options, prompt, system, max_tokens, temperature, stats, image, audio, adapter, seed=seed)
 
 
 @app.command()
@@ -155,21 +156,21 @@ def ui(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (or a .gguf file)")],
     host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the page to the network")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port")] = 7860,
-    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help=N_CTX_HELP)] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
+    n_ctx: NCtx = None,
+    threads: Threads = None,
     max_queue: Annotated[int, typer.Option(min=1, help="chat turns allowed to wait for the model")] = 16,
     max_file_mb: Annotated[float, typer.Option(help="upload size limit (MB)")] = 10,
-    parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
-    speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
-    draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
-    draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
+    parallel: Parallel = None,
+    speculative: Speculative = None,
+    draft: Draft = None,
+    draft_max: DraftMax = None,
+    kv_type: KvType = None,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
     from .ui.app import run_ui
 
-    run_ui(bundle, host, port, n_ctx, threads, max_queue, max_file_mb, parallel,
-           speculative=_speculative(speculative, draft, draft_max), kv_type=_kv_type(kv_type))
+    run_ui(bundle, _options(n_ctx, threads, parallel, speculative, draft, draft_max, kv_type), host, port, max_queue,
+           max_file_mb)
 
 
 @app.command()
@@ -179,22 +180,22 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="port")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="VISHWAMAI_EDGE_API_KEY", show_envvar=True,
                                                    help="require 'Authorization: Bearer KEY'")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help=N_CTX_HELP)] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
+    n_ctx: NCtx = None,
+    threads: Threads = None,
     max_queue: Annotated[int, typer.Option(min=1, help="requests allowed to wait for a slot; more get 503")] = 16,
     max_request_mb: Annotated[float, typer.Option(help="request body limit (MiB)")] = 20,
     with_ui: Annotated[bool, typer.Option("--ui/--no-ui", help="also serve the web chat at /ui, same model")] = False,
-    parallel: Annotated[Optional[int], typer.Option(min=1, help=PARALLEL_HELP)] = None,
-    speculative: Annotated[Optional[str], typer.Option(help=SPECULATIVE_HELP)] = None,
-    draft: Annotated[Optional[Path], typer.Option(help=DRAFT_HELP)] = None,
-    draft_max: Annotated[Optional[int], typer.Option(min=1, max=64, help=DRAFT_MAX_HELP)] = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
+    parallel: Parallel = None,
+    speculative: Speculative = None,
+    draft: Draft = None,
+    draft_max: DraftMax = None,
+    kv_type: KvType = None,
 ) -> None:
     """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
     from .serve.server import run_server
 
-    run_server(bundle, host, port, api_key, n_ctx, threads, max_queue, max_request_mb, with_ui, parallel=parallel,
-               speculative=_speculative(speculative, draft, draft_max), kv_type=_kv_type(kv_type))
+    run_server(bundle, _options(n_ctx, threads, parallel, speculative, draft, draft_max, kv_type), host, port, api_key,
+               max_queue, max_request_mb, with_ui)
 
 
 @app.command()
@@ -204,17 +205,17 @@ def profile(
     scenarios: Annotated[Optional[str], typer.Option(help="comma-separated: chat, prompt-512, prompt-1024, prompt-2048, image, audio, speculative, concurrency, overhead; or all, short")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="measured runs per scenario")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="unmeasured runs before them")] = 1,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: physical cores)")] = None,
+    threads: Threads = None,
     n_ctx: Annotated[Optional[int], typer.Option(min=MIN_CTX, help="context length (default: the smallest that fits the scenarios)")] = None,
     target: Annotated[Optional[str], typer.Option(help="target profile of this machine, for the roofline's peak bandwidth (default: the Jetson module found, else the bundle's target)")] = None,
     decode_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per run")] = 64,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help=KV_TYPE_HELP)] = None,
+    kv_type: KvType = None,
 ) -> None:
     """Latency and memory of bundles on this machine: scenarios, medians, plots, one report to compare."""
     from .profile import run_profile
 
-    result = run_profile(bundles, out, scenarios, repeat, warmup, threads, n_ctx, target, decode_tokens, console=err,
-                         kv_type=_kv_type(kv_type))
+    result = run_profile(bundles, out, scenarios, repeat, warmup, _options(n_ctx, threads, kv_type=kv_type), target,
+                         decode_tokens, console=err)
     typer.echo(str(result.out_dir / "report.md"))
 
 
@@ -229,8 +230,8 @@ def finetune(
 ) -> None:
     """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training): an adapter, then merged.
     With method align: an aligned vision-language folder (encoder, trained projector, LLM)."""
-    from .stages.finetune import finetune_and_merge
     from .recipe import load_recipe
+    from .stages.finetune import finetune_and_merge
 
     overrides = [*(set_ or []), *([f"finetune.method={method}"] if method else [])]
     typer.echo(str(finetune_and_merge(load_recipe(recipe, overrides), out, resume=resume, merge=merge, console=err)))

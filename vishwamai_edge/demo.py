@@ -10,6 +10,7 @@ from rich.console import Console
 from .build import build
 from .chat_cli import format_stats, stream_reply
 from .recipe import Recipe, load_recipe
+from .runtime.options import RuntimeOptions
 from .runtime.pipeline import Pipeline
 from .targets import get_target
 
@@ -29,7 +30,7 @@ def run_demo(
     err.rule(f"1/{n} build {recipe.name} for {target.name}")
     result = build(recipe, target, out, n_threads=threads, console=err)
     err.rule(f"2/{n} ask the bundle")
-    pipeline = Pipeline.load(result.bundle, n_threads=threads)
+    pipeline = Pipeline.load(result.bundle, RuntimeOptions(n_threads=threads))
     try:
         session = pipeline.session(max_tokens=recipe.runtime.max_tokens)
         err.print(f"[bold cyan]you>[/] {question}")
@@ -78,7 +79,7 @@ def held_out_question() -> tuple[str, str]:
 
 
 def ask_once(bundle: Path, question: str, threads: int | None, max_tokens: int = 64) -> str:
-    pipeline = Pipeline.load(bundle, n_threads=threads)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=threads))
     try:
         return "".join(pipeline.session(max_tokens=max_tokens).ask(question)).strip()
     finally:
@@ -131,7 +132,7 @@ def shapes_accuracy(bundle: Path, eval_jsonl: Path, threads: int | None, on_answ
     from .chat_cli import read_image
     from .train.shapes import held_out_questions, named
 
-    pipeline = Pipeline.load(bundle, n_threads=threads)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=threads))
     scores: dict[str, list[bool]] = {"colour": [], "shape": []}
     try:
         for item in held_out_questions(eval_jsonl):

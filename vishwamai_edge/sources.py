@@ -342,10 +342,11 @@ def _gguf_header(path: Path) -> tuple[dict, dict[str, int], str]:
 
 def _llama_cpp_checks(path: Path, texts: list[str], n_threads: int | None) -> dict:
     """Tokenize -> detokenize each text through llama.cpp, and a greedy answer to AS_IS_QUESTION."""
+    from .runtime.options import RuntimeOptions
     from .runtime.pipeline import Pipeline
 
     try:
-        pipeline = Pipeline.load(path, n_ctx=512, n_threads=n_threads)
+        pipeline = Pipeline.load(path, RuntimeOptions(n_ctx=512, n_threads=n_threads))
     except Exception as exc:  # noqa: BLE001 - a GGUF llama.cpp cannot load is the user's file
         raise SourceError(f"llama.cpp cannot load {path.name}: {_one_line(exc)}") from None
     try:
@@ -376,6 +377,7 @@ def finish_manifest(bundle_dir: Path, root: Path, spec) -> dict:
     Only manifest.json changes (atomically); the files it lists and their hashes stay as packaged.
     """
     from .fsutil import write_json
+    from .runtime.manifest import Manifest
 
     path = bundle_dir / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -389,6 +391,7 @@ def finish_manifest(bundle_dir: Path, root: Path, spec) -> dict:
         manifest["checks"] = {"as_is": manifest["checks"].pop(quant), **manifest["checks"]}
         manifest["source"]["use_as_is"] = True
         manifest["llm"]["as_is"] = True
+    manifest = Manifest.model_validate(manifest).dump()
     write_json(path, manifest)
     return manifest
 

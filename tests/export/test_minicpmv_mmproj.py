@@ -106,6 +106,7 @@ def test_recipe_bundle_carries_the_mmproj_for_stock_mtmd(folder, tmp_path):
     import sys
     from pathlib import Path
 
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "minicpm-v-2_6.yaml"
@@ -119,7 +120,7 @@ def test_recipe_bundle_carries_the_mmproj_for_stock_mtmd(folder, tmp_path):
     assert m["mmproj"]["file"] == "llm/mmproj-f32.gguf"
     image = np.random.default_rng(6).integers(0, 256, (448, 448, 3), dtype=np.uint8)
     (rows,) = _mtmd_rows(bundle / m["llm"]["file"], bundle / m["mmproj"]["file"], image)
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     try:
         (ours,) = pipeline.encoders["image"].encode([image])
     finally:

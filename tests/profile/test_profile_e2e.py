@@ -12,6 +12,7 @@ from rich.console import Console
 
 from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile import run_profile
+from vishwamai_edge.runtime.options import RuntimeOptions
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +21,7 @@ pytestmark = pytest.mark.e2e
 def short_profile(embedded_bundle, tmp_path_factory):
     # one thread: on a shared machine llama.cpp's threads stall each other when a core is taken
     out = tmp_path_factory.mktemp("profile")
-    run_profile([embedded_bundle], out, "chat,prompt-512,image,overhead", repeat=1, warmup=0, threads=1,
-                decode_tokens=16, console=Console(quiet=True))
+    run_profile([embedded_bundle], out, "chat,prompt-512,image,overhead", repeat=1, warmup=0, decode_tokens=16, console=Console(quiet=True), options=RuntimeOptions(n_threads=1))
     return out
 
 

@@ -8,14 +8,14 @@ from rich.console import Console
 
 from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile import run_profile
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.sources import embedded_gguf
 
 pytestmark = pytest.mark.e2e
 
 
 def test_speculative_scenario(tmp_path):
-    run_profile([embedded_gguf()], tmp_path, "speculative", repeat=1, warmup=0, threads=1, decode_tokens=32,
-                console=Console(quiet=True))
+    run_profile([embedded_gguf()], tmp_path, "speculative", repeat=1, warmup=0, decode_tokens=32, console=Console(quiet=True), options=RuntimeOptions(n_threads=1))
     data = rpt.load_report(tmp_path / "report.json")
     sc = data["bundles"][0]["scenarios"]["speculative"]
     assert sc["status"] == "ok", sc.get("error")

@@ -12,6 +12,7 @@ from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile import runner
 from vishwamai_edge.profile.outputs import write_outputs
 from vishwamai_edge.runtime.backends import MemoryUse
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
 
 QUIET = Console(quiet=True)
@@ -62,8 +63,7 @@ def fake_model(monkeypatch):
 
 def test_report_of_two_bundles(fake_model, fake_bundle, tmp_path):
     out = tmp_path / "out"
-    result = runner.run_profile([fake_bundle, fake_bundle], out, "chat,prompt-512,image", repeat=3, warmup=1,
-                                threads=2, console=QUIET)
+    result = runner.run_profile([fake_bundle, fake_bundle], out, "chat,prompt-512,image", repeat=3, warmup=1, console=QUIET, options=RuntimeOptions(n_threads=2))
     data = rpt.load_report(out / "report.json")
     assert data == json.loads(json.dumps(result.report))
     assert data["status"] == "complete"

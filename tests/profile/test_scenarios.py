@@ -2,8 +2,15 @@ import pytest
 
 from vishwamai_edge.errors import UserError
 from vishwamai_edge.profile.scenarios import DEFAULT_SCENARIOS, context_for, parse_names, plan
+from vishwamai_edge.runtime.manifest import Manifest
 
-MANIFEST = {"llm": {"backend": "llamacpp"}}
+
+def manifest(backend: str = "llamacpp", **encoders) -> Manifest:
+    return Manifest.model_validate({"name": "t", "llm": {"file": "llm/m.gguf", "backend": backend},
+                                    "encoders": encoders})
+
+
+MANIFEST = manifest()
 
 
 def test_names():
@@ -18,8 +25,8 @@ def test_encoder_scenarios_need_encoders():
     planned = {p.scenario.name: p.skip_reason for p in plan(["chat", "image", "audio"], MANIFEST, 4096, 64)}
     assert planned["chat"] is None
     assert "no image encoder" in planned["image"] and "no audio encoder" in planned["audio"]
-    with_image = {**MANIFEST, "encoders": {"image": {"file": "encoders/vision.onnx"},
-                                           "audio": {"file": "encoders/audio.onnx"}}}
+    with_image = manifest(image={"kind": "vision", "file": "encoders/vision.onnx"},
+                          audio={"kind": "speech-to-text", "file": "encoders/audio.onnx"})
     planned = {p.scenario.name: p.skip_reason for p in plan(["image", "audio"], with_image, 4096, 64)}
     assert planned["image"] is None
     assert planned["audio"] is None  # the speech encoder runs too
@@ -35,13 +42,13 @@ def test_context_sizing():
 
 
 def test_overhead_needs_llamacpp():
-    other = {"llm": {"backend": "trtllm"}}
+    other = manifest("trtllm")
     (p,) = plan(["overhead"], other, 4096, 64)
     assert "llama.cpp bundle" in p.skip_reason
 
 
 def test_audio_scenario_plans_and_sizes():
-    speech = {**MANIFEST, "encoders": {"audio": {"kind": "whisper"}}}
+    speech = manifest(audio={"kind": "speech-to-text"})
     (p,) = plan(["audio"], speech, 512, 64)
     assert p.skip_reason is None
     (p,) = plan(["audio"], speech, 100, 64)

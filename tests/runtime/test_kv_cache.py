@@ -17,6 +17,7 @@ from vishwamai_edge.profile.gguf_meta import model_shape
 from vishwamai_edge.profile.kv_cache import QUALITY_PROMPTS, formula_bytes, prompt_logits, quality
 from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
 from vishwamai_edge.runtime.kv_cache import kv_type
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.sources import embedded_gguf
 
@@ -90,7 +91,7 @@ def test_the_manifest_type_is_used_and_the_option_overrides_it(embedded_bundle, 
     manifest["runtime"]["kv_type"] = "q8_0"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     for override, expect in ((None, "q8_0"), ("q4_0", "q4_0"), ("f16", "f16")):
-        pipeline = Pipeline.load(bundle, n_ctx=256, n_threads=1, kv_type=override)
+        pipeline = Pipeline.load(bundle, RuntimeOptions(n_ctx=256, n_threads=1, kv_type=override))
         try:
             assert pipeline.llm.kv_type == expect
             assert pipeline.llm.kv_report["type_v"] == expect

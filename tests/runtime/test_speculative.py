@@ -22,6 +22,7 @@ import pytest
 from vishwamai_edge.profile.speculative import CHAT_PROMPTS, QUOTE_PROMPTS
 from vishwamai_edge.runtime.backends import SamplingParams, TokenSegment
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
 from vishwamai_edge.runtime.speculative import (
     SpeculativeCounts,
@@ -45,7 +46,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def pipeline(shipped):
-    p = Pipeline.load(shipped, n_ctx=1024, n_threads=1)
+    p = Pipeline.load(shipped, RuntimeOptions(n_ctx=1024, n_threads=1))
     yield p
     p.close()
 
@@ -125,7 +126,7 @@ def q4_k_m(shipped, tmp_path_factory):
     """Q4_K_M, the default bundle type (requantized from the shipped file: same kernels as a build)."""
     out = tmp_path_factory.mktemp("kq") / "smollm2-q4_k_m.gguf"
     requantize(shipped, out, 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    p = Pipeline.load(out, n_ctx=1024, n_threads=1)
+    p = Pipeline.load(out, RuntimeOptions(n_ctx=1024, n_threads=1))
     yield p
     p.close()
 
@@ -262,12 +263,12 @@ def test_sampled_acceptance_rule_draws_from_the_target_distribution(pipeline, ki
 
 def test_engine_with_lookup_runs_one_at_a_time_and_answers_as_plain(shipped):
     request = ChatRequest((Message.text("user", QUOTE_PROMPTS[2]),), max_tokens=40)
-    plain = Engine.load(shipped, n_threads=1, parallel=1)
+    plain = Engine.load(shipped, RuntimeOptions(n_threads=1, parallel=1))
     try:
         expected = plain.submit(request).text()
     finally:
         plain.close()
-    engine = Engine.load(shipped, n_threads=1, speculative=SpeculativeOptions(mode="lookup"))
+    engine = Engine.load(shipped, RuntimeOptions(n_threads=1, speculative=SpeculativeOptions(mode="lookup"), parallel=None))
     try:
         assert engine.parallel == 1 and engine.status()["speculative"] == "lookup"
         gen = engine.submit(request)
@@ -360,13 +361,13 @@ def test_a_bundle_can_make_lookup_its_default(shipped, tmp_path):
         shutil.copyfile(shipped, tmp_path / "model.gguf")
     write_manifest(tmp_path, {"name": "spec", "llm": {"file": "model.gguf", "backend": "llamacpp"},
                               "runtime": {"speculative": "lookup"}}, ["model.gguf"])
-    p = Pipeline.load(tmp_path, n_ctx=256, n_threads=1, verify=False)
+    p = Pipeline.load(tmp_path, RuntimeOptions(n_ctx=256, n_threads=1, verify=False))
     try:
         assert p.speculative is not None and p.speculative.options.mode == "lookup"
         assert p.speculative.max_draft == 3  # laptop-cpu's draft_max (no target in this manifest)
     finally:
         p.close()
-    p = Pipeline.load(tmp_path, n_ctx=256, n_threads=1, verify=False, speculative=SpeculativeOptions())
+    p = Pipeline.load(tmp_path, RuntimeOptions(n_ctx=256, n_threads=1, verify=False, speculative=SpeculativeOptions()))
     try:
         assert p.speculative is None
     finally:

@@ -19,10 +19,11 @@ def guarded(embedded_bundle) -> Iterator[tuple[str, object]]:
     from in_thread_server import serve_in_thread
 
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.serve.app import create_app
     from vishwamai_edge.ui.app import mount_ui
 
-    engine = Engine.load(embedded_bundle, n_threads=1, max_queue=4)
+    engine = Engine.load(embedded_bundle, RuntimeOptions(n_threads=1, parallel=None), max_queue=4)
     app = create_app(engine, api_key=KEY)
     mount_ui(app, engine, "/ui")
     try:

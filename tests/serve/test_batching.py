@@ -18,6 +18,7 @@ from test_serve_cli import one_line_error, run_cli
 from vishwamai_edge.errors import InputError
 from vishwamai_edge.runtime.backends import SamplingParams
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.sources import embedded_gguf
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +36,7 @@ def shipped_gguf():
 def engine(shipped_gguf):
     """A fresh engine: every slot empty. llama.cpp's prompt logits differ in the last bits with the
     way a prompt is cut into batches, so both sides of a comparison start with nothing cached."""
-    e = Engine.load(shipped_gguf, n_threads=1, parallel=8, n_ctx=8 * 512)
+    e = Engine.load(shipped_gguf, RuntimeOptions(n_threads=1, parallel=8, n_ctx=8 * 512))
     yield e
     e.close()
 
@@ -73,7 +74,7 @@ class PeakRunning:
 
 def answer_alone(bundle, request: ChatRequest) -> tuple[str, int, str]:
     """The request answered by a fresh engine with nothing else running."""
-    e = Engine.load(bundle, n_threads=1, parallel=8, n_ctx=8 * 512)
+    e = Engine.load(bundle, RuntimeOptions(n_threads=1, parallel=8, n_ctx=8 * 512))
     try:
         return answer(e.submit(request))
     finally:
@@ -122,14 +123,14 @@ def test_cancelling_one_stream_leaves_the_others_as_they_were(engine, alone):
 
 def test_more_slots_than_the_context_holds_is_refused(embedded_bundle):
     with pytest.raises(InputError, match="64 slots cannot share a context of 2048 tokens"):
-        Engine.load(embedded_bundle, n_ctx=2048, parallel=64)
+        Engine.load(embedded_bundle, RuntimeOptions(n_ctx=2048, parallel=64))
     line = one_line_error(run_cli("serve", str(embedded_bundle), "--parallel", "64", "--n-ctx", "2048"))
     assert "lower --parallel or raise --n-ctx" in line
 
 
 def test_a_slot_freed_by_a_cancel_takes_the_next_request(embedded_bundle):
     # what a client that disconnects does: the server cancels its generation (serve/app.py)
-    e = Engine.load(embedded_bundle, n_threads=1, parallel=2)  # its dragon story runs past 1000 tokens
+    e = Engine.load(embedded_bundle, RuntimeOptions(n_threads=1, parallel=2))  # its dragon story runs past 1000 tokens
     try:
         long = ChatRequest((Message.text("user", "Write a very long story about a dragon."),), max_tokens=1500)
         leaving, kept = e.submit(long), e.submit(long)

@@ -17,6 +17,7 @@ import pytest
 from serve_process import start_server, stop_server
 
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.sources import embedded_gguf
 
 pytestmark = pytest.mark.e2e
@@ -99,7 +100,7 @@ class Stream(threading.Thread):
 
 def alone(content: str) -> str:
     """The reply a fresh engine with the server's settings (4 slots, 1 thread) gives this request alone."""
-    e = Engine.load(embedded_gguf(), n_threads=1, parallel=4)
+    e = Engine.load(embedded_gguf(), RuntimeOptions(n_threads=1, parallel=4))
     try:
         return e.submit(ChatRequest((Message.text("user", content),), max_tokens=MAX_TOKENS)).text()
     finally:

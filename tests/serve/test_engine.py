@@ -25,6 +25,7 @@ from vishwamai_edge.runtime.media import (
     decode_data_url,
     image_part,
 )
+from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def engine(embedded_bundle):
-    e = Engine.load(embedded_bundle, n_threads=1, max_queue=1, parallel=1)  # one slot: the queue fills
+    e = Engine.load(embedded_bundle, RuntimeOptions(n_threads=1, parallel=1), max_queue=1)  # one slot: the queue fills
     yield e
     e.close()
 
@@ -141,7 +142,7 @@ def test_request_errors_arrive_through_the_stream(engine):
 
 def test_engine_answers_like_chat_session(engine, embedded_bundle):
     # Same pipeline code path: the engine adds queueing, not different text.
-    pipeline = Pipeline.load(embedded_bundle, n_threads=1)
+    pipeline = Pipeline.load(embedded_bundle, RuntimeOptions(n_threads=1))
     try:
         # first a different prompt, so both sides evaluate the question after the same cached prefix
         "".join(pipeline.session(max_tokens=2).ask("Hello."))
@@ -239,7 +240,7 @@ def test_a_dead_worker_fails_every_waiting_request(embedded_bundle):
     class WorkerBug(BaseException):
         pass
 
-    engine = Engine.load(embedded_bundle, n_threads=1, max_queue=4)
+    engine = Engine.load(embedded_bundle, RuntimeOptions(n_threads=1, parallel=None), max_queue=4)
     try:
         def broken_start(gen, slots):
             time.sleep(0.2)  # the second request is queued by then
@@ -273,7 +274,7 @@ def test_a_dead_worker_fails_every_waiting_request(embedded_bundle):
 
 # -- history -------------------------------------------------------------------------------
 def test_trimmed_history_keeps_a_long_chat_going(embedded_bundle):
-    engine = Engine.load(embedded_bundle, n_ctx=256, n_threads=1, parallel=1)
+    engine = Engine.load(embedded_bundle, RuntimeOptions(n_ctx=256, n_threads=1, parallel=1))
     try:
         history = []
         for i in range(12):

@@ -87,11 +87,12 @@ def test_adapter_is_added_beside_an_untouched_base(with_adapter, embedded_bundle
 
 
 def test_adapter_answers_as_the_merged_bundle_does(with_adapter, merged_bundle):
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
     bundle = with_adapter[0]
     questions = held_out()
-    pipeline = Pipeline.load(bundle, n_threads=2)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
     try:
         def answer(q: str, adapter: str | None) -> str:
             return "".join(pipeline.session(adapter=adapter, max_tokens=48).ask(q))

@@ -25,8 +25,9 @@ def max_file_mb() -> float:
 @pytest.fixture(scope="module")
 def ui_engine(embedded_bundle):
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
 
-    engine = Engine.load(embedded_bundle, n_threads=1, max_queue=4)
+    engine = Engine.load(embedded_bundle, RuntimeOptions(n_threads=1, parallel=None), max_queue=4)
     yield engine
     engine.close()
 

@@ -17,8 +17,9 @@ def adapter_url(adapter_bundle):
     from in_thread_server import launched_ui
 
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
 
-    engine = Engine.load(adapter_bundle[0], n_threads=1, max_queue=4)
+    engine = Engine.load(adapter_bundle[0], RuntimeOptions(n_threads=1, parallel=None), max_queue=4)
     try:
         with launched_ui(engine, 1) as url:
             yield url

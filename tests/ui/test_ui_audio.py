@@ -15,8 +15,9 @@ def speech_url(speech_bundle) -> Iterator[str]:
     from in_thread_server import launched_ui
 
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
 
-    engine = Engine.load(speech_bundle, n_threads=2, max_queue=4)
+    engine = Engine.load(speech_bundle, RuntimeOptions(n_threads=2, parallel=None), max_queue=4)
     try:
         with launched_ui(engine, 1) as url:
             yield url
@@ -35,6 +36,7 @@ def test_spoken_question_heard_shown_and_answered(browser, speech_url, question_
     try:
         page.goto(speech_url, wait_until="networkidle")
         page.wait_for_selector("#prompt textarea")
+        assert page.locator("#audio").is_visible() and not page.locator("#image").is_visible()
         page.set_input_files("#audio input[type=file]", str(question_wav))
         page.wait_for_selector("#audio audio, #audio .waveform-container, #audio [data-testid='waveform-x']",
                                state="attached", timeout=WAIT_MS)  # uploaded: the player shows

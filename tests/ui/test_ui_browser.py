@@ -91,24 +91,24 @@ def wav_file(tmp_path):
     return path
 
 
+def test_a_text_only_bundle_offers_no_image_or_audio(page):
+    # the page offers what the bundle takes (its manifest's encoders): this one has none
+    for element in ("#image", "#audio", "#sketch"):
+        assert not page.locator(element).is_visible()
+    assert page.locator("#prompt textarea").is_visible()
+
+
 @pytest.mark.parametrize("kind, make", [("image", png_file), ("audio", wav_file)])
-def test_media_without_encoder_is_refused_visibly(page, tmp_path, kind, make):
-    page.set_input_files(f"#{kind} input[type=file]", str(make(tmp_path)))
-    send(page, "What is in this file?")
-    stats = wait_for_stats(page, f"no {kind} encoder")
-    assert "send text only" in stats
-    assert page.locator("#chat .user-row").count() == 0  # refused turns stay out of the conversation
-    assert page.input_value("#prompt textarea") == "What is in this file?"  # kept, to fix and resend
+def test_media_sent_anyway_is_refused_before_decoding(tmp_path, kind, make):
+    # a client that sends a file the page did not offer gets the one-line refusal, nothing decoded
+    from vishwamai_edge.errors import InputError
+    from vishwamai_edge.runtime.media import MediaBudget
+    from vishwamai_edge.ui.app import _user_parts
 
-
-def test_broken_image_is_refused_visibly(page, tmp_path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image" * 10)
-    page.set_input_files("#image input[type=file]", str(bad))
-    send(page, "What is this?")
-    # our message, not gradio's internals; a text-only bundle refuses images before decoding them
-    wait_for_stats(page, "no image encoder")
-    assert page.locator("#chat .user-row").count() == 0
+    path = str(make(tmp_path))
+    with pytest.raises(InputError, match=f"no {kind} encoder; send text only"):
+        _user_parts("What is in this file?", path if kind == "image" else None, path if kind == "audio" else None,
+                    MediaBudget(accepts=frozenset()))
 
 
 def test_oversize_upload_is_refused(ui_url, max_file_mb):

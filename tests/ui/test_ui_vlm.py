@@ -19,8 +19,9 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def vlm_engine(vlm_bundle):
     from vishwamai_edge.runtime.engine import Engine
+    from vishwamai_edge.runtime.options import RuntimeOptions
 
-    engine = Engine.load(vlm_bundle, n_threads=1, max_queue=4)
+    engine = Engine.load(vlm_bundle, RuntimeOptions(n_threads=1, parallel=None), max_queue=4)
     yield engine
     engine.close()
 
@@ -72,9 +73,10 @@ def wait_for_answers(page, n: int) -> list[str]:
 
 
 def answer_without_image(bundle, first: str) -> str:
+    from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, n_threads=1)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=1))
     try:
         session = pipeline.session(max_tokens=MAX_TOKENS)
         session.messages += [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first}]
@@ -87,6 +89,7 @@ def test_image_answered_shown_and_kept_for_the_next_turn(vlm_page, vlm_bundle, t
     from PIL import Image
 
     page = vlm_page
+    assert page.locator("#image").is_visible() and not page.locator("#audio").is_visible()  # what the bundle takes
     picture = photo(45, 29, 21)
     Image.fromarray(picture).save(tmp_path / "pic.png")
     first, second = in_process_answers(vlm_bundle, [(PROMPT, [picture]), (FOLLOW_UP, [])], MAX_TOKENS)

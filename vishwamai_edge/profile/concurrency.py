@@ -32,11 +32,12 @@ def context_per_slot(decode_tokens: int) -> int:
 
 def load_engine(path: Path, threads: int, decode_tokens: int, kv_type: str | None, clients: int = max(CLIENTS)):
     from ..runtime.engine import Engine
+    from ..runtime.options import RuntimeOptions
     from ..runtime.pipeline import Pipeline
 
     per_slot = context_per_slot(decode_tokens)
-    pipeline = Pipeline.load(path, n_ctx=clients * per_slot, n_threads=threads, verify=False, parallel=clients,
-                             kv_type=kv_type)
+    pipeline = Pipeline.load(path, RuntimeOptions(n_ctx=clients * per_slot, n_threads=threads, parallel=clients,
+                                                  kv_type=kv_type, verify=False))
     return Engine(pipeline, max_queue=clients)
 
 

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import UserError
 from ..runtime.bundle import Bundle
+from ..runtime.options import RuntimeOptions
 from ..targets import get_target
 from . import report as rpt
 from .gguf_meta import ModelShape, model_shape
@@ -64,15 +65,16 @@ def run_profile(
     scenarios: str | list[str] | None = None,
     repeat: int = 3,
     warmup: int = 1,
-    threads: int | None = None,
-    n_ctx: int | None = None,
+    options: RuntimeOptions | None = None,
     target: str | None = None,
     decode_tokens: int = 64,
     console: Console | None = None,
-    kv_type: str | None = None,
 ) -> ProfileResult:
-    """Profile each bundle with the same scenarios; write the report into `out`. `kv_type`
-    overrides every bundle's KV-cache type (default: each bundle's own)."""
+    """Profile each bundle with the same scenarios; write the report into `out`. `options`: threads,
+    context (default: the smallest that fits the scenarios) and a KV-cache type for every bundle
+    (default: each bundle's own)."""
+    options = options or RuntimeOptions()
+    threads, n_ctx, kv_type = options.n_threads, options.n_ctx, options.kv_type
     console = console or Console(stderr=True)
     if not bundles:
         raise UserError("name at least one bundle to profile")
@@ -91,8 +93,8 @@ def run_profile(
         t = time.perf_counter()
         b.verify()
         targets.append(_Target(b, Path(p), model_shape(b.llm_path()), time.perf_counter() - t))
-    image_rows = max([int(((t.bundle.manifest.get("encoders") or {}).get("image") or {}).get("n_tokens", 0))
-                      for t in targets] + [0])
+    image_rows = max([t.bundle.manifest.encoders["image"].n_tokens or 0 for t in targets
+                      if "image" in t.bundle.manifest.encoders] + [0])
     n_ctx = n_ctx or context_for(names, decode_tokens, image_rows)
 
     report = rpt.new_report(
@@ -157,7 +159,8 @@ def _profile_bundle(
         for i in range(repeat):
             progress.update(task, description=f"{entry['label']}: load")
             t = time.perf_counter()
-            pipeline = Pipeline.load(tgt.path, n_ctx=n_ctx, n_threads=threads, verify=False, kv_type=kv_type)
+            pipeline = Pipeline.load(tgt.path, RuntimeOptions(n_ctx=n_ctx, n_threads=threads, kv_type=kv_type,
+                                                              verify=False))
             loads.append(time.perf_counter() - t)
             if i < repeat - 1:
                 pipeline.close()
@@ -317,7 +320,7 @@ def _snapshot(entry: dict[str, Any], rss: RssSampler, device: Any) -> None:
 
 def _new_entry(tgt: _Target, label: str, threads: int, n_ctx: int, override: Any) -> dict[str, Any]:
     b = tgt.bundle
-    manifest_target = b.manifest.get("target") or {}
+    manifest_target = b.manifest.target
     bandwidth = None
     if override is not None:
         bandwidth = {"target": override.name, "gbs": override.memory_bandwidth_gbs, "source": "--target"}
@@ -327,19 +330,19 @@ def _new_entry(tgt: _Target, label: str, threads: int, n_ctx: int, override: Any
         detected = collect().recommended_target
         t = get_target(detected)
         bandwidth = {"target": t.name, "gbs": t.memory_bandwidth_gbs, "source": "this Jetson's module"}
-    elif manifest_target.get("memory_bandwidth_gbs"):
-        bandwidth = {"target": manifest_target.get("name"), "gbs": manifest_target["memory_bandwidth_gbs"],
+    elif manifest_target.memory_bandwidth_gbs:
+        bandwidth = {"target": manifest_target.name, "gbs": manifest_target.memory_bandwidth_gbs,
                      "source": "bundle manifest"}
     return {
         "name": b.name,
         "label": label,
         "path": str(tgt.path),
-        "backend": b.llm.get("backend", "llamacpp"),
-        "quant": b.llm.get("quant"),
-        "file": b.llm.get("file"),
+        "backend": b.llm.backend,
+        "quant": b.llm.quant,
+        "file": b.llm.file,
         "file_bytes": tgt.shape.file_bytes,
-        "tensor_types": b.llm.get("tensor_types"),
-        "encoders": sorted((b.manifest.get("encoders") or {}).keys()),
+        "tensor_types": b.llm.tensor_types,
+        "encoders": sorted(b.manifest.encoders),
         "model": tgt.shape.to_dict(),
         "bandwidth": bandwidth,
         "threads": threads,

@@ -9,9 +9,9 @@ reported as skipped with the reason, never silently dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import UserError
+from ..runtime.manifest import EncoderEntry, Manifest
 
 CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
 IMAGE_QUESTION = "Describe this picture in one sentence."
@@ -88,11 +88,10 @@ def parse_names(spec: str | list[str] | None) -> list[str]:
 
 
 def plan(
-    names: list[str], manifest: dict[str, Any], n_ctx: int, decode_tokens: int
+    names: list[str], manifest: Manifest, n_ctx: int, decode_tokens: int
 ) -> list[PlannedScenario]:
     """Which of `names` run on this bundle, and why each of the others does not."""
-    encoders = manifest.get("encoders") or {}
-    backend = manifest.get("llm", {}).get("backend", "llamacpp")
+    encoders, backend = manifest.encoders, manifest.llm.backend
     out = []
     for name in names:
         s = SCENARIOS[name]
@@ -114,9 +113,9 @@ def plan(
     return out
 
 
-def _image_rows(encoders: dict[str, Any]) -> int:
+def _image_rows(encoders: dict[str, EncoderEntry]) -> int:
     entry = encoders.get("image")
-    return int(entry.get("n_tokens", 0)) if isinstance(entry, dict) else 0
+    return entry.n_tokens or 0 if entry is not None else 0
 
 
 def context_for(names: list[str], decode_tokens: int, image_rows: int = 0) -> int:

@@ -12,53 +12,32 @@ load `/tmp/x.gguf` or `../x.gguf`. A bare `.gguf` file also opens as a bundle
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..errors import BundleError
 from ..fsutil import check_gguf_file, sha256_file, write_json
+from .manifest import READS, SCHEMA_VERSION, LLMSection, Manifest, RuntimeDefaults, migrate
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
-
-
-class _FileEntry(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class _LLMEntry(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    file: str
-    backend: str = "llamacpp"
-
-
-class _Manifest(BaseModel):
-    """The shape the runtime relies on; everything else in the manifest is informational."""
-
-    model_config = ConfigDict(extra="allow")
-    schema_version: int
-    files: dict[str, _FileEntry]
-    llm: _LLMEntry
 
 
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest
     bare_file: str | None = None  # a bare .gguf opened as a bundle: the one file it may open
 
     @property
     def name(self) -> str:
-        return self.manifest.get("name", self.root.name)
+        return self.manifest.name
 
     @property
-    def llm(self) -> dict[str, Any]:
-        return self.manifest["llm"]
+    def llm(self) -> LLMSection:
+        return self.manifest.llm
 
     def file(self, rel: str) -> Path:
         """The path of a file the bundle owns: listed in the manifest and inside the bundle folder."""
@@ -66,17 +45,16 @@ class Bundle:
             if rel != self.bare_file:
                 raise BundleError(f"{self.root / self.bare_file} is a bare GGUF file; it has no {rel}")
             return self.root / rel
-        if rel not in self.manifest["files"]:
+        if rel not in self.manifest.files:
             raise BundleError(f"bundle {self.root}: {rel!r} is not listed in the manifest's files")
         return _inside(self.root, rel)
 
     def llm_path(self) -> Path:
-        return self.file(self.llm["file"])
+        return self.file(self.llm.file)
 
     @property
-    def runtime_defaults(self) -> dict[str, Any]:
-        runtime = self.manifest.get("runtime", {})
-        return runtime if isinstance(runtime, dict) else {}
+    def runtime_defaults(self) -> RuntimeDefaults:
+        return self.manifest.runtime
 
     @classmethod
     def load(cls, path: Path | str, verify: bool = True) -> Bundle:
@@ -92,15 +70,7 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{manifest_path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-            raise BundleError(f"{manifest_path} is not a vishwamai-edge manifest of schema {SCHEMA_VERSION}")
-        try:
-            _Manifest.model_validate(manifest)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise BundleError(f"{manifest_path}: {where}: {first['msg'].lower()}") from None
-        bundle = cls(path, manifest)
+        bundle = cls(path, parse_manifest(manifest, manifest_path))
         bundle.llm_path()  # the model file must be one the manifest lists, inside the bundle
         if verify:
             bundle.verify()
@@ -112,29 +82,41 @@ class Bundle:
             check_gguf_file(path)
         except Exception as exc:
             raise BundleError(str(exc)) from None
-        return cls(
-            path.parent,
-            {"schema_version": SCHEMA_VERSION, "name": path.stem, "files": {},
-             "llm": {"backend": "llamacpp", "format": "gguf", "file": path.name}},
-            bare_file=path.name,
-        )
+        return cls(path.parent, Manifest(name=path.stem, llm=LLMSection(file=path.name)), bare_file=path.name)
 
     def verify(self) -> None:
         """Check every file listed in the manifest: inside the bundle, present, same size, same sha256."""
-        for rel, info in self.manifest["files"].items():
+        for rel, info in self.manifest.files.items():
             f = _inside(self.root, rel)
             if not f.is_file():
                 raise BundleError(f"bundle {self.root}: {rel} is missing")
-            if f.stat().st_size != info["size"]:
+            if f.stat().st_size != info.size:
                 raise BundleError(
-                    f"bundle {self.root}: {rel} is {f.stat().st_size} bytes, the manifest says {info['size']} "
+                    f"bundle {self.root}: {rel} is {f.stat().st_size} bytes, the manifest says {info.size} "
                     "(truncated or replaced; rebuild or copy it again)"
                 )
-            if sha256_file(f) != info["sha256"]:
+            if sha256_file(f) != info.sha256:
                 raise BundleError(
                     f"bundle {self.root}: {rel} does not match its sha256 in the manifest "
                     "(corrupted or modified; rebuild or copy it again)"
                 )
+
+
+def parse_manifest(data: Any, where: Path) -> Manifest:
+    """A manifest's JSON as the typed manifest: schema 1 migrated, any other refused in one line."""
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version not in READS:
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise BundleError(f"{where}: manifest schema {version} is newer than this vishwamai-edge reads "
+                              f"({SCHEMA_VERSION}); update vishwamai-edge, or rebuild the bundle with this one")
+        raise BundleError(f"{where} is not a vishwamai-edge manifest this version reads (schema "
+                          f"{', '.join(map(str, READS))}); rebuild the bundle with this version of vishwamai-edge")
+    try:
+        return Manifest.model_validate(migrate(data) if version == 1 else data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise BundleError(f"{where}: {loc}: {first['msg'].lower()}") from None
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -153,17 +135,18 @@ def file_entry(root: Path, rel: str) -> dict[str, Any]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any], files: list[str]) -> Path:
-    """Hash `files` (paths relative to root) and write the manifest last, atomically."""
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest}
-    manifest["files"] = {rel: file_entry(root, rel) for rel in files}
-    write_json(root / MANIFEST, manifest)
+    """Hash `files` (paths relative to root) and write the manifest last, atomically, through the typed
+    manifest (a section of the wrong shape fails the build, not the device)."""
+    manifest = {**manifest, "schema_version": SCHEMA_VERSION,
+                "files": {rel: file_entry(root, rel) for rel in files}}
+    write_json(root / MANIFEST, Manifest.model_validate(manifest).dump())
     return root / MANIFEST
 
 
 def add_files(root: Path, files: list[str], updates: dict[str, Any]) -> dict[str, Any]:
     """Add `files` (already in place under root) to an existing bundle's manifest and merge `updates`
     into its top-level sections; the files already listed are not hashed again. Written atomically."""
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = parse_manifest(json.loads((root / MANIFEST).read_text()), root / MANIFEST).dump()
     for rel in files:
         _inside(root, rel)
         manifest["files"][rel] = file_entry(root, rel)
@@ -172,6 +155,7 @@ def add_files(root: Path, files: list[str], updates: dict[str, Any]) -> dict[str
             manifest[key] = {**manifest[key], **value}
         else:
             manifest[key] = value
+    manifest = Manifest.model_validate(manifest).dump()
     write_json(root / MANIFEST, manifest)
     return manifest
 

@@ -1,7 +1,7 @@
 """The manifest's `encoders` section -> loaded encoders, one entry per kind of encoder the runtime has.
 
 An entry names its kind (`encoders.image.kind`: vision, minicpmv; `encoders.audio.kind`: audio-embeddings,
-speech-to-text); for bundles built before every entry did, the kind is read off the entry's other fields.
+speech-to-text); a schema-1 manifest, which left some kinds implicit, gets them in `manifest.migrate`.
 """
 
 from __future__ import annotations
@@ -46,26 +46,16 @@ ENCODERS: dict[tuple[str, str], Callable[[Bundle, dict[str, Any], int | None], A
 }
 
 
-def encoder_kind(slot: str, entry: dict[str, Any]) -> str | None:
-    if entry.get("kind"):
-        return str(entry["kind"])
-    if slot == "image" and "file" in entry:  # bundles built before image entries named their kind
-        return "vision"
-    return None
-
-
 def load_encoders(bundle: Bundle, n_threads: int | None = None) -> dict[str, Any]:
     """The manifest's `encoders` section: slot (image, audio) -> a loaded encoder (ONNX Runtime sessions)."""
-    entries = bundle.manifest.get("encoders") or {}
-    if not isinstance(entries, dict):
-        raise BundleError(f"bundle {bundle.root}: manifest encoders must be a mapping")
     out: dict[str, Any] = {}
     try:
-        for slot, entry in entries.items():
-            loader = ENCODERS.get((slot, encoder_kind(slot, entry))) if isinstance(entry, dict) else None
+        for slot, entry in bundle.manifest.encoders.items():
+            loader = ENCODERS.get((slot, entry.kind))
             if loader is None:
-                raise BundleError(f"bundle {bundle.root}: manifest encoders.{slot} is not an encoder this runtime has")
-            out[slot] = loader(bundle, entry, n_threads)
+                raise BundleError(f"bundle {bundle.root}: manifest encoders.{slot} ({entry.kind}) is not an encoder "
+                                  "this runtime has")
+            out[slot] = loader(bundle, entry.model_dump(mode="json"), n_threads)
     except BaseException:
         for encoder in out.values():
             encoder.close()

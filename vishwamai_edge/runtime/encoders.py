@@ -208,7 +208,7 @@ class SpeechEncoder:
         folder = entry.get("folder")
         if not isinstance(folder, str):
             raise BundleError(f"bundle {bundle.root}: encoders.audio has no folder")
-        listed = {rel for rel in bundle.manifest["files"] if rel.startswith(folder.rstrip("/") + "/")}
+        listed = {rel for rel in bundle.manifest.files if rel.startswith(folder.rstrip("/") + "/")}
         for rel in listed:
             path = bundle.file(rel)  # listed and inside the bundle
         present = {f"{folder.rstrip('/')}/{f.name}" for f in (bundle.root / folder).iterdir()} if listed else set()

@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ContextOverflowError, InputError, UserError
-from .backends import SamplingParams
-from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
+from .backends import SamplingParams, SupportsSlots
 from .generation_stats import GenerationStats
+from .manifest import RuntimeDefaults
+from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
+from .options import RuntimeOptions
 from .pipeline import Pipeline
 from .reply import ReplyText
 from .session import ChatSession
 from .slots import Job, SlotDecoder
-from .speculative import SpeculativeOptions
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class Engine:
         self.max_queue = max_queue
         self.model_id: str = pipeline.bundle.name
         self.n_ctx: int = pipeline.llm.n_ctx
-        self.defaults: dict[str, Any] = pipeline.bundle.runtime_defaults
+        self.defaults: RuntimeDefaults = pipeline.bundle.runtime_defaults
         # read once here: the worker owns the backend from now on
         self._model_bytes = pipeline.llm.memory().model_bytes
         self._pending: deque[Generation] = deque()
@@ -219,7 +220,7 @@ class Engine:
         self._running: set[Generation] = set()
         # a backend with several sequences decodes its requests together; others, and speculative
         # decoding (several tokens of one reply per step instead), one at a time
-        batched = hasattr(pipeline.llm, "n_seq") and pipeline.speculative is None
+        batched = isinstance(pipeline.llm, SupportsSlots) and pipeline.speculative is None
         self._slots: SlotDecoder | None = SlotDecoder(pipeline.llm) if batched else None
         self.parallel: int = self._slots.n_slots if self._slots else 1
         self.speculative: str = pipeline.speculative.options.mode if pipeline.speculative else "off"
@@ -232,22 +233,10 @@ class Engine:
         self._worker.start()
 
     @classmethod
-    def load(
-        cls,
-        bundle: Path | str,
-        n_ctx: int | None = None,
-        n_threads: int | None = None,
-        max_queue: int = 16,
-        parallel: int | None = None,
-        speculative: SpeculativeOptions | None = None,
-        kv_type: str | None = None,
-    ) -> Engine:
-        """`parallel` requests are decoded together (default: the bundle's target's); `n_ctx` is the
-        context they share, as llama.cpp's server splits `-c` among `-np` slots (default: the
-        bundle's context for each). `speculative` decoding (default: the bundle's) runs one
-        request at a time; `kv_type` overrides the bundle's KV-cache type."""
-        return cls(Pipeline.load(bundle, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel,
-                                 speculative=speculative, kv_type=kv_type), max_queue=max_queue)
+    def load(cls, bundle: Path | str, options: RuntimeOptions | None = None, max_queue: int = 16) -> Engine:
+        """The bundle loaded with `options` (default: the bundle's own settings, its target's slots), its
+        requests decoded together in the slots, `max_queue` more waiting."""
+        return cls(Pipeline.load(bundle, options or RuntimeOptions(parallel=None)), max_queue=max_queue)
 
     @property
     def encoders(self) -> dict[str, Any]:

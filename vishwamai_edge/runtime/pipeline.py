@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BundleError, InputError
-from .backends import MIN_CTX, LLMBackend, load_backend
+from .backends import MIN_CTX, LLMBackend, SupportsAdapters, backend_class
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE
 from .encoder_registry import load_encoders
+from .manifest import AdapterEntry
+from .options import RuntimeOptions
 from .prompts import planner_for
 from .prompts.builder import PromptBuilder
-from .speculative import SpeculativeOptions, Speculator, resolve_options
+from .speculative import Speculator, resolve_options
 
 if TYPE_CHECKING:
     from .session import ChatSession
@@ -37,8 +39,7 @@ class Pipeline:
         self.llm = llm
         self.encoders: dict[str, Any] = encoders or {}
         self.speculative = speculative  # replies decode speculatively, one request at a time
-        manifest_template = bundle.llm.get("chat_template")
-        self.chat_template: str = manifest_template or llm.chat_template() or CHATML_TEMPLATE
+        self.chat_template: str = bundle.llm.chat_template or llm.chat_template() or CHATML_TEMPLATE
         # image digest -> encoder rows, audio digest -> transcript; most recent last
         self._encoded: OrderedDict[bytes, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -47,8 +48,8 @@ class Pipeline:
         self.audio_embeds = getattr(self.encoders.get("audio"), "mode", None) == "embeddings"
         self.audio_token_id: int | None = None
         if self.audio_embeds:
-            self.audio_token_id = (bundle.llm.get("audio_token") or {}).get("id")
-            if not isinstance(self.audio_token_id, int):
+            self.audio_token_id = bundle.llm.audio_token.id if bundle.llm.audio_token else None
+            if self.audio_token_id is None:
                 raise BundleError(f"bundle {bundle.root}: manifest llm.audio_token has no id, but encoders.audio "
                                   "gives embeddings")
         # templates written for image parts (LLaVA's) read text from part lists only
@@ -56,56 +57,39 @@ class Pipeline:
         self.prompts = PromptBuilder(self)
 
     @classmethod
-    def load(
-        cls,
-        path: Path | str,
-        n_ctx: int | None = None,
-        n_threads: int | None = None,
-        verify: bool = True,
-        parallel: int | None = 1,
-        speculative: SpeculativeOptions | None = None,
-        kv_type: str | None = None,
-    ) -> Pipeline:
-        """`parallel` sequences (None: the bundle's target's default) share a context of `n_ctx`
-        tokens, split evenly as llama.cpp's server splits `-c` among `-np` slots; without
-        `n_ctx` each gets the bundle's context. `speculative` (None: the bundle's
-        `runtime.speculative`, else off) decodes one request at a time. `kv_type` (f16, q8_0,
-        q4_0) overrides the bundle's KV-cache type (manifest runtime.kv_type, default f16)."""
-        bundle = Bundle.load(path, verify=verify)
-        backend = bundle.llm.get("backend", "llamacpp")
-        options: dict[str, Any] = {}
-        if speculative is None:
-            speculative = resolve_options(None, None, None, bundle.runtime_defaults.get("speculative"))
+    def load(cls, path: Path | str, options: RuntimeOptions | None = None) -> Pipeline:
+        """`options.parallel` sequences (None: the bundle's default, manifest runtime.parallel) share a
+        context of `options.n_ctx` tokens, split evenly as llama.cpp's server splits `-c` among `-np`
+        slots; without it each gets the bundle's context. Speculative decoding (None: the bundle's
+        runtime.speculative) decodes one request at a time. What the bundle's backend cannot honour is
+        refused before the model loads."""
+        options = options or RuntimeOptions()
+        bundle = Bundle.load(path, verify=options.verify)
+        defaults = bundle.runtime_defaults
+        backend = backend_class(bundle.llm.backend)
+        speculative = options.speculative or resolve_options(None, None, None, defaults.speculative)
+        parallel = options.parallel
         if speculative.enabled:
             if parallel not in (None, 1):
                 raise InputError(f"speculative decoding runs one request at a time: use --parallel 1, or "
                                  f"--speculative off to decode {parallel} together")
-            if backend != "llamacpp":
-                raise InputError(f"speculative decoding needs the llama.cpp backend, not {backend}; "
-                                 "use --speculative off")
-            if speculative.mode == "draft" and bundle.manifest.get("encoders"):
+            if speculative.mode == "draft" and bundle.manifest.encoders:
                 raise InputError("a draft model cannot read image or audio rows; use --speculative lookup "
                                  "with this bundle")
             parallel = 1
             if speculative.max_draft is None:
-                speculative = replace(speculative, max_draft=_target(bundle).draft_max)
+                speculative = replace(speculative, max_draft=defaults.draft_max)
         if parallel is None:
-            parallel = default_parallel(bundle) if backend == "llamacpp" else 1
-        per_slot = slot_context(n_ctx, parallel, int(bundle.runtime_defaults.get("n_ctx", 2048)))
-        if parallel != 1:
-            if backend != "llamacpp":
-                raise InputError(f"the {backend} backend runs one request at a time here; use --parallel 1")
-            options["n_seq"] = parallel
-        kv = kv_type or bundle.runtime_defaults.get("kv_type")
-        if backend == "llamacpp":
-            options["kv_type"] = kv
-        elif kv_type is not None:
-            raise InputError(f"--kv-type is a llama.cpp setting; the {backend} backend sets its cache at engine build")
-        llm = load_backend(backend, bundle.llm_path(), n_ctx=per_slot, n_threads=n_threads, **options)
+            parallel = defaults.parallel if backend.batched else 1
+        backend.check(parallel, options.kv_type, speculative.enabled)
+        per_slot = slot_context(options.n_ctx, parallel, defaults.n_ctx)
+        extra: dict[str, Any] = {"n_seq": parallel, "kv_type": options.kv_type or defaults.kv_type} \
+            if backend.batched else {}
+        llm = backend.load(bundle.llm_path(), n_ctx=per_slot, n_threads=options.n_threads, **extra)
         spec = None
         try:
-            spec = Speculator.load(speculative, llm, n_threads)
-            encoders = load_encoders(bundle, n_threads)
+            spec = Speculator.load(speculative, llm, options.n_threads)
+            encoders = load_encoders(bundle, options.n_threads)
             load_adapters(bundle, llm)
         except BaseException:
             if spec is not None:
@@ -115,10 +99,9 @@ class Pipeline:
         return cls(bundle, llm, encoders, spec)
 
     @property
-    def adapters(self) -> dict[str, dict[str, Any]]:
+    def adapters(self) -> dict[str, AdapterEntry]:
         """The bundle's LoRA adapters: name -> manifest entry (file, scale, check ...)."""
-        entries = self.bundle.manifest.get("adapters") or {}
-        return entries if hasattr(self.llm, "use_adapter") else {}
+        return dict(self.bundle.manifest.adapters) if isinstance(self.llm, SupportsAdapters) else {}
 
     def check_adapter(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
@@ -128,14 +111,13 @@ class Pipeline:
     def use_adapter(self, name: str | None) -> None:
         """Apply adapter `name` (None: the base alone) to what is generated next."""
         self.check_adapter(name)
-        if hasattr(self.llm, "use_adapter"):
-            scale = float(self.adapters[name].get("scale", 1.0)) if name else 1.0
-            self.llm.use_adapter(name, scale)
+        if isinstance(self.llm, SupportsAdapters):
+            self.llm.use_adapter(name, self.adapters[name].scale if name else 1.0)
 
     def session(self, **kwargs: Any) -> ChatSession:
         from .session import ChatSession
 
-        kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.get("system_prompt"))
+        kwargs.setdefault("system_prompt", self.bundle.runtime_defaults.system_prompt)
         return ChatSession(self, **kwargs)
 
     def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -201,20 +183,6 @@ class Pipeline:
         self.llm.close()
 
 
-def _target(bundle: Bundle):
-    """The bundle's target profile (targets.py); a bare GGUF gets laptop-cpu's."""
-    from ..targets import TARGETS
-
-    target = bundle.manifest.get("target") or {}
-    name = target.get("name") if isinstance(target, dict) else None
-    return TARGETS.get(name or "laptop-cpu", TARGETS["laptop-cpu"])
-
-
-def default_parallel(bundle: Bundle) -> int:
-    """The slots a bundle's target runs by default (targets.py); a bare GGUF gets laptop-cpu's."""
-    return _target(bundle).parallel
-
-
 def slot_context(n_ctx: int | None, parallel: int, default: int) -> int:
     """Each slot's context: `n_ctx` split among `parallel` slots, or `default` each without it."""
     if parallel < 1:
@@ -231,18 +199,11 @@ def slot_context(n_ctx: int | None, parallel: int, default: int) -> int:
 def load_adapters(bundle: Bundle, llm: LLMBackend) -> None:
     """The manifest's `adapters` section into the backend (off until a request names one). Each was
     built for this bundle's base weights; a manifest that says otherwise is refused."""
-    entries = bundle.manifest.get("adapters") or {}
-    if not entries:
-        return
-    if not isinstance(entries, dict):
-        raise BundleError(f"bundle {bundle.root}: manifest adapters must be a mapping")
-    if not hasattr(llm, "load_adapter"):
+    entries = bundle.manifest.adapters
+    if not entries or not isinstance(llm, SupportsAdapters):
         return  # a backend without run-time LoRA: the bundle serves its base (Pipeline.adapters is empty)
-    base = bundle.llm.get("weights_digest")
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or "file" not in entry:
-            raise BundleError(f"bundle {bundle.root}: manifest adapters.{name} has no file")
-        if entry.get("base_digest") != base:
+        if entry.base_digest != bundle.llm.weights_digest:
             raise BundleError(f"bundle {bundle.root}: adapter {name!r} was made for other base weights than the "
                               "bundle's model")
-        llm.load_adapter(name, bundle.file(entry["file"]))
+        llm.load_adapter(name, bundle.file(entry.file))

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import BundleError, InputError
-from .backends import SamplingParams, TokenSegment
+from .backends import SamplingParams, SupportsRollback, TokenSegment
 
 MODES = ("off", "lookup", "draft")
 DEFAULT_MAX_DRAFT = 8  # without a target's (targets.py draft_max)
@@ -287,7 +287,7 @@ class Speculator:
     def load(cls, options: SpeculativeOptions, target: Any, n_threads: int | None = None) -> Speculator | None:
         if not options.enabled:
             return None
-        if not hasattr(target, "rollback"):
+        if not isinstance(target, SupportsRollback):
             raise InputError("speculative decoding needs the llama.cpp backend; use --speculative off")
         if options.mode == "lookup":
             spec = cls(options, LookupDrafter(options.ngram_max, options.ngram_min))

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import ContextOverflowError, InputError, UserError
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, EngineBusyError, EngineClosedError, EngineFailedError, Message
+from ..runtime.manifest import RuntimeDefaults
 from ..runtime.media import (
     MediaBudget,
     Part,
@@ -151,7 +152,7 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     return req
 
 
-def to_chat_request(req: ChatCompletionRequest, defaults: dict[str, Any], budget: MediaBudget) -> ChatRequest:
+def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budget: MediaBudget) -> ChatRequest:
     """Decode every part (images and audio too, so bad data is a 400) within the request's media
     budget, which also refuses kinds the bundle cannot encode before decoding them; may block:
     run it off the event loop."""
@@ -160,7 +161,7 @@ def to_chat_request(req: ChatCompletionRequest, defaults: dict[str, Any], budget
         role = "system" if msg.role == "developer" else msg.role
         parts = tuple(_parts(msg.content, f"messages.{i}.content", budget))
         messages.append(Message(role, parts))
-    temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 0.0)
+    temperature = req.temperature if req.temperature is not None else defaults.temperature
     base = SamplingParams()
     sampling = SamplingParams(
         temperature=temperature,
@@ -173,7 +174,7 @@ def to_chat_request(req: ChatCompletionRequest, defaults: dict[str, Any], budget
     )
     return ChatRequest(
         messages=tuple(messages),
-        max_tokens=req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens", 256),
+        max_tokens=req.max_completion_tokens or req.max_tokens or defaults.max_tokens,
         sampling=sampling,
         stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
     )

@@ -7,27 +7,23 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError, require
-from ..web.listen import check_port_free, is_loopback
 from ..runtime.engine import Engine
-from ..runtime.speculative import SpeculativeOptions
+from ..runtime.options import RuntimeOptions
+from ..web.listen import check_port_free, is_loopback
 
 API_KEY_ENV = "VISHWAMAI_EDGE_API_KEY"
 
 
 def run_server(
     bundle: Path,
+    options: RuntimeOptions,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    n_ctx: int | None = None,
-    threads: int | None = None,
     max_queue: int = 16,
     max_request_mb: float = 20,
     with_ui: bool = False,
     max_file_mb: float = 10,
-    parallel: int | None = None,
-    speculative: SpeculativeOptions | None = None,
-    kv_type: str | None = None,
 ) -> None:
     from .app import create_app
 
@@ -39,8 +35,7 @@ def run_server(
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
-                         speculative=speculative, kv_type=kv_type)
+    engine = Engine.load(bundle, options, max_queue=max_queue)
     note = engine.pipeline.speculative.note if engine.pipeline.speculative is not None else None
     if note:
         print(f"note: {note}", file=sys.stderr)

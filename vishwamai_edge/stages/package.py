@@ -46,7 +46,9 @@ def stage_package(
                     "weights_digest": next((c["weights_digest"] for c in checks.values() if "weights_digest" in c),
                                            None)},
             "checks": {name: c["check"] for name, c in checks.items()},
-            "runtime": ctx.recipe.runtime.model_dump(),
+            # the recipe's settings and the target's slots and draft length: the device reads no target table
+            "runtime": {**ctx.recipe.runtime.model_dump(), "parallel": ctx.target.parallel,
+                        "draft_max": ctx.target.draft_max},
             "source": {"kind": ctx.recipe.source.kind,
                        "path": str(ctx.recipe.source.path) if ctx.recipe.source.path else None},
             "versions": _versions(),

@@ -21,7 +21,7 @@ from ..errors import InputError, UserError, require
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, Engine, Generation, Message, RequestStats
 from ..runtime.media import ImagePart, MediaBudget, Part, TextPart, audio_part, decode_data_url, image_part
-from ..runtime.speculative import SpeculativeOptions
+from ..runtime.options import RuntimeOptions
 from .guard import OfflineMiddleware, accept_uploads_only, is_uploaded
 
 DEFAULT_MAX_FILE_MB = 10
@@ -284,6 +284,7 @@ def build_ui(engine: Engine):
     # The annotations are strings here (postponed evaluation) naming a local: give gradio the class.
     respond.__annotations__["request"] = stop.__annotations__["request"] = gr.Request
 
+    takes = set(engine.pipeline.bundle.manifest.encoders)  # image, audio
     with gr.Blocks(title=f"vishwamai-edge · {engine.model_id}", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as blocks:
         gr.Markdown(f"### {engine.model_id}\nRuns on this machine; nothing leaves it.")
@@ -299,24 +300,26 @@ def build_ui(engine: Engine):
                     stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
                 stats = gr.Markdown("", elem_id="stats")
             with gr.Column(scale=2):
+                # only what the bundle takes (its manifest's encoders): a text-only bundle shows no upload
                 image = gr.Image(label="Image (optional)", type="filepath", sources=["upload", "clipboard"],
-                                 elem_id="image", height=180)
+                                 elem_id="image", height=180, visible="image" in takes)
                 _pass_uploads_through(image)
-                with gr.Accordion("…or draw one", open=False, visible="image" in engine.media_budget().accepts):
+                with gr.Accordion("…or draw one", open=False, visible="image" in takes):
                     sketch = gr.Sketchpad(elem_id="sketch", type="numpy", image_mode="RGBA", canvas_size=(224, 224),
                                           height=260, label="Drawing (sent when no image is uploaded)")
                 audio = gr.Audio(label="Audio (optional)", type="filepath", sources=["upload", "microphone"],
-                                 elem_id="audio", format=None)  # no conversion: our decoder checks it
+                                 elem_id="audio", format=None,  # no conversion: our decoder checks it
+                                 visible="audio" in takes)
                 # LoRA adapters the bundle carries: switching one costs no reload
                 adapter = gr.Dropdown([base_choice, *adapters], value=base_choice, label="adapter",
                                       elem_id="adapter", visible=bool(adapters), interactive=True)
                 with gr.Accordion("Settings", open=False):
-                    system = gr.Textbox(label="system prompt", value=defaults.get("system_prompt") or "", lines=2)
-                    temperature = gr.Slider(0.0, 2.0, value=float(defaults.get("temperature", 0.0)), step=0.05,
+                    system = gr.Textbox(label="system prompt", value=defaults.system_prompt or "", lines=2)
+                    temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
                                             label="temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
                     max_tokens = gr.Slider(1, max(16, engine.n_ctx // 2), step=1,
-                                           value=min(int(defaults.get("max_tokens", 256)), engine.n_ctx // 2),
+                                           value=min(defaults.max_tokens, engine.n_ctx // 2),
                                            label="max new tokens", elem_id="max-tokens")
                     seed = gr.Number(0, label="seed", precision=0)
                 clear = gr.Button("Clear conversation")
@@ -391,9 +394,7 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
                                    BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]})
 
 
-def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int | None, max_queue: int,
-           max_file_mb: float, parallel: int | None = None, speculative: SpeculativeOptions | None = None,
-           kv_type: str | None = None) -> None:
+def run_ui(bundle: Path, options: RuntimeOptions, host: str, port: int, max_queue: int, max_file_mb: float) -> None:
     from ..web.listen import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
@@ -401,8 +402,7 @@ def run_ui(bundle: Path, host: str, port: int, n_ctx: int | None, threads: int |
     if not is_loopback(host):
         print(f"warning: serving the chat page on {host}: anyone who can reach this port can use the model",
               file=sys.stderr)
-    engine = Engine.load(bundle, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue, parallel=parallel,
-                         speculative=speculative, kv_type=kv_type)
+    engine = Engine.load(bundle, options, max_queue=max_queue)
     if engine.pipeline.speculative is not None and engine.pipeline.speculative.note:
         print(f"note: {engine.pipeline.speculative.note}", file=sys.stderr)
     try:

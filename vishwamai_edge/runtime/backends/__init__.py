@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Union
+from pathlib import Path
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from ...errors import InputError, UserError
-
 
 MIN_CTX = 64  # smaller contexts are refused: llama.cpp aborts the process on some, and nothing useful fits
 
@@ -130,15 +130,47 @@ class LLMBackend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SupportsAdapters(Protocol):
+    """Run-time LoRA adapters, switched per request."""
+
+    def load_adapter(self, name: str, path: Path) -> None: ...
+
+    def use_adapter(self, name: str | None, scale: float = 1.0) -> None: ...
+
+
+@runtime_checkable
+class SupportsSlots(Protocol):
+    """Several sequences in one context, decoded together (runtime/slots.py)."""
+
+    n_seq: int
+
+
+@runtime_checkable
+class SupportsRollback(Protocol):
+    """The KV cache cut back to a length: speculative decoding drops rejected drafts."""
+
+    def rollback(self, keep: int, seq: int = 0) -> None: ...
+
+
+class BackendClass(Protocol):
+    """A backend's class: `check` refuses, before anything loads, run-time options it cannot honour."""
+
+    batched: bool  # whether it runs several slots (else one request at a time)
+
+    def check(self, parallel: int, kv_type: str | None, speculative: bool) -> None: ...
+
+    def load(self, path: Any, **options: Any) -> LLMBackend: ...
+
+
 BACKENDS: dict[str, str] = {
     "llamacpp": "vishwamai_edge.runtime.backends.llamacpp:LlamaCppBackend",
     "trtllm": "vishwamai_edge.runtime.backends.trtllm:TrtLlmBackend",
 }
 
 
-def load_backend(name: str, model_path: Any, **options: Any) -> LLMBackend:
+def backend_class(name: str) -> BackendClass:
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     module_name, cls_name = BACKENDS[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls.load(model_path, **options)
+    return getattr(importlib.import_module(module_name), cls_name)

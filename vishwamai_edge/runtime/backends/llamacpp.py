@@ -156,6 +156,12 @@ def default_threads() -> int:
 
 
 class LlamaCppBackend:
+    batched = True  # slots share one context (n_seq)
+
+    @classmethod
+    def check(cls, parallel: int, kv_type: str | None, speculative: bool) -> None:
+        """Every run-time option is a llama.cpp one; the values are checked where they are used."""
+
     def __init__(self, lib, model, ctx, path: Path, n_batch: int, n_seq: int = 1):
         self._lib = lib
         self._model = model

@@ -141,6 +141,17 @@ def _bytes_to_unicode() -> dict[str, int]:
 
 
 class TrtLlmBackend:
+    batched = False  # one request at a time here (the engine's in-flight batching is not driven)
+
+    @classmethod
+    def check(cls, parallel: int, kv_type: str | None, speculative: bool) -> None:
+        if speculative:
+            raise InputError("speculative decoding needs the llama.cpp backend, not trtllm; use --speculative off")
+        if parallel != 1:
+            raise InputError("the trtllm backend runs one request at a time here; use --parallel 1")
+        if kv_type is not None:
+            raise InputError("--kv-type is a llama.cpp setting; the trtllm backend sets its cache at engine build")
+
     def __init__(self, torch, runner, engine_dir: Path, engine_config: dict[str, Any], tokenizer, tok_dir: Path,
                  n_ctx: int, context_bytes: int = 0):
         pretrained = engine_config.get("pretrained_config", {})

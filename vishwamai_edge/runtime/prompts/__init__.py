@@ -11,43 +11,38 @@ from collections.abc import Callable
 from typing import Any
 
 from ...errors import BundleError
+from ..manifest import LLMSection, Placeholder
 from .base import IMAGE_SENTINEL, Prompt, PromptPlanner
 from .sliced import SlicedPlanner
 from .text import PlaceholderTextPlanner
 from .token import TokenPlanner
 
 # name -> planner, from the manifest's `llm` section and the loaded image encoder
-PLANNERS: dict[str, Callable[[dict[str, Any], Any], PromptPlanner]] = {
-    "token": lambda llm, encoder: TokenPlanner(_placeholder(llm).get("id")),
-    "text": lambda llm, encoder: PlaceholderTextPlanner(_placeholder(llm)["text"]),
-    "sliced": lambda llm, encoder: SlicedPlanner(_placeholder(llm)["text"], encoder),
+PLANNERS: dict[str, Callable[[LLMSection, Any], PromptPlanner]] = {
+    "token": lambda llm, encoder: TokenPlanner(_placeholder(llm).id),
+    "text": lambda llm, encoder: PlaceholderTextPlanner(_placeholder_text(llm)),
+    "sliced": lambda llm, encoder: SlicedPlanner(_placeholder_text(llm), encoder),
 }
 
 
-def planner_for(llm: dict[str, Any], image_encoder: Any) -> PromptPlanner:
+def planner_for(llm: LLMSection, image_encoder: Any) -> PromptPlanner:
     """The bundle's planner (no image encoder: plain text, images refused)."""
     if image_encoder is None:
         return TokenPlanner(None)
-    name = llm.get("prompt") or _older_bundle_planner(llm, image_encoder)
-    if name not in PLANNERS:
-        raise BundleError(f"manifest llm.prompt {name!r} is not a prompt planner this runtime has "
+    if llm.prompt not in PLANNERS:
+        raise BundleError(f"manifest llm.prompt {llm.prompt!r} is not a prompt planner this runtime has "
                           f"({', '.join(PLANNERS)}); update vishwamai-edge")
-    try:
-        return PLANNERS[name](llm, image_encoder)
-    except KeyError as exc:
-        raise BundleError(f"manifest llm.image_token has no {exc} for the {name!r} prompt planner") from None
+    return PLANNERS[llm.prompt](llm, image_encoder)
 
 
-def _older_bundle_planner(llm: dict[str, Any], image_encoder: Any) -> str:
-    """Bundles built before `llm.prompt` existed: what their image token and encoder imply."""
-    if getattr(image_encoder, "sliced", False):
-        return "sliced"
-    placeholder = _placeholder(llm)
-    return "text" if placeholder.get("text") and placeholder.get("id") is None else "token"
+def _placeholder(llm: LLMSection) -> Placeholder:
+    return llm.image_token or Placeholder()
 
 
-def _placeholder(llm: dict[str, Any]) -> dict[str, Any]:
-    return llm.get("image_token") or {}
+def _placeholder_text(llm: LLMSection) -> str:
+    if not _placeholder(llm).text:
+        raise BundleError(f"manifest llm.image_token has no text for the {llm.prompt!r} prompt planner")
+    return str(_placeholder(llm).text)
 
 
 __all__ = ["IMAGE_SENTINEL", "PLANNERS", "Prompt", "PromptPlanner", "planner_for"]
