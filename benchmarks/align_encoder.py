@@ -27,9 +27,9 @@ def main() -> None:
     from vishwamai_edge.export.onnx import export_vision
     from vishwamai_edge.runtime.encoders import VisionEncoder
     from vishwamai_edge.train.align import add_image_token
-    from vishwamai_edge.vlm.encoders import EfficientNetLite0
-    from vishwamai_edge.vlm.folder import load_aligned, write_aligned
-    from vishwamai_edge.vlm.projector import make_projector
+    from vishwamai_edge.train.encoders import EfficientNetLite0
+    from vishwamai_edge.train.aligned_folder import load_aligned, write_aligned
+    from vishwamai_edge.train.projector import make_projector
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -39,7 +39,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="align-encoder-"))
     # an aligned folder around a 1-layer LLM of SmolLM2's width: only its image side is timed
-    from vishwamai_edge.sources import embedded_hf_dir
+    from vishwamai_edge.sources.embedded import embedded_hf_dir
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_hf_dir())
     config = transformers.LlamaConfig(hidden_size=576, intermediate_size=64, num_hidden_layers=1,

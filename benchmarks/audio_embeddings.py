@@ -28,12 +28,12 @@ def main() -> None:
     from vishwamai_edge.export.onnx.audio import check_clips, export_audio
     from vishwamai_edge.runtime.audio import window_features
     from vishwamai_edge.runtime.encoders import AudioEmbeddingEncoder
-    from vishwamai_edge.sources import embedded_hf_dir, embedded_whisper_ct2
+    from vishwamai_edge.sources.embedded import embedded_hf_dir, embedded_whisper_ct2
+    from vishwamai_edge.sources.whisper_ct2 import whisper_hf_from_ctranslate2
     from vishwamai_edge.train.align import add_image_token
-    from vishwamai_edge.vlm.encoders import WhisperAudioEncoder
-    from vishwamai_edge.vlm.folder import load_aligned, write_aligned
-    from vishwamai_edge.vlm.projector import make_projector, stacked_tokens
-    from vishwamai_edge.whisper_source import whisper_hf_from_ctranslate2
+    from vishwamai_edge.train.encoders import WhisperAudioEncoder
+    from vishwamai_edge.train.aligned_folder import load_aligned, write_aligned
+    from vishwamai_edge.train.projector import make_projector, stacked_tokens
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)

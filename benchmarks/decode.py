@@ -61,7 +61,7 @@ def bench_transformers(args) -> dict:
     import torch
     import transformers
 
-    from vishwamai_edge.sources import embedded_hf_dir
+    from vishwamai_edge.sources.embedded import embedded_hf_dir
 
     torch.set_num_threads(args.threads)
     hf_dir = Path(args.hf_dir) if args.hf_dir else embedded_hf_dir()

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.model is None:
-        from vishwamai_edge.sources import embedded_gguf
+        from vishwamai_edge.sources.embedded import embedded_gguf
 
         args.model = embedded_gguf()
     shape = model_shape(args.model)

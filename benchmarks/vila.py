@@ -90,7 +90,7 @@ def real_shape_folder(out: Path) -> Path:
     import transformers as T
     from safetensors.torch import save_file
 
-    from vishwamai_edge.sources import embedded_hf_dir
+    from vishwamai_edge.sources.embedded import embedded_hf_dir
 
     tok_src = embedded_hf_dir()
     tok = T.AutoTokenizer.from_pretrained(tok_src)

@@ -19,9 +19,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from timing import timed
-from types import SimpleNamespace
 
 
 def vit_l_336_llava(layers: int):

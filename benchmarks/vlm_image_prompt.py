@@ -22,7 +22,7 @@ def assemble(out: Path) -> Path:
     import torch
     import transformers as T
 
-    from vishwamai_edge.sources import embedded_hf_dir
+    from vishwamai_edge.sources.embedded import embedded_hf_dir
 
     llm_dir = embedded_hf_dir()
     text = T.AutoConfig.from_pretrained(llm_dir)

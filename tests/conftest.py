@@ -98,7 +98,7 @@ def tiny_variant(tmp_path_factory, tokenizer_dirs):
 
 @pytest.fixture(scope="session")
 def embedded_hf_dir() -> Path:
-    from vishwamai_edge.sources import embedded_hf_dir as resolve
+    from vishwamai_edge.sources.embedded import embedded_hf_dir as resolve
 
     return resolve()
 

@@ -40,7 +40,6 @@ def random_minicpm_state(config: dict, seed: int = 0, prefix: str = "") -> dict:
 def build_tiny_minicpm(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
     """An HF folder of a random tiny MiniCPM LLM with the given (SentencePiece) tokenizer."""
     from safetensors.torch import save_file
-
     from tiny_models import vocab_size_of
 
     out.mkdir(parents=True, exist_ok=True)

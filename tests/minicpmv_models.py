@@ -98,10 +98,9 @@ def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0, side: i
     import json
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     import minicpm_models
     import tiny_models
+    from safetensors.torch import load_file, save_file
 
     out.mkdir(parents=True, exist_ok=True)
     llm = dict(hidden_size=RESAMPLER["embed_dim"], intermediate_size=384, num_attention_heads=4, num_key_value_heads=4)

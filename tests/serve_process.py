@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from in_thread_server import free_port
+
 
 @dataclass
 class LiveServer:

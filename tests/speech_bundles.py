@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import speech
 
 QUESTION = "What is the capital of France?"

@@ -78,7 +78,7 @@ def test_runtime_logits_equal_the_torch_composite(built):
     from vishwamai_edge.runtime.chat_template import render_chat
     from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline
-    from vishwamai_edge.vlm.folder import load_aligned, splice
+    from vishwamai_edge.train.aligned_folder import load_aligned, splice
 
     root, result = built
     aligned = load_aligned(root / "build/tiny-audio/finetune/aligned")

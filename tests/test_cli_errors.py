@@ -148,7 +148,7 @@ def test_a_build_that_cannot_fit_its_target_stops_before_any_work(tmp_path):
 
 
 def test_bad_kv_types_are_one_line_errors(tiny_gguf):
-    from vishwamai_edge.sources import embedded_gguf
+    from vishwamai_edge.sources.embedded import embedded_gguf
 
     gguf = str(embedded_gguf())
     for command in (["chat", gguf, "-p", "hi"], ["serve", gguf], ["ui", gguf], ["profile", gguf]):

@@ -13,12 +13,12 @@ from hub_standin import HubStandIn
 from rich.console import Console
 from test_cli_errors import assert_one_line_error
 
-from vishwamai_edge import sources
 from vishwamai_edge.build import build
 from vishwamai_edge.fsutil import sha256_file
 from vishwamai_edge.recipe import load_recipe
 from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
+from vishwamai_edge.sources import embedded as sources
 from vishwamai_edge.targets import get_target
 
 REPO = "tiny-org/tiny-llama"

@@ -7,20 +7,21 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_models
 import transformers
 from rich.console import Console
 from safetensors.numpy import load_file
 
-import tiny_models
-from vishwamai_edge import sources
-from vishwamai_edge.stages.context import BuildContext
-from vishwamai_edge.stages.source import stage_source
-from vishwamai_edge.stages.stamps import folder_fingerprint
 from vishwamai_edge.errors import SourceError
 from vishwamai_edge.export.gguf import base, convert_hf_to_gguf
 from vishwamai_edge.export.verify import TorchReference
 from vishwamai_edge.recipe import Recipe, SourceSpec
-from vishwamai_edge.sources import check_hf_dir, hf_dir_from_gguf
+from vishwamai_edge.sources import gguf as sources
+from vishwamai_edge.sources.folders import check_hf_dir
+from vishwamai_edge.sources.gguf import hf_dir_from_gguf
+from vishwamai_edge.stages.context import BuildContext
+from vishwamai_edge.stages.source import stage_source
+from vishwamai_edge.stages.stamps import folder_fingerprint
 from vishwamai_edge.targets import get_target
 
 

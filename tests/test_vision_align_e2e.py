@@ -63,8 +63,8 @@ def test_without_the_trained_projector_it_is_at_chance(vision_build, tmp_path):
 
     from vishwamai_edge.export.onnx import export_vision
     from vishwamai_edge.runtime.bundle import write_manifest
-    from vishwamai_edge.vlm.folder import load_aligned
-    from vishwamai_edge.vlm.projector import make_projector
+    from vishwamai_edge.train.aligned_folder import load_aligned
+    from vishwamai_edge.train.projector import make_projector
 
     root, result = vision_build
     aligned = tmp_path / "untrained"
@@ -95,7 +95,7 @@ def test_bundle_logits_equal_the_aligned_torch_model(vision_build, tmp_path):
     from vishwamai_edge.runtime.pipeline import Pipeline
     from vishwamai_edge.runtime.preprocess import preprocess
     from vishwamai_edge.train.shapes import ASK_COLOUR
-    from vishwamai_edge.vlm.folder import load_aligned, splice
+    from vishwamai_edge.train.aligned_folder import load_aligned, splice
 
     root, _ = vision_build
     recipe = vision_recipe()

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import speech
 import whisper_models
+
 from vishwamai_edge.errors import SourceError
-from vishwamai_edge.whisper_source import read_ct2_model, whisper_hf_from_ctranslate2
+from vishwamai_edge.sources.whisper_ct2 import read_ct2_model, whisper_hf_from_ctranslate2
 
 pytestmark = pytest.mark.slow
 

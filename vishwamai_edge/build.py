@@ -94,7 +94,7 @@ def build(
     out_dir = root / (target.name if quant == target.gguf_quant else f"{target.name}-{quant}")
     manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, parts, plan)
     if recipe.source.kind == "hub":  # the commit the weights came from
-        from .sources import finish_manifest
+        from .sources.as_is import finish_manifest
 
         manifest = finish_manifest(out_dir, root, recipe.source)
     console.print(f"[bold green]bundle ready:[/] {out_dir}")
@@ -102,7 +102,7 @@ def build(
 
 
 def _bundle_as_is(ctx: BuildContext, gguf: Path) -> BuildResult:
-    from .sources import check_as_is, finish_manifest
+    from .sources.as_is import check_as_is, finish_manifest
 
     with ctx.console.status(f"checking {gguf.name} with llama.cpp (bundled as is)"):
         gguf_quant, entry = check_as_is(gguf, ctx.recipe.export.verify.prompts, ctx.root, ctx.n_threads)

@@ -76,3 +76,9 @@ def require(module: str, extra: str):
         if exc.name and exc.name.split(".")[0] != module.split(".")[0]:
             raise  # the module exists but is broken: a real bug, show it
         raise MissingDependencyError(module, extra) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for a one-line message about a library's error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

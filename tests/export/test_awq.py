@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from vishwamai_edge.errors import ExportError
-from vishwamai_edge.export.imatrix import CALIBRATION_TEXT
 from vishwamai_edge.export.awq import (
     LINEARS,
     check_awq,
@@ -21,6 +20,7 @@ from vishwamai_edge.export.awq import (
     read_hf_awq,
     write_hf_awq,
 )
+from vishwamai_edge.export.imatrix import CALIBRATION_TEXT
 
 # Written from AutoAWQ 0.2.9 awq/utils/packing_utils.py (unpack_awq + reverse_awq_order), not from our packer.
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
@@ -104,7 +104,7 @@ def test_tiny_checkpoint_round_trip(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_awq():
-    from vishwamai_edge.sources import embedded_hf_dir
+    from vishwamai_edge.sources.embedded import embedded_hf_dir
 
     torch.set_num_threads(2)
     src = embedded_hf_dir()

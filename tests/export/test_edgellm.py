@@ -27,7 +27,7 @@ from vishwamai_edge.export.edgellm import (
     edgellm_python,
     export_edgellm,
 )
-from vishwamai_edge.sources import embedded_hf_dir
+from vishwamai_edge.sources.embedded import embedded_hf_dir
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from needs import missing
+
 from vishwamai_edge.errors import ExportError, UserError
 from vishwamai_edge.export.engine_plan import build_script, partial_dir, plan_engine, run_build
 from vishwamai_edge.memory_plan import ModelSize

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from minicpmv_models import TOWER, VISION_CONFIG_2_6, random_vision_state, vision_config
+
 from vishwamai_edge.errors import SourceError
 from vishwamai_edge.export.minicpmv_vision import load_vision, read_vision_layout
 from vishwamai_edge.runtime.minicpmv import sincos_2d

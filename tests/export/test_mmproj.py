@@ -228,6 +228,7 @@ def test_greedy_tokens_match_our_embedding_path(tmp_path, tokenizer_dirs):
     """libmtmd end to end (mtmd_helper_eval_chunks) vs our backend prefilled with torch's image
     features as an EmbeddingSegment, in the token layout this llama.cpp computes."""
     import llama_cpp.mtmd_cpp  # noqa: F401  (built with llama-cpp-python: a missing one is a broken install)
+
     from vishwamai_edge.runtime.backends import EmbeddingSegment, SamplingParams, TokenSegment
     from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
 

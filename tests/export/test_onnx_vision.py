@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from vision_models import LLM_HIDDEN, build_tiny_llava_vision
 
 from vishwamai_edge.errors import BundleError, ExportError, InputError, MissingDependencyError
-from vishwamai_edge.export.onnx import TOLERANCE, export_vision, supported_families
+from vishwamai_edge.export.onnx import TOLERANCE, export_vision
+from vishwamai_edge.train.encoders import hf_tower_types
 from vishwamai_edge.runtime.encoders import VisionEncoder
 from vishwamai_edge.runtime.onnx_session import choose_providers
 from vishwamai_edge.runtime.preprocess import ImageProcessorSpec, preprocess, rgb_array
@@ -197,7 +198,8 @@ def test_out_of_tolerance_is_refused_and_leaves_nothing(model_dir, tmp_path):
 
 
 def test_unsupported_inputs(model_dir, tmp_path, tiny_model):
-    assert supported_families() == ["clip", "siglip"]
+    # the one encoder registry's HF towers: what LLaVA folders and align both take
+    assert hf_tower_types() == ["clip", "clip_vision_model", "siglip", "siglip_vision_model"]
     with pytest.raises(ExportError, match="dtype"):
         export_vision(model_dir("clip"), tmp_path / "v.onnx", "bf16")
     with pytest.raises(ExportError, match="not LLaVA"):

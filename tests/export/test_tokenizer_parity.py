@@ -17,7 +17,7 @@ from vishwamai_edge.errors import quiet_transformers
 from vishwamai_edge.export.gguf import convert_hf_to_gguf
 from vishwamai_edge.export.verify import SentencePieceReference, chat_check_prompt
 from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
-from vishwamai_edge.sources import hf_dir_from_gguf
+from vishwamai_edge.sources.gguf import hf_dir_from_gguf
 
 TEXTS = [
     "Hello world",

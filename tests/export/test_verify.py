@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import gguf
 import pytest
-
 from tiny_models import GEMMA_TURN_MARKERS
+
 from vishwamai_edge.errors import quiet_transformers
 from vishwamai_edge.export.gguf import convert_hf_to_gguf
 from vishwamai_edge.export.verify import (
     CHAT_CHECK_MESSAGES,
     SentencePieceReference,
     TorchReference,
-    check_gguf,
     chat_check_prompt,
+    check_gguf,
 )
 from vishwamai_edge.recipe import DEFAULT_VERIFY_PROMPTS
 

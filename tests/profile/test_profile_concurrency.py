@@ -15,7 +15,7 @@ import pytest
 
 from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile.concurrency import CLIENTS
-from vishwamai_edge.sources import embedded_gguf
+from vishwamai_edge.sources.embedded import embedded_gguf
 
 pytestmark = pytest.mark.e2e
 DECODE = 8

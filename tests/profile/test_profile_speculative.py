@@ -9,7 +9,7 @@ from rich.console import Console
 from vishwamai_edge.profile import report as rpt
 from vishwamai_edge.profile import run_profile
 from vishwamai_edge.runtime.options import RuntimeOptions
-from vishwamai_edge.sources import embedded_gguf
+from vishwamai_edge.sources.embedded import embedded_gguf
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
 from vishwamai_edge.runtime.kv_cache import kv_type
 from vishwamai_edge.runtime.options import RuntimeOptions
 from vishwamai_edge.runtime.pipeline import Pipeline
-from vishwamai_edge.sources import embedded_gguf
+from vishwamai_edge.sources.embedded import embedded_gguf
 
 # Measured on SmolLM2-135M Q4_1 over QUALITY_PROMPTS (187 positions, logits spanning 55-70):
 # q8_0 at most 2.32 from f16, the top token the same at 96.3% of positions; q4_0 8.13 and 87.7%.

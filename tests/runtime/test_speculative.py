@@ -31,7 +31,7 @@ from vishwamai_edge.runtime.speculative import (
     exact_verify_rows,
     lookup,
 )
-from vishwamai_edge.sources import embedded_gguf
+from vishwamai_edge.sources.embedded import embedded_gguf
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ import types
 
 import numpy as np
 import pytest
-
 import tiny_models
+
 from vishwamai_edge.errors import ContextOverflowError, InputError, MissingDependencyError, UserError
 from vishwamai_edge.runtime.backends import Cancelled, EmbeddingSegment, SamplingParams, TokenSegment
 from vishwamai_edge.runtime.backends.trtllm import TrtLlmBackend, prompt_table

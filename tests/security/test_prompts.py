@@ -45,7 +45,7 @@ def prompt_tokens(target, text: str) -> int:
 def vocab():
     """The embedded model's tokenizer, to count what the injected text costs as plain text."""
     from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
-    from vishwamai_edge.sources import embedded_gguf
+    from vishwamai_edge.sources.embedded import embedded_gguf
 
     llm = LlamaCppBackend.load(embedded_gguf(), n_ctx=256, n_threads=1)
     yield llm

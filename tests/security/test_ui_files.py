@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-
 from security_targets import HF_TOKEN, chat
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ from vishwamai_edge.errors import InputError
 from vishwamai_edge.runtime.backends import SamplingParams
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
 from vishwamai_edge.runtime.options import RuntimeOptions
-from vishwamai_edge.sources import embedded_gguf
+from vishwamai_edge.sources.embedded import embedded_gguf
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from serve_process import start_server, stop_server
 
 from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
 from vishwamai_edge.runtime.options import RuntimeOptions
-from vishwamai_edge.sources import embedded_gguf
+from vishwamai_edge.sources.embedded import embedded_gguf
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,6 @@ import wave
 import httpx
 import numpy as np
 import pytest
-
 from vlm_bundles import in_process_answers, photo
 
 pytestmark = pytest.mark.e2e

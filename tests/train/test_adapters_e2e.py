@@ -19,7 +19,6 @@ from rich.console import Console
 
 from vishwamai_edge.build import build
 from vishwamai_edge.demo import FINETUNE_RECIPE, ask_once
-from vishwamai_edge.fsutil import sha256_file
 from vishwamai_edge.recipe import load_recipe
 from vishwamai_edge.targets import get_target
 

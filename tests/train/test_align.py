@@ -25,8 +25,8 @@ from vishwamai_edge.recipe import Recipe
 from vishwamai_edge.train import data as D
 from vishwamai_edge.train.align import ALIGNED, align
 from vishwamai_edge.train.shapes import COLOURS, HELD_OUT, KINDS, SHAPES, combinations, named, write_shapes
-from vishwamai_edge.vlm.folder import load_aligned, read_info
-from vishwamai_edge.vlm.projector import make_projector, pooling_matrix
+from vishwamai_edge.train.aligned_folder import load_aligned, read_info
+from vishwamai_edge.train.projector import make_projector, pooling_matrix
 
 QUIET = Console(stderr=True, quiet=True)
 CLI = [sys.executable, "-m", "vishwamai_edge.cli"]
@@ -122,6 +122,7 @@ def test_stage_one_against_the_quantized_llm(tiny_model, tmp_path):
     from vishwamai_edge.export.quantize import quantize_gguf
     from vishwamai_edge.runtime.backends import TokenSegment
     from vishwamai_edge.runtime.backends.llamacpp import LlamaCppBackend
+    from vishwamai_edge.stages.finetune import quantized_weights
     from vishwamai_edge.train.align import load_quantized_llm
 
     llm_dir = tiny_model("llama")
@@ -131,7 +132,9 @@ def test_stage_one_against_the_quantized_llm(tiny_model, tmp_path):
     r.path = tmp_path / "tiny-vlm.yaml"
 
     ids = list(range(3, 40))
-    quantized = load_quantized_llm(r, llm_dir, tmp_path / "q", QUIET, torch.float32).eval()
+    (tmp_path / "q").mkdir()
+    weights = quantized_weights(r, llm_dir, tmp_path / "q")
+    quantized = load_quantized_llm(llm_dir, weights(), torch.float32).eval()
     source = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     assert not list((tmp_path / "q").iterdir())  # its files are gone once it is loaded
     with torch.no_grad():
@@ -146,7 +149,7 @@ def test_stage_one_against_the_quantized_llm(tiny_model, tmp_path):
     to_quantized, to_source = np.abs(got - want_q).max(), np.abs(got - want_src).max()
     assert to_quantized < to_source / 4, (to_quantized, to_source)
 
-    result = align(r, llm_dir, tmp_path / "s1", "run", console=QUIET)
+    result = align(r, llm_dir, tmp_path / "s1", "run", console=QUIET, quantized_weights=weights)
     assert read_info(tmp_path / "s1" / ALIGNED)["training"]["quantized_llm"] == "q4_k_m"
     assert result.steps == 2
     tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s1" / ALIGNED / "llm").state_dict()
@@ -256,8 +259,8 @@ def test_stage_one_from_the_shared_prefix_cache_equals_the_whole_forward(tiny_mo
     whole sequence's (what the speed costs: nothing)."""
     from vishwamai_edge.train.align import AlignProcessor, _loss_sum, _prefix_for, add_image_token
     from vishwamai_edge.train.finetune import prepare_examples, read_records
-    from vishwamai_edge.vlm import encoders as E
-    from vishwamai_edge.vlm.folder import image_chat_template
+    from vishwamai_edge.train import encoders as E
+    from vishwamai_edge.train.aligned_folder import image_chat_template
 
     llm_dir = tiny_model(family)
     r = recipe(tmp_path, llm_dir)

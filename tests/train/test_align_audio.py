@@ -17,8 +17,9 @@ from vishwamai_edge.errors import UserError
 from vishwamai_edge.recipe import Recipe
 from vishwamai_edge.train import data as D
 from vishwamai_edge.train.align import ALIGNED, align
-from vishwamai_edge.vlm.folder import load_aligned, read_info
-from vishwamai_edge.vlm.projector import make_projector
+from vishwamai_edge.train.aligned_folder import load_aligned, read_info
+from vishwamai_edge.train.projector import make_projector
+
 STACK = 10  # 1500 Whisper frames -> 150 rows per clip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,3 +63,27 @@ def tensor_types(path: Path) -> dict[str, int]:
     for t in gguf.GGUFReader(path).tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def round_trip_state(hf_dir: Path, work_dir: Path, quant: str, outtype: str = "f16", name: str | None = None,
+                     tokenizer_pre: str | None = None) -> dict[str, Any]:
+    """An HF folder's weights as llama.cpp runs its `quant` GGUF (converted at `outtype`, quantized without an
+    imatrix, as the build will), dequantized back into a torch state dict. The files are made under
+    `work_dir` and removed: the same input gives the same weights, so a resumed run makes them again."""
+    import os
+    import shutil
+
+    from ..sources.gguf import dequantize_gguf
+    from .gguf import convert_hf_to_gguf
+
+    tmp = Path(work_dir) / f".quantized-llm.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        f16 = convert_hf_to_gguf(hf_dir, tmp / f"model-{outtype}.gguf", outtype, name=name,
+                                 tokenizer_pre=tokenizer_pre).path
+        quantize_gguf(f16, tmp / f"model-{quant}.gguf", quant)
+        f16.unlink()
+        return dequantize_gguf(tmp / f"model-{quant}.gguf")[0].state_dict()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError, require
-from ..pickles import load_tensors
+from ..sources.pickles import load_tensors
 from .awq import LINEARS, AwqResult, QuantizedLinear
 
 FILE_PATTERN = "*awq*.pt"

@@ -53,7 +53,7 @@ from typing import Any
 
 from ..errors import ExportError, SourceError, quiet_transformers, require
 from ..runtime.preprocess import ImageProcessorSpec, default_spec, spec_from_preprocessor_config
-from ..sources import is_vila
+from ..sources.folders import is_vila
 from .torch_state import load_exact, safetensors_state
 
 PROJECTOR_TYPES = ("mlp_downsample",)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..stages.context import BuildContext
 from ..stages.vision import stage_vision, vision_part
-from ..vlm.folder import is_aligned, read_info
+from ..train.aligned_folder import is_aligned, read_info
 from .base import FamilyBuild, config_size
 
 

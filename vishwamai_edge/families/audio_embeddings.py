@@ -10,7 +10,7 @@ from .. import __version__
 from ..fsutil import sha256_json
 from ..stages.context import BuildContext, BundlePart, encoder_providers
 from ..stages.stamps import folder_fingerprint, mark_done, up_to_date
-from ..vlm.folder import is_aligned, read_info
+from ..train.aligned_folder import is_aligned, read_info
 from .base import FamilyBuild, config_size
 
 
@@ -36,7 +36,7 @@ def stage_audio_embeddings(ctx: BuildContext, aligned: Path) -> BundlePart:
     embeddings), not through a transcript."""
     from ..export.llava import chat_template
     from ..export.onnx.audio import export_audio
-    from ..vlm.folder import read_info
+    from ..train.aligned_folder import read_info
 
     dtype = ctx.recipe.export.audio.dtype
     out = ctx.root / "export" / f"audio-{dtype}.onnx"

@@ -39,7 +39,13 @@ def stage_minicpmv(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path]:
     size (checked against our torch reference) with the tower's position table beside it, the slicing
     settings and marker texts in the manifest; its `llm.*` tensors as a plain HF folder (MiniCPM or
     Qwen2) for the GGUF export. Returns the vision part and the LLM folder."""
-    from ..export.minicpmv import chat_template, export_vision, manifest_entry, read_minicpmv, write_llm_folder
+    from ..export.minicpmv import (
+        chat_template,
+        export_vision,
+        manifest_entry,
+        read_minicpmv,
+        write_llm_folder,
+    )
     from ..runtime.minicpmv import IMAGE_MARKER
 
     layout = read_minicpmv(root)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import __version__
 from ..fsutil import atomic_dir, sha256_json
-from ..sources import is_vila
+from ..sources.folders import is_vila
 from ..stages.context import BuildContext, BundlePart
 from ..stages.source import stage_dequantize_awq
 from ..stages.stamps import folder_fingerprint, mark_done, up_to_date
@@ -42,7 +42,14 @@ def stage_vila(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path, Path | 
     LLM (VILA *-AWQ) becomes our AWQ GEMM folder, codes and scales unchanged, and is dequantized
     for the GGUF export. Returns the vision part, the LLM folder and the AWQ folder (or None)."""
     from ..export.tinychat import find_checkpoint, write_awq_folder
-    from ..export.vila import IMAGE_TEXT, VICUNA_V1_TEMPLATE, check_llm, read_vila, with_template, write_llm_folder
+    from ..export.vila import (
+        IMAGE_TEXT,
+        VICUNA_V1_TEMPLATE,
+        check_llm,
+        read_vila,
+        with_template,
+        write_llm_folder,
+    )
 
     layout = read_vila(root)
     check_llm(layout)

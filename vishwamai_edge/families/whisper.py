@@ -51,8 +51,9 @@ def stage_speech(ctx: BuildContext) -> BundlePart:
 
 def _speech_source(ctx: BuildContext) -> Path:
     """The recipe's Whisper as an HF folder: a CTranslate2 checkpoint (the embedded tiny.en) is converted once."""
-    from ..sources import check_hf_dir, embedded_whisper_ct2
-    from ..whisper_source import whisper_hf_from_ctranslate2
+    from ..sources.embedded import embedded_whisper_ct2
+    from ..sources.folders import check_hf_dir
+    from ..sources.whisper_ct2 import whisper_hf_from_ctranslate2
 
     spec = ctx.recipe.speech
     assert spec is not None

@@ -24,12 +24,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, UserError
-from ..runtime.media import audio_part
-
 from ..runtime.engine import Engine, Generation
-from .auth import APIKeyMiddleware
+from ..runtime.media import audio_part
 from ..web.hosts import HostCheckMiddleware, allowed_hosts
 from ..web.limits import BodyLimitMiddleware
+from .auth import APIKeyMiddleware
 from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")

@@ -11,7 +11,6 @@ from ..fsutil import sha256_json
 from .context import BuildContext, BundlePart, folder_part
 from .stamps import folder_fingerprint, mark_done, up_to_date
 
-
 ENGINE_ARCHITECTURES = ("LlamaForCausalLM",)  # what the AWQ quantizer and the TensorRT-LLM writer carry
 
 

@@ -4,7 +4,9 @@ into its base; `vishwamai-edge finetune` runs them alone, with the same folders 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -36,7 +38,7 @@ def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) 
 
 
 def stage_align(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
-    """`method: align`: frozen encoder + trained projector (+ LoRA) -> finetune/aligned/ (vlm/folder.py)."""
+    """`method: align`: frozen encoder + trained projector (+ LoRA) -> finetune/aligned/ (train/aligned_folder.py)."""
     from ..train.align import ALIGNED, align
     from ..train.finetune import run_fingerprint
 
@@ -45,9 +47,21 @@ def stage_align(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> 
     inputs = run_fingerprint(ctx.recipe, [__version__, "align", folder_fingerprint(hf_dir)], folder)
     if up_to_date(ctx, out, inputs, "aligned") is not None:
         return out
-    result = align(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    result = align(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console,
+                   quantized_weights=quantized_weights(ctx.recipe, hf_dir, folder))
     mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
     return out
+
+
+def quantized_weights(recipe: Recipe, hf_dir: Path, work_dir: Path) -> Callable[[], dict[str, Any]]:
+    """The LLM's weights as the bundle's quantization (finetune.align.quantized_llm) leaves them, made when
+    align asks: converted as the build converts, quantized by llama.cpp, dequantized back."""
+    from ..export.quantize import round_trip_state
+
+    spec = recipe.finetune
+    quant = spec.align.quantized_llm if spec is not None and spec.align is not None else None
+    gguf = recipe.export.gguf
+    return lambda: round_trip_state(hf_dir, work_dir, str(quant), gguf.outtype, recipe.name, gguf.tokenizer_pre)
 
 
 

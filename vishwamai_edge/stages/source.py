@@ -14,23 +14,26 @@ from .stamps import folder_fingerprint, mark_done, up_to_date
 
 def stage_source(ctx: BuildContext) -> Path:
     """Resolve the recipe's source to an HF folder (with source.use_as_is: to the GGUF file itself)."""
-    from .. import sources
+    from ..sources.embedded import embedded_hf_dir
+    from ..sources.folders import check_hf_dir
+    from ..sources.gguf import hf_dir_from_gguf
+    from ..sources.hub import hub_source
 
     spec = ctx.recipe.source
     if spec.kind == "embedded":
         with ctx.console.status("materialising the embedded model (once)"):
-            return sources.embedded_hf_dir()
+            return embedded_hf_dir()
     if spec.kind == "hub":  # huggingface_hub shows its own progress bars
-        return sources.hub_source(spec, ctx.root)
+        return hub_source(spec, ctx.root)
     if spec.path is None:
         raise SourceError(f"{ctx.recipe.path}: source.path: required for source kind {spec.kind!r}")
     path = ctx.recipe.resolve(spec.path)
     if spec.kind == "hf":
-        return sources.check_hf_dir(path)
+        return check_hf_dir(path)
     if spec.use_as_is:
         return check_gguf_file(path)
     with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
-        return sources.hf_dir_from_gguf(path, ctx.root / "source")
+        return hf_dir_from_gguf(path, ctx.root / "source")
 
 
 

@@ -13,7 +13,7 @@ and sees no augmentation, so each image is encoded once, before training.
 
 Steps, data order, checkpoints and resume work as in `finetune.py` (the examples and random
 draws of step s are a function of (seed, s)), so an interrupted run resumed from its latest
-checkpoint ends at the same weights. The result is an aligned folder (vlm/folder.py).
+checkpoint ends at the same weights. The result is an aligned folder (train/aligned_folder.py).
 
 With an audio encoder (`encoder.kind: whisper`) the parts are audio files instead
 (`{"type": "audio", "audio": "clip.wav"}`, each at most one 30 s window), the placeholder is
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -41,9 +40,9 @@ from ..recipe import FinetuneSpec, Recipe
 from ..runtime.audio import window_features
 from ..runtime.chat_template import CHATML_TEMPLATE, render_chat
 from ..runtime.preprocess import preprocess
-from ..vlm import encoders as E
-from ..vlm.folder import image_chat_template, load_projector_weights, splice, write_aligned
-from ..vlm.projector import make_projector, stacked_tokens
+from . import encoders as E
+from .aligned_folder import image_chat_template, load_projector_weights, splice, write_aligned
+from .projector import make_projector, stacked_tokens
 from . import data as D
 from .finetune import (
     CHECKPOINTS,
@@ -62,7 +61,7 @@ from .finetune import (
     total_steps,
 )
 from .lora import FinetuneError, training_dtype
-from .targets import resolve_target_modules
+from .lora_targets import resolve_target_modules
 
 ALIGNED = "aligned"
 FEATURES = "encoder_features"  # the example's frozen-encoder outputs, in its placeholder order
@@ -139,41 +138,25 @@ def resize_embeddings(llm: Any, rows: int) -> None:
             out.weight[old:] = out.weight[:old].mean(0)
 
 
-def load_quantized_llm(recipe: Recipe, hf_dir: Path, out_dir: Path, console: Console, dtype: Any) -> Any:
-    """The LLM as the bundle runs it (finetune.align.quantized_llm): converted to GGUF, quantized by
-    llama.cpp as the build will (no imatrix), and dequantized back into torch. The files are removed
-    once it is loaded: the same input gives the same weights, so a resumed run makes them again."""
-    from ..export.gguf import convert_hf_to_gguf
-    from ..export.quantize import quantize_gguf
-    from ..sources import dequantize_gguf
+QuantizedWeights = Callable[[], dict[str, Any]]  # the LLM's state as the bundle's quantization leaves it
 
+
+def load_quantized_llm(hf_dir: Path, state: dict[str, Any], dtype: Any) -> Any:
+    """The LLM as the bundle runs it (finetune.align.quantized_llm): the source's config (a GGUF does not carry
+    all of it, e.g. Llama 3's RoPE scaling) with `state`, the weights back from llama.cpp's quantization
+    (stages/finetune.py makes them: export/quantize.py's `round_trip_state`)."""
     transformers = quiet_transformers()
-    gguf = recipe.export.gguf
-    quant = _spec(recipe).align.quantized_llm
-    tmp = Path(out_dir) / f".quantized-llm.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     try:
-        with console.status(f"quantizing the LLM to {quant} with llama.cpp, to train against it"):
-            f16 = convert_hf_to_gguf(hf_dir, tmp / f"model-{gguf.outtype}.gguf", gguf.outtype, name=recipe.name,
-                                     tokenizer_pre=gguf.tokenizer_pre).path
-            quantize_gguf(f16, tmp / f"model-{quant}.gguf", quant)
-            f16.unlink()
-            state = dequantize_gguf(tmp / f"model-{quant}.gguf")[0].state_dict()
-        # the source's config (a GGUF does not carry all of it, e.g. Llama 3's RoPE scaling), the GGUF's weights
-        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-        try:
-            got = llm.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-        except RuntimeError as exc:  # a shape that changed on the way through GGUF
-            raise FinetuneError(f"{hf_dir}: its {quant} round trip does not fit the model: "
-                                f"{str(exc).splitlines()[-1].strip()}") from None
-        tied = {"lm_head.weight"} if llm.config.tie_word_embeddings else set()
-        lost = sorted(set(got.missing_keys) - tied) + sorted(got.unexpected_keys)
-        if lost:
-            raise FinetuneError(f"{hf_dir}: its {quant} round trip does not fit the model: {', '.join(lost)}")
-        return llm
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        got = llm.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    except RuntimeError as exc:  # a shape that changed on the way through GGUF
+        raise FinetuneError(f"{hf_dir}: its quantized round trip does not fit the model: "
+                            f"{str(exc).splitlines()[-1].strip()}") from None
+    tied = {"lm_head.weight"} if llm.config.tie_word_embeddings else set()
+    lost = sorted(set(got.missing_keys) - tied) + sorted(got.unexpected_keys)
+    if lost:
+        raise FinetuneError(f"{hf_dir}: its quantized round trip does not fit the model: {', '.join(lost)}")
+    return llm
 
 
 def _core(llm: Any) -> Any:
@@ -310,8 +293,10 @@ def align(
     resume: bool | None = None,
     console: Console | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    quantized_weights: QuantizedWeights | None = None,
 ) -> TrainResult:
-    """Stage 1 (+ stage 2) on `recipe.finetune`; write `out_dir/aligned`. `resume` as in `finetune`."""
+    """Stage 1 (+ stage 2) on `recipe.finetune`; write `out_dir/aligned`. `resume` as in `finetune`.
+    `quantized_weights`: the LLM's weights to train against when the recipe sets quantized_llm."""
     torch = require("torch", "train")
     transformers = quiet_transformers()
     peft = require("peft", "train")
@@ -348,7 +333,12 @@ def align(
         encoder.module.to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     if a.quantized_llm:
-        llm = load_quantized_llm(recipe, hf_dir, out_dir, console, dtype).to(device)
+        if quantized_weights is None:
+            raise FinetuneError(f"{recipe.path}: finetune.align.quantized_llm: run align through `build` or "
+                                "`finetune`, which quantize the LLM to train against")
+        with console.status(f"quantizing the LLM to {a.quantized_llm} with llama.cpp, to train against it"):
+            weights = quantized_weights()
+        llm = load_quantized_llm(hf_dir, weights, dtype).to(device)
     else:
         llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
     with console.status(f"encoding the {'audio' if a.encoder.kind == 'whisper' else 'images'}"):

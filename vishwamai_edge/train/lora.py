@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import RecipeError, UserError, peft_on_transformers, quiet_transformers, require
 from ..recipe import FinetuneSpec
-from .targets import is_vision_language, projector_name, resolve_target_modules
+from .lora_targets import is_vision_language, projector_name, resolve_target_modules
 
 
 class FinetuneError(UserError):

@@ -62,7 +62,7 @@ def merge_adapter(
     transformers = quiet_transformers()
     peft = require("peft", "train")
     from ..recipe import DEFAULT_VERIFY_PROMPTS
-    from ..sources import check_hf_dir
+    from ..sources.folders import check_hf_dir
 
     console = console or Console(stderr=True)
     adapter_dir = Path(adapter_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ...errors import ExportError
 from ...fsutil import atomic_file
-from ...sources import check_hf_dir
+from ...sources.folders import check_hf_dir
 from . import gemma, llama, minicpm, qwen2  # noqa: F401  (registers the converters)
 from .base import OUTTYPES, converter_for, supported_architectures, write_gguf
 from .vocab import add_vocab

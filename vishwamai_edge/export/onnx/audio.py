@@ -59,7 +59,7 @@ def export_audio(folder: Path | str, out_path: Path | str, dtype: str = "fp32", 
     nothing is left at `out_path` then."""
     torch = require("torch", "build")
     from ...fsutil import atomic_file
-    from ...vlm.folder import is_aligned, load_aligned
+    from ...train.aligned_folder import is_aligned, load_aligned
 
     if dtype not in DTYPES:
         raise ExportError(f"unknown audio export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

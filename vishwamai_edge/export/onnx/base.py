@@ -1,10 +1,9 @@
-"""Vision tower + projector -> one ONNX graph: the family registry, the graph, its check.
+"""Vision tower + projector -> one ONNX graph: the graph, its check.
 
-A family registers a small `VisionFamily` subclass (`@register("clip")`) that says
-which vision towers it covers and how its pixels are prepared; the graph itself is
-shared: hidden state(s) of the chosen layer(s), CLS dropped or kept as the LLaVA
-config says, then the projector, exactly as transformers 5's
-`LlavaModel.get_image_features` computes them (tests check it against that method).
+The tower's family (CLIP, SigLIP: which towers, how their pixels are prepared) comes from the one encoder
+registry, train/encoders.py; the graph is shared: hidden state(s) of the chosen layer(s), CLS dropped or kept
+as the LLaVA config says, then the projector, exactly as transformers 5's `LlavaModel.get_image_features`
+computes them (tests check it against that method).
 
 Graph contract (what `runtime.encoders.VisionEncoder` relies on):
   input  `pixel_values` float32 (batch, 3, H, W), batch dynamic, H and W fixed
@@ -16,52 +15,36 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from ...errors import ExportError, quiet_transformers, require
 from ...runtime.encoders import INPUT, OUTPUT
-from ...runtime.preprocess import ImageProcessorSpec, spec_from_preprocessor_config
+from ...runtime.preprocess import ImageProcessorSpec, default_spec, spec_from_preprocessor_config
 
-_REGISTRY: dict[str, type[VisionFamily]] = {}
+def family_for(config: Any) -> LlavaVision:
+    """The vision side of a LLaVA config, its tower found in the one encoder registry (train/encoders.py)."""
+    from ...train.encoders import hf_tower_class, hf_tower_types
 
-
-def register(name: str):
-    def wrap(cls: type[VisionFamily]) -> type[VisionFamily]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def supported_families() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def family_for(config: Any) -> VisionFamily:
-    """The family whose towers include this LLaVA config's vision_config."""
     model_type = getattr(config.vision_config, "model_type", None)
-    for cls in _REGISTRY.values():
-        if model_type in cls.model_types:
-            return cls(config)
-    known = sorted(t for c in _REGISTRY.values() for t in c.model_types)
-    raise ExportError(f"vision tower {model_type!r} has no ONNX exporter; supported: {', '.join(known)}")
+    tower = hf_tower_class(model_type)
+    if tower is None:
+        raise ExportError(f"vision tower {model_type!r} has no ONNX exporter; supported: "
+                          f"{', '.join(hf_tower_types())}")
+    return LlavaVision(config, tower.name, tower.processor_kind)
 
 
-class VisionFamily:
-    """One encoder family; subclasses override only what differs."""
+class LlavaVision:
+    """A LLaVA config's vision side: the tower's family, the feature layer(s) and the token selection."""
 
-    name: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]  # vision_config.model_type values covered
-    has_cls: ClassVar[bool]
-
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, name: str, processor_kind: str):
         self.config = config
+        self.name = name
+        self.processor_kind = processor_kind
         self.vision = config.vision_config
         self.layers: int | list[int] = config.vision_feature_layer
         self.strategy: str = config.vision_feature_select_strategy
@@ -77,7 +60,7 @@ class VisionFamily:
 
     def default_spec(self) -> ImageProcessorSpec:
         """Preprocessing when the model comes without a preprocessor_config.json."""
-        raise NotImplementedError
+        return default_spec(self.processor_kind, self.image_size)
 
     def graph(self, tower: Any, projector: Any) -> Any:
         return _tower_and_projector(tower, projector, self.layers, drop_first=self.strategy == "default")
@@ -293,9 +276,9 @@ class VisionGraph:
 
 
 def vision_graph(source: Path | str | Any) -> VisionGraph:
-    """A LLaVA folder or model, an aligned folder (`align`'s output, vlm/folder.py) or a VILA folder."""
-    from ...vlm.folder import is_aligned, load_aligned
-    from ...sources import is_vila
+    """A LLaVA folder or model, an aligned folder (`align`'s output, train/aligned_folder.py) or a VILA folder."""
+    from ...sources.folders import is_vila
+    from ...train.aligned_folder import is_aligned, load_aligned
     from ..vila import load_vila_vision
 
     if isinstance(source, (str, Path)) and is_vila(Path(source)):

@@ -24,8 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SourceError, require
-from .fsutil import write_json
+from ..errors import SourceError, first_line, require
+from ..fsutil import write_json
+from .folders import check_hf_dir
 
 LOCK_FILE = "source-hub.json"
 
@@ -131,11 +132,11 @@ def hub_error(exc: BaseException, repo: str, revision: str) -> BaseException:
     if isinstance(exc, (httpx2.TransportError, e.FileMetadataError)) or (
         isinstance(exc, OSError) and "Consistency check failed" in str(exc)
     ):
-        return SourceError(f"download of {where} was interrupted ({_one_line(exc)}); rerun the build to resume "
+        return SourceError(f"download of {where} was interrupted ({first_line(exc)}); rerun the build to resume "
                            "(finished files are kept)")
     if isinstance(exc, e.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
-        return SourceError(f"the Hub answered HTTP {status} for {where}: {_one_line(exc)}")
+        return SourceError(f"the Hub answered HTTP {status} for {where}: {first_line(exc)}")
     return exc
 
 
@@ -173,7 +174,7 @@ def _listed_files(snap: HubSnapshot) -> list[str]:
 
 def pickles_to_safetensors(src: Path, out_dir: Path) -> Path:
     """torch pickles (weights only) -> an HF folder with the same tensors in safetensors, once per commit."""
-    from .fsutil import atomic_dir, copy_hf_dir
+    from ..fsutil import atomic_dir, copy_hf_dir
 
     stamp = out_dir / ".from-snapshot"
     if stamp.is_file() and stamp.read_text() == str(src):
@@ -244,6 +245,9 @@ def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return text[0] if text else type(exc).__name__
+def hub_source(spec, root: Path) -> Path:
+    """A `kind: hub` source: the HF folder (or, with use_as_is, the GGUF file) from the Hub cache."""
+    snap = download(spec.repo, spec.revision, spec.files, spec.allow_pickle, lock_dir=root)
+    if spec.use_as_is:
+        return link_out(select_gguf(snap, spec.files), root / "source")
+    return check_hf_dir(check_snapshot(snap, spec.allow_pickle, root))

@@ -78,7 +78,7 @@ def splice(embeds: Any, input_ids: Any, rows: Any, image_id: int) -> Any:
 class Aligned:
     folder: Path
     info: dict[str, Any]
-    encoder: Any  # vlm.encoders.EncoderFamily
+    encoder: Any  # train.encoders.EncoderFamily
     projector: Any
 
     @property

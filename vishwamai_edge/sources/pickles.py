@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError, require
+from ..errors import SourceError, require
 
 
 def load_tensors(path: Path, mmap: bool = False) -> dict[str, Any]:

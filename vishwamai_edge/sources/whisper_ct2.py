@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SourceError, require
-from .fsutil import atomic_dir
+from ..errors import SourceError, require
+from ..fsutil import atomic_dir
 
 WHISPER_SPEC = "WhisperSpec"
 MAX_BINARY_VERSION = 6  # ctranslate2 4.x: CURRENT_BINARY_VERSION in specs/model_spec.py

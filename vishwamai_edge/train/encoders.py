@@ -14,7 +14,7 @@ The encoder stays frozen. Families:
   dropped (as LLaVA does).
 - `whisper` (audio): the encoder of an HF Whisper folder; Whisper's log-mel of one 30 s window
   (batch, n_mels, 3000) in, its last hidden state (batch, 1500, d_model) out, one frame per 20 ms,
-  seen as a (1500 x 1) grid that the projector stacks (vlm/projector.py).
+  seen as a (1500 x 1) grid that the projector stacks (train/projector.py).
 
 In an aligned folder the encoder lives in `encoder/`: `model.safetensors`, and for the HF
 families the tower's `config.json`; `vlm.json` names the family (vlm/folder.py).
@@ -170,7 +170,7 @@ class EfficientNetLite0(ImageEncoderFamily):
 
     @classmethod
     def pretrained(cls) -> EfficientNetLite0:
-        from ..pickles import load_tensors
+        from ..sources.pickles import load_tensors
 
         state = load_tensors(efficientnet_lite0_weights())
         return cls(_efficientnet_module(state, cls.BLOCKS), cls.GRID, cls.DIM, cls.IMAGE, cls.spec(),
@@ -237,6 +237,15 @@ class _HFTower(ImageEncoderFamily):
         tower = cls.from_folder(folder, int(info["feature_layer"]))
         tower.spec = _spec_of(info, tower.spec)
         return tower
+
+
+def hf_tower_class(model_type: str | None) -> type[_HFTower] | None:
+    """The HF vision tower family whose config `model_type` (the tower's own, or LLaVA's vision_config's) this is."""
+    return next((c for c in _REGISTRY.values() if issubclass(c, _HFTower) and model_type in c.model_types), None)
+
+
+def hf_tower_types() -> list[str]:
+    return sorted(t for c in _REGISTRY.values() if issubclass(c, _HFTower) for t in c.model_types)
 
 
 @register("clip")
@@ -323,12 +332,11 @@ def load_pretrained(kind: str, path: Path | None, feature_layer: int = -2) -> En
             raise SourceError(f"finetune.align.encoder.path: {folder} holds a {model_type!r} model; encoder kind "
                               "whisper takes an HF Whisper folder")
         return WhisperAudioEncoder.from_folder(folder)
-    for cls in _REGISTRY.values():
-        if issubclass(cls, _HFTower) and model_type in cls.model_types:
-            return cls.from_folder(folder, feature_layer)
-    known = sorted(t for c in _REGISTRY.values() if issubclass(c, _HFTower) for t in c.model_types)
+    tower = hf_tower_class(model_type)
+    if tower is not None:
+        return tower.from_folder(folder, feature_layer)
     raise SourceError(f"finetune.align.encoder.path: {folder} holds a {model_type!r} model; align takes the vision "
-                      f"towers {', '.join(known)} (kind hf) or efficientnet-lite0")
+                      f"towers {', '.join(hf_tower_types())} (kind hf) or efficientnet-lite0")
 
 
 def load_saved(folder: Path, info: dict[str, Any]) -> EncoderFamily:

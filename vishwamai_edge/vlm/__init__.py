@@ -1,1 +1,0 @@
-"""Vision-language models made here: pretrained encoders, projectors, the aligned folder."""
