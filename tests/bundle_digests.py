@@ -130,7 +130,7 @@ def main(sources_dir: Path, out: Path) -> None:
             result = build(recipe, get_target(target), out / label, quant=quant, n_threads=2,
                            console=Console(stderr=True, quiet=True))
             done.write_text(str(result.bundle))
-        bundle = Path(done.read_text())
+        bundle = Path(done.read_text().strip())
         listing[label] = {str(p.relative_to(bundle)): sha256(p) for p in sorted(bundle.rglob("*"))
                           if p.is_file() and p.name != "manifest.json"}
     json.dump(listing, sys.stdout, indent=1, sort_keys=True)

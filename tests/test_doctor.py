@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vishwamai_edge import doctor
+from vishwamai_edge import doctor, jetson
 from vishwamai_edge.targets import TARGETS
 
 JETSON_DATA = Path(__file__).parent / "data" / "jetson"
@@ -69,9 +69,9 @@ def test_super_flash_gets_a_power_mode_note():
     ],
 )
 def test_l4t_release_and_jetpack(line, l4t, jetpack):
-    assert doctor.parse_l4t_release(line) == l4t
+    assert jetson.parse_l4t_release(line) == l4t
     if l4t != "unknown":
-        assert doctor.jetpack_for_l4t(l4t) == jetpack
+        assert jetson.jetpack_for_l4t(l4t) == jetpack
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_sku_decides_the_module(tmp_path, compatible, part, target):
 
 
 def test_every_module_maps_to_a_real_target():
-    for part, module in doctor.JETSON_MODULES.items():
+    for part, module in jetson.JETSON_MODULES.items():
         assert module.target in TARGETS, part
         assert TARGETS[module.target].jetson
         # A module never gets a profile that assumes more memory than it has.
