@@ -6,13 +6,16 @@
 `embeddings.position_embedding`, `encoder.layers.N.{self_attn.q_proj,...,layer_norm1,mlp.fc1}`,
 `post_layernorm`) with `vision_config` in config.json; both: `resampler.{query, kv_proj, attn.*,
 ln_q, ln_kv, ln_post, proj}` and, in 2.0 only, `resampler.pos_embed`.
-Tiny sizes: tower 144 wide (2 heads of 72, so400m's head size), 3 layers, patch 14, a 4 x 4
-position table (56 px); resampler 256 wide (2 heads of 128), 8 queries.
+Tiny sizes: tower 144 wide (2.0: 16 heads of 9, so400m's head count, which the exporter takes from
+config.json's `vision_encoder` as timm does, not from the width; 2.6: 2 heads of 72 from its vision_config),
+3 layers, patch 14, a 4 x 4 position table (56 px); resampler 256 wide (2 heads of 128), 8 queries.
 """
 
 from __future__ import annotations
 
 TOWER = dict(width=144, layers=3, mlp=192, patch=14, side=4)
+SO400M = "vit_so400m_patch14_siglip_384.webli"  # MiniCPM-V 2.0's config.json `vision_encoder`
+SO400M_HEADS = 16  # timm's vit_so400m_patch14_siglip_384
 RESAMPLER = dict(embed_dim=256, queries=8)
 VISION_CONFIG_2_6 = {"hidden_size": 144, "image_size": 56, "intermediate_size": 192, "model_type": "siglip",
                      "num_attention_heads": 2, "num_hidden_layers": 3, "patch_size": 14}
@@ -68,14 +71,14 @@ def random_vision_state(variant: str, seed: int = 0, side: int | None = None) ->
 
 def vision_config(variant: str, side: int | None = None) -> dict:
     if variant != "2.6":
-        return {}
+        return {"vision_encoder": SO400M}
     return {"vision_config": {**VISION_CONFIG_2_6, "image_size": (side or TOWER["side"]) * TOWER["patch"]}}
 
 
 # the multimodal keys as the published config.json files carry them
 MULTIMODAL_2_0 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "query_num": RESAMPLER["queries"],
                   "image_size": 448, "patch_size": 14, "drop_vision_last_layer": True,
-                  "vision_encoder": "vit_so400m_patch14_siglip_384.webli", "slice_mode": True, "max_slice_nums": 9,
+                  "vision_encoder": SO400M, "slice_mode": True, "max_slice_nums": 9,
                   "scale_resolution": 448, "mm_use_im_start_end": True}
 MULTIMODAL_2_6 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "version": 2.6,
                   "query_num": RESAMPLER["queries"], "image_size": 448, "patch_size": 14,

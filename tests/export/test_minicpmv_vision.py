@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from minicpmv_models import TOWER, VISION_CONFIG_2_6, random_vision_state, vision_config
+from minicpmv_models import SO400M_HEADS, TOWER, VISION_CONFIG_2_6, random_vision_state, vision_config
 
 from vishwamai_edge.errors import SourceError
 from vishwamai_edge.export.minicpmv_vision import load_vision, read_vision_layout
@@ -24,12 +24,15 @@ from vishwamai_edge.runtime.minicpmv_slices import navit_position_ids, resample_
 WHERE = Path("ckpt")
 
 
-def hf_siglip(state: dict, variant: str):
-    """transformers' SiglipVisionModel with the checkpoint's tower tensors (timm names mapped onto HF's)."""
+def hf_siglip(state: dict, variant: str, hidden_act: str | None = None):
+    """transformers' SiglipVisionModel with the checkpoint's tower tensors (timm names mapped onto HF's). For
+    2.0 it computes what timm 0.9.10's so400m computes: 16 heads and the exact erf GELU (timm's nn.GELU)."""
     import transformers
 
-    cfg = transformers.SiglipVisionConfig(**{k: v for k, v in VISION_CONFIG_2_6.items() if k != "model_type"},
-                                          layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+    timm = {"num_attention_heads": SO400M_HEADS, "hidden_act": "gelu"} if variant == "2.0" else {}
+    cfg = transformers.SiglipVisionConfig(**{**{k: v for k, v in VISION_CONFIG_2_6.items() if k != "model_type"},
+                                             "hidden_act": "gelu_pytorch_tanh", **timm,
+                                             **({"hidden_act": hidden_act} if hidden_act else {})}, layer_norm_eps=1e-6)
     model = transformers.SiglipVisionModel(cfg).eval()
     if variant == "2.6":
         mapped = {k[4:]: v for k, v in state.items() if k.startswith("vpm.")}
@@ -58,7 +61,8 @@ def hf_siglip(state: dict, variant: str):
 def test_tower_matches_transformers_siglip(variant):
     state = random_vision_state(variant)
     module, layout = load_vision(state, vision_config(variant), WHERE)
-    assert layout.variant == variant and layout.n_layers == 3 and layout.n_heads == 2
+    assert layout.variant == variant and layout.n_layers == 3
+    assert layout.n_heads == (SO400M_HEADS if variant == "2.0" else 2)
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = module.vpm(pixels, module.vpm.positions(4, 4))
@@ -128,6 +132,34 @@ def test_missing_resampler_tensors():
     state = {k: v for k, v in random_vision_state("2.6").items() if not k.startswith("resampler.")}
     with pytest.raises(SourceError, match=r"ckpt: the checkpoint has no resampler tensors resampler\.query"):
         read_vision_layout(state, vision_config("2.6"), WHERE)
+
+
+def test_a_2_0_tower_takes_its_heads_from_its_timm_name():
+    state = random_vision_state("2.0")
+    for name in ("vit_so400m_patch14_siglip_384", "vit_so400m_patch14_siglip_384.webli"):
+        assert read_vision_layout(state, {"vision_encoder": name}, WHERE).n_heads == 16
+    with pytest.raises(SourceError, match=r"ckpt/config.json: vision_encoder 'vit_base_patch16_224' is not a tower"):
+        read_vision_layout(state, {"vision_encoder": "vit_base_patch16_224"}, WHERE)
+    with pytest.raises(SourceError, match=r"vision_encoder None is not a tower|vision_encoder '' is not a tower"):
+        read_vision_layout(state, {}, WHERE)
+    w = state["vpm.patch_embed.proj.weight"]  # 100 wide: 16 heads cannot split it
+    narrow = {**state, "vpm.patch_embed.proj.weight": w[:100]}
+    with pytest.raises(SourceError, match="100 wide, which 16 heads"):
+        read_vision_layout(narrow, vision_config("2.0"), WHERE)
+
+
+def test_the_2_0_activation_is_timms_erf_gelu():
+    """Against the tanh GELU the rows move by about 1e-4 of their largest value: the check can tell."""
+    state = random_vision_state("2.0")
+    module, _ = load_vision(state, vision_config("2.0"), WHERE)
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = module.vpm(pixels, module.vpm.positions(4, 4))
+        erf = hf_siglip(state, "2.0")(pixel_values=pixels).last_hidden_state
+        tanh = hf_siglip(state, "2.0", hidden_act="gelu_pytorch_tanh")(pixel_values=pixels).last_hidden_state
+    scale = float(erf.abs().max())
+    assert float((ours - erf).abs().max()) < 1e-5 * scale
+    assert float((ours - tanh).abs().max()) > 1e-5 * scale
 
 
 def test_missing_vision_config_heads():

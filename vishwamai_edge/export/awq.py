@@ -160,9 +160,10 @@ def _load(hf_dir: Path):
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ExportError(f"AWQ export supports {', '.join(SUPPORTED_ARCHITECTURES)} only, not {arch} ({hf_dir})")
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                              trust_remote_code=False)
     model.eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     return model, tokenizer, config
 
 

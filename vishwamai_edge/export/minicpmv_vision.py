@@ -7,13 +7,15 @@ string alone:
   dynamic_img_size=True), attn_pool dropped, `blocks[:-1]` when drop_vision_last_layer, so the
   checkpoint stores 26 of 27 blocks); features are timm's `forward_features`: patch_embed conv,
   + pos_embed (1, 27*27, C) resampled to the slice's patch grid (timm `resample_abs_pos_embed`:
-  bicubic, antialias, only when the grid differs), the blocks (pre-norm, fused qkv, GELU tanh,
-  LayerNorm eps 1e-6), then `vpm.norm`. timm's so400m has 16 heads of 72: heads = width // 72.
+  bicubic, antialias, only when the grid differs), the blocks (pre-norm, fused qkv, exact erf GELU:
+  timm 0.9.10, which OpenBMB's code pins, builds so400m with nn.GELU; LayerNorm eps 1e-6), then
+  `vpm.norm`. The head count is the tower's, by the name in config.json's `vision_encoder`, as timm
+  and llama.cpp's converter take it (so400m: 16), never worked out from the width.
 - MiniCPM-V 2.6 (`vpm.embeddings...`, `vpm.encoder.layers.N...`): the NaViT-style
-  SiglipVisionTransformer (modeling_navit_siglip.py): HF SigLIP's layers and names, sizes from
-  config.vision_config, but position ids bucketised from the slice's patch grid onto the
-  (image_size / patch)^2 table: bucketize(arange(0, 1 - 1e-6, 1 / n), arange(1 / N, 1, 1 / N),
-  right=True) per axis; then `post_layernorm`. (Its `reshape_by_patch` pixel layout is a plain
+  SiglipVisionTransformer (modeling_navit_siglip.py): HF SigLIP's layers and names (GELU tanh, its
+  `gelu_pytorch_tanh`), sizes from config.vision_config, but position ids bucketised from the slice's
+  patch grid onto the (image_size / patch)^2 table: bucketize(arange(0, 1 - 1e-6, 1 / n),
+  arange(1 / N, 1, 1 / N), right=True) per axis; then `post_layernorm`. (Its `reshape_by_patch` pixel layout is a plain
   patch conv in row-major patch order, so the reference takes the image itself.)
 - The resampler (resampler.py of each revision): kv_proj (Linear without bias, or none when the
   widths agree), ln_kv, then torch's nn.MultiheadAttention with heads = embed_dim // 128:
@@ -39,7 +41,8 @@ from .torch_state import load_exact
 # kv_proj is absent when the tower and the LLM are equally wide
 RESAMPLER_TENSORS = ("query", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
                      "attn.out_proj.bias", "ln_q.weight", "ln_kv.weight", "ln_post.weight", "proj")
-SO400M_HEAD_DIM = 72  # timm vit_so400m_patch14_siglip_*: 1152 wide, 16 heads
+# MiniCPM-V 2.0's `vision_encoder` (a timm model name, tag after the dot) -> its attention heads
+TIMM_TOWER_HEADS = {"vit_so400m_patch14_siglip_384": 16}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class VisionLayout:
     width: int  # the tower's width
     n_layers: int  # stored blocks (all are run)
     n_heads: int
+    gelu: str  # "none" (exact erf: timm's nn.GELU, 2.0) or "tanh" (HF SigLIP's gelu_pytorch_tanh, 2.6)
     patch: int
     pos_side: int  # the position table is pos_side x pos_side
     embed_dim: int  # the resampler's (= the LLM's) width
@@ -66,9 +70,9 @@ def read_vision_layout(state: dict[str, Any], config: dict[str, Any], where: Pat
         variant, prefix = "2.0", "vpm.blocks."
         width, _, patch, _ = state["vpm.patch_embed.proj.weight"].shape
         pos_side = math.isqrt(int(state["vpm.pos_embed"].shape[1]))
-        n_heads = int(width) // SO400M_HEAD_DIM
         if "resampler.pos_embed" not in state:
             raise SourceError(f"{where}: a timm-style (MiniCPM-V 2.0) tower needs resampler.pos_embed")
+        n_heads, gelu = timm_tower_heads(config, int(width), where), "none"
     elif "vpm.embeddings.patch_embedding.weight" in state:
         variant, prefix = "2.6", "vpm.encoder.layers."
         width, _, patch, _ = state["vpm.embeddings.patch_embedding.weight"].shape
@@ -76,14 +80,27 @@ def read_vision_layout(state: dict[str, Any], config: dict[str, Any], where: Pat
         vision = config.get("vision_config") or {}
         if "num_attention_heads" not in vision:
             raise SourceError(f"{where}/config.json: a NaViT SigLIP tower needs vision_config.num_attention_heads")
-        n_heads = int(vision["num_attention_heads"])
+        n_heads, gelu = int(vision["num_attention_heads"]), "tanh"
     else:
         raise SourceError(f"{where}: no vision tower tensors (vpm.patch_embed.* or vpm.embeddings.*)")
     n_layers = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
     if embed_dim // 128 < 1:
         raise SourceError(f"{where}: resampler width {embed_dim} is under 128 (heads = width // 128)")
-    return VisionLayout(variant, int(width), n_layers, n_heads, int(patch), pos_side, embed_dim, n_queries,
-                        "resampler.kv_proj.weight" in state)
+    return VisionLayout(variant, int(width), n_layers, n_heads, gelu, int(patch), pos_side, embed_dim,
+                        n_queries, "resampler.kv_proj.weight" in state)
+
+
+def timm_tower_heads(config: dict[str, Any], width: int, where: Path) -> int:
+    """MiniCPM-V 2.0's head count, from the timm model its config.json names."""
+    name = str(config.get("vision_encoder") or "")
+    heads = TIMM_TOWER_HEADS.get(name.split(".")[0])
+    if heads is None:
+        raise SourceError(f"{where}/config.json: vision_encoder {name!r} is not a tower this exporter knows "
+                          f"(known: {', '.join(TIMM_TOWER_HEADS)})")
+    if width % heads:
+        raise SourceError(f"{where}: the tower is {width} wide, which {heads} heads "
+                          f"(vision_encoder {name!r}) do not divide")
+    return heads
 
 
 def make_vision(layout: VisionLayout, mlp: int) -> Any:
@@ -92,13 +109,13 @@ def make_vision(layout: VisionLayout, mlp: int) -> Any:
     nn, F = torch.nn, torch.nn.functional
     C, heads = layout.width, layout.n_heads
 
-    class Mlp(nn.Module):  # the same in both towers: fc1, GELU (tanh), fc2
+    class Mlp(nn.Module):  # fc1, GELU (the tower's own: erf in 2.0, tanh in 2.6), fc2
         def __init__(self, mlp: int):
             super().__init__()
             self.fc1, self.fc2 = nn.Linear(C, mlp), nn.Linear(mlp, C)
 
         def forward(self, x):
-            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+            return self.fc2(F.gelu(self.fc1(x), approximate=layout.gelu))
 
     def attend(q, k, v, out_proj, b: int, t: int):
         return out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, C))

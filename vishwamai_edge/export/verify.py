@@ -156,10 +156,11 @@ class TorchReference:
         torch = require("torch", "build")
         transformers = quiet_transformers()
         self.torch = torch
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
         model = own_reference(hf_dir)
         if model is None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+            model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                              trust_remote_code=False)
         self.model = model
         self.model.eval()
         self.tokenizer_kind = tokenizer_kind(hf_dir)

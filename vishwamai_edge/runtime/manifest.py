@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 SCHEMA_VERSION = 2
 READS = (1, 2)  # the schemas this runtime loads (1 through `migrate`)
@@ -19,6 +19,13 @@ READS = (1, 2)  # the schemas this runtime loads (1 through `migrate`)
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_serializer(mode="wrap")
+    def _absent_stays_absent(self, handler: Any) -> dict[str, Any]:
+        # an optional field the writer left out is not written as null or empty (a LLaVA bundle without an
+        # mmproj has no `mmproj` key, a bundle without adapters no `adapters`); one it set is written as it was
+        data = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set or v not in (None, {}, [])}
 
 
 class FileEntry(Section):

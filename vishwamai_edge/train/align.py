@@ -146,7 +146,7 @@ def load_quantized_llm(hf_dir: Path, state: dict[str, Any], dtype: Any) -> Any:
     all of it, e.g. Llama 3's RoPE scaling) with `state`, the weights back from llama.cpp's quantization
     (stages/finetune.py makes them: export/quantize.py's `round_trip_state`)."""
     transformers = quiet_transformers()
-    llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, trust_remote_code=False)
     try:
         got = llm.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     except RuntimeError as exc:  # a shape that changed on the way through GGUF
@@ -331,7 +331,7 @@ def align(
     with console.status("loading the encoder and the tokenizer"):
         encoder = E.load_pretrained(a.encoder.kind, encoder_path, a.encoder.feature_layer)
         encoder.module.to(device)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     if a.quantized_llm:
         if quantized_weights is None:
             raise FinetuneError(f"{recipe.path}: finetune.align.quantized_llm: run align through `build` or "
@@ -340,7 +340,8 @@ def align(
             weights = quantized_weights()
         llm = load_quantized_llm(hf_dir, weights, dtype).to(device)
     else:
-        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
+        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype,
+                                                                trust_remote_code=False).to(device)
     with console.status(f"encoding the {'audio' if a.encoder.kind == 'whisper' else 'images'}"):
         for p in llm.parameters():
             p.requires_grad_(False)
@@ -476,7 +477,7 @@ def align(
     if merge is not None:
         llm = merge.pop("model")
     if a.quantized_llm:  # the folder carries the source's own weights: the build quantizes them as above
-        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        llm = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, trust_remote_code=False)
         if new_token:
             resize_embeddings(llm, len(tokenizer))
     result = TrainResult(

@@ -71,7 +71,7 @@ def load_for_training(hf_dir: Path, spec: FinetuneSpec, device, where: str) -> L
     transformers = quiet_transformers()
     peft = require("peft", "train")
 
-    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    config = transformers.AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     dtype = training_dtype(spec, device.type)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if spec.method == "qlora":
@@ -113,8 +113,9 @@ def load_for_training(hf_dir: Path, spec: FinetuneSpec, device, where: str) -> L
             if p.requires_grad:
                 p.data = p.data.float()
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    processor = transformers.AutoProcessor.from_pretrained(hf_dir) if is_vision_language(config) else None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    processor = (transformers.AutoProcessor.from_pretrained(hf_dir, trust_remote_code=False)
+                 if is_vision_language(config) else None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(model, tokenizer, processor, targets, dtype)

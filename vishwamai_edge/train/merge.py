@@ -70,12 +70,12 @@ def merge_adapter(
     prompts = prompts or list(DEFAULT_VERIFY_PROMPTS)
     method = _adapter_method(adapter_dir)
 
-    config = transformers.AutoConfig.from_pretrained(base_dir)
+    config = transformers.AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     saved = _saved_dtype(config, torch)
     cuda = torch.cuda.is_available()
     merge_dtype = saved if cuda and saved != torch.float32 else torch.float32
     device = "cuda" if cuda else "cpu"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
 
     with console.status(f"merging {adapter_dir.name} into {base_dir.name} ({_name(merge_dtype)})"):
         base = model_class(config).from_pretrained(base_dir, dtype=merge_dtype).to(device)

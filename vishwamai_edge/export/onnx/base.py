@@ -121,7 +121,7 @@ def load_vision_source(source: Path | str | Any) -> VisionSource:
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"{hf_dir} is not a model folder (no config.json)")
     transformers = quiet_transformers()
-    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    config = transformers.AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     if getattr(config, "model_type", None) != "llava":
         raise ExportError(f"{hf_dir}: model type {config.model_type!r} is not LLaVA; the vision export reads "
                           f"LlavaForConditionalGeneration folders")

@@ -223,7 +223,7 @@ def load_whisper_source(source: Path | str | Any) -> tuple[Any, dict[str, Any], 
         hf_dir = Path(source)
         if not (hf_dir / "config.json").is_file():
             raise ExportError(f"{hf_dir} is not a model folder (no config.json)")
-        config = transformers.AutoConfig.from_pretrained(hf_dir)
+        config = transformers.AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
         if getattr(config, "model_type", None) != "whisper":
             raise ExportError(f"{hf_dir}: model type {config.model_type!r} is not Whisper")
         model = transformers.WhisperForConditionalGeneration.from_pretrained(
