@@ -85,6 +85,16 @@ MULTIMODAL_2_6 = {"architectures": ["MiniCPMV"], "model_type": "minicpmv", "vers
                   "drop_vision_last_layer": False, "batch_vision_input": True, "slice_mode": True,
                   "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
                   "use_image_id": True, "vision_config": VISION_CONFIG_2_6}
+# openbmb/MiniCPM-V-2 tokenizer_config.json (revision b996e5b), the keys that do not name token ids: its
+# tokenizer is modeling_minicpmv.py's LlamaTokenizerWrapper (a slow LlamaTokenizer), reached by `auto_map`
+TOKENIZER_CONFIG_2_0 = {
+    "add_bos_token": True, "add_eos_token": False,
+    "auto_map": {"AutoTokenizer": ["modeling_minicpmv.LlamaTokenizerWrapper", None]},
+    "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": True,
+    "model_max_length": 1000000000000000019884624838656, "pad_token": "<unk>", "padding_side": "right",
+    "sp_model_kwargs": {}, "spaces_between_special_tokens": False, "tokenizer_class": "LlamaTokenizerWrapper",
+    "truncation_side": "right", "unk_token": "<unk>", "use_default_system_prompt": False,
+}
 # openbmb/MiniCPM-V-2_6 preprocessor_config.json's slicing and marker keys (MiniCPMVImageProcessor)
 PREPROCESSOR_2_6 = {"image_processor_type": "MiniCPMVImageProcessor", "auto_map": {
                         "AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
@@ -126,4 +136,7 @@ def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0, side: i
     for f in tokenizer_dir.iterdir():
         if f.name not in skip:
             shutil.copy2(f, out / f.name)
+    if variant == "2.0":  # the published tokenizer_config.json's keys: OpenBMB's class, by remote code
+        path = out / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG_2_0}, indent=2))
     return out

@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    # stdin closed: a build must never wait for an answer (transformers asks before running a model's own code)
     return subprocess.run([sys.executable, "-m", "vishwamai_edge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def build_recipe(recipe: Path, src: Path, out: Path, *overrides: str, quant: str | None = None,

@@ -119,6 +119,43 @@ def test_runtime_logits_equal_transformers_on_non_square_images(llava15, f32_bun
     assert max(diffs) < TOLERANCE["f32"], diffs
 
 
+# user turns (text, images shown first) with the assistant's answers between them: images in a later turn too
+CONVERSATIONS = {
+    "two turns": ([("Describe it.", 1), ("And this one?", 1)], ["A red square."]),
+    "three turns": ([("What is it?", 1), ("Is it big?", 0), ("Compare them.", 2)], ["A blue circle.", "No."]),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_multi_turn_prompts_tokenize_and_answer_as_transformers(llava15, f32_bundle, name):
+    """The prompt tokenized as transformers tokenizes it for LLaVA (its processor's tokenizer: tokenizer.json,
+    whose normalizer, not the `legacy: false` beside it, marks the text after `<image>`), every turn."""
+    from vishwamai_edge.runtime.options import RuntimeOptions
+    from vishwamai_edge.runtime.pipeline import Pipeline
+
+    questions, answers = CONVERSATIONS[name]
+    images = [photo(40 + 9 * i, 50, i) for i, (_, n) in enumerate(questions) for _ in range(n)]
+    messages, k = [], 0
+    for i, (question, n) in enumerate(questions):
+        parts = [{"type": "image", "pixels": images[k + j]} for j in range(n)]
+        k += n
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
+    reference = Reference(llava15)
+    text = reference.tokenizer.apply_chat_template(hf_messages(messages), add_generation_prompt=True,
+                                                   tokenize=False)
+    pipeline = Pipeline.load(f32_bundle, RuntimeOptions(n_threads=2))
+    try:
+        assert pipeline.session().prompt(messages).tokens == reference.tokenizer(text)["input_ids"]
+        want = reference.last_logits(hf_messages(messages), images, N_TOKENS)
+        got = runtime_logits(pipeline, messages)
+    finally:
+        pipeline.close()
+    assert got.argmax() == want.argmax()
+    assert float(np.abs(got - want).max()) < TOLERANCE["f32"]
+
+
 def _direct_answer(bundle: Path, img: np.ndarray, max_tokens: int = 12) -> str:
     from vishwamai_edge.runtime.options import RuntimeOptions
     from vishwamai_edge.runtime.pipeline import Pipeline

@@ -269,6 +269,25 @@ def test_unknown_version(tiny_minicpmv, tmp_path):
     _one_line_error(build("2.6", broken, tmp_path / "b", *F32, expect=2), "version 9.5", "not supported", "2.0", "2.6")
 
 
+def test_the_2_0_folder_with_auto_map_builds_without_remote_code(built):
+    """The published tokenizer_config.json names OpenBMB's tokenizer by `auto_map` (remote code). The build,
+    stdin closed, ran without asking; the LLM folder it made names transformers' own class instead."""
+    src, _, llm = built("2.0")
+    assert json.loads((src / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizerWrapper"
+    split = json.loads((llm / "tokenizer_config.json").read_text())
+    assert "auto_map" not in split and split["tokenizer_class"] == "LlamaTokenizer" and split["legacy"] is True
+
+
+def test_an_unknown_2_0_tower_is_one_line(tiny_minicpmv, tmp_path):
+    broken = tmp_path / "MiniCPM-V-2"
+    shutil.copytree(tiny_minicpmv("2.0"), broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vision_encoder"] = "vit_giant_patch14_dinov2"
+    (broken / "config.json").write_text(json.dumps(config))
+    _one_line_error(build("2.0", broken, tmp_path / "b", *F32, expect=2), "vision_encoder",
+                    "vit_giant_patch14_dinov2", "not a tower")
+
+
 def test_fp16_vision_refused(tiny_minicpmv, tmp_path):
     _one_line_error(build("2.0", tiny_minicpmv("2.0"), tmp_path, *F32, "export.vision.dtype=fp16", expect=2),
                     "export.vision.dtype", "fp32")

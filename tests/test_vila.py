@@ -27,6 +27,7 @@ from vila_models import (
     pack_tinychat_v2,
     tinychat_truth,
     tinychat_weight,
+    vila_conversation,
     vila_prompt,
 )
 
@@ -197,6 +198,46 @@ def test_laptop_bundle_logits_equal_the_reference_composite(vila, f32_bundle):
     rel = runtime_vs_reference(f32_bundle, VilaReference(vila))
     print("runtime vs torch composite, max |Δlogit| / max |logit| per image:", rel)
     assert max(rel) < REL_TOLERANCE
+
+
+# (question, images) per user turn, with the assistant's answers between them: images in the first and a later turn
+CONVERSATIONS = {
+    "two turns": ([("Describe it.", 1), ("And this one?", 1)], ["A red square."]),
+    "three turns": ([("What is it?", 1), ("Is it big?", 0), ("Compare it with this.", 1)],
+                    ["A blue circle.", "No, small."]),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_multi_turn_prompts_tokenize_and_answer_as_vila_does(vila, f32_bundle, name):
+    """Text after `</s>` starts without the word-start mark in VILA's tokenizer (legacy=False) and in the
+    bundle (manifest llm.space_after_special false); llama.cpp alone would put one there."""
+    from test_vlm_e2e import runtime_logits
+
+    from vishwamai_edge.runtime.options import RuntimeOptions
+    from vishwamai_edge.runtime.pipeline import Pipeline
+
+    questions, answers = CONVERSATIONS[name]
+    images = [photo(50 + 10 * i, 70, i) for i, (_, n) in enumerate(questions) for _ in range(n)]
+    messages, k = [], 0
+    for i, (question, n) in enumerate(questions):
+        parts = [{"type": "image", "pixels": images[k + j]} for j in range(n)]
+        k += n
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    reference = VilaReference(vila)
+    prompt = vila_conversation(questions, answers)
+    pipeline = Pipeline.load(f32_bundle, RuntimeOptions(n_threads=2))
+    try:
+        assert pipeline.bundle.llm.space_after_special is False
+        assert pipeline.session().prompt(messages).tokens == reference.ids(prompt)
+        want = reference.last_logits(prompt, images)
+        got = runtime_logits(pipeline, messages)
+    finally:
+        pipeline.close()
+    assert got.argmax() == want.argmax()
+    assert float(np.abs(got - want).max() / np.abs(want).max()) < REL_TOLERANCE
 
 
 def test_pad_aspect_ratio_pads_to_square(vila, tmp_path):

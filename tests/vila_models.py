@@ -199,7 +199,18 @@ def tinychat_weight(truth: dict) -> "np.ndarray":
 
 def vila_prompt(question: str, images: int = 1) -> str:
     """conv_vicuna_v1 as VILA's run_vila.py assembles one question: images first, each "<image>\\n"."""
-    return f"{SYSTEM} USER: " + "<image>\n" * images + f"{question} ASSISTANT:"
+    return vila_conversation([(question, images)], [])
+
+
+def vila_conversation(questions: list[tuple[str, int]], answers: list[str]) -> str:
+    """conv_vicuna_v1 (llava/conversation.py, SeparatorStyle.TWO: sep " ", sep2 "</s>") of user turns
+    (text, images shown first) and the assistant's answers between them, ending on "ASSISTANT:"."""
+    out = f"{SYSTEM} "
+    for i, (question, images) in enumerate(questions):
+        out += "USER: " + "<image>\n" * images + question + " ASSISTANT:"
+        if i < len(answers):
+            out += f" {answers[i]}</s>"
+    return out
 
 
 class VilaReference:
@@ -216,7 +227,8 @@ class VilaReference:
         self.vision = load_vila_vision(folder)
         llm_dir = llm_dir or folder / "llm"
         self.llm = T.LlamaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
-        self.tokenizer = T.AutoTokenizer.from_pretrained(folder / "llm")
+        # as VILA's builder loads it (llava/model/language_model/builder.py): the slow tokenizer, legacy=False
+        self.tokenizer = T.AutoTokenizer.from_pretrained(folder / "llm", use_fast=False, legacy=False)
 
     def ids(self, prompt: str) -> list[int]:
         chunks = prompt.split("<image>")

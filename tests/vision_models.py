@@ -218,7 +218,8 @@ def llava15_tokenizer(out: Path, work: Path) -> Path:
     config = json.loads((src / "tokenizer_config.json").read_text())
     config.pop("added_tokens_decoder", None)
     decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tok["added_tokens"]}
-    config.update(added_tokens_decoder=decoder, pad_token="<pad>", padding_side="left",
+    # llava-1.5-7b-hf's tokenizer_config.json: legacy false (no word-start mark after `<image>` or `</s>`)
+    config.update(added_tokens_decoder=decoder, pad_token="<pad>", padding_side="left", legacy=False,
                   processor_class="LlavaProcessor", chat_template=LLAVA15_TEMPLATE)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(json.dumps(

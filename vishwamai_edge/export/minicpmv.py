@@ -23,6 +23,8 @@ from .minicpm_lm import REQUIRED_KEYS as MINICPM_KEYS
 
 ARCHITECTURES = ("MiniCPMV",)
 LLM_ARCHITECTURE = {"2.0": ("MiniCPMForCausalLM", "minicpm"), "2.6": ("Qwen2ForCausalLM", "qwen2")}
+# the transformers tokenizer each version's own (remote-code) tokenizer class derives from
+TOKENIZER_CLASS = {"2.0": "LlamaTokenizer", "2.6": "Qwen2Tokenizer"}
 # the multimodal keys, left out of the LLM's own folder
 MULTIMODAL_KEYS = ("auto_map", "query_num", "image_size", "patch_size", "drop_vision_last_layer", "vision_encoder",
                    "slice_mode", "max_slice_nums", "scale_resolution", "mm_use_im_start_end", "slice_config",
@@ -135,7 +137,22 @@ def write_llm_folder(layout: MiniCPMVLayout, out: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (layout.root / name).is_file():
             shutil.copy2(layout.root / name, out / name)
+    _without_remote_code(out / "tokenizer_config.json", TOKENIZER_CLASS[layout.version])
     return out
+
+
+def _without_remote_code(path: Path, tokenizer_class: str) -> None:
+    """The published tokenizer_config.json names OpenBMB's own tokenizer class through `auto_map` (code in the
+    checkpoint, which transformers would ask to run, on a terminal, or refuse). The LLM folder names the
+    transformers class it derives from instead: the same vocabulary, nothing to run, no question asked."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if "auto_map" not in config:
+        return
+    config.pop("auto_map")
+    config["tokenizer_class"] = tokenizer_class
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 # timm vit_so400m_patch14_siglip_384 (MiniCPM-V 2.0's tower, no vision_config in its config.json)

@@ -72,6 +72,21 @@ def tokenizer_kind(hf_dir: Path) -> str:
     return "bpe"
 
 
+def space_after_special(hf_dir: Path, **load: Any) -> bool:
+    """Whether the model's own tokenizer, loaded from `hf_dir` as the model's own code loads it (`load`:
+    VILA's loader asks for use_fast=False, legacy=False), starts the text after a control token with
+    SentencePiece's word-start mark, as llama.cpp does. Asked of the tokenizer itself: `legacy` in
+    tokenizer_config.json decides for a slow tokenizer, the normalizer in tokenizer.json for a fast one.
+    Byte-level BPE vocabularies have no such mark."""
+    if tokenizer_kind(hf_dir) != "sentencepiece":
+        return True
+    transformers = quiet_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False, **load)
+    control = tokenizer.eos_token or tokenizer.bos_token
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(f"{control}a", add_special_tokens=False)["input_ids"])
+    return len(pieces) < 2 or pieces[1].startswith("\u2581")
+
+
 class SentencePieceReference:
     """tokenizer.model tokenizing text the way llama.cpp's SPM vocabulary does.
 

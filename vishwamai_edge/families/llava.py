@@ -27,9 +27,11 @@ class LLaVA:
     def build(self, ctx: BuildContext, folder: Path) -> FamilyBuild:
         from ..export.llava import chat_template, image_token
 
+        from ..export.verify import space_after_special
+
         encoder, entry = stage_vision(ctx, folder)
         part = vision_part(ctx, encoder, entry, image_token(folder).to_dict(), chat_template(folder),
-                           stage_mmproj(ctx, folder))
+                           stage_mmproj(ctx, folder), space_after_special=space_after_special(folder))
         return FamilyBuild(stage_split_llm(ctx, folder), [part])
 
 

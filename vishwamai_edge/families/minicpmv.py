@@ -46,6 +46,7 @@ def stage_minicpmv(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path]:
         read_minicpmv,
         write_llm_folder,
     )
+    from ..export.verify import space_after_special
     from ..runtime.minicpmv import IMAGE_MARKER
 
     layout = read_minicpmv(root)
@@ -74,7 +75,9 @@ def stage_minicpmv(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path]:
     part = BundlePart([(graph, rels[0]), (positions, rels[1])], {
         "encoders": {"image": entry},
         "llm": {"image_token": {"text": IMAGE_MARKER, "id": None}, "prompt": "sliced",
-                "chat_template": chat_template(layout.version)},
+                "chat_template": chat_template(layout.version),
+                # 2.0's own tokenizer (LlamaTokenizerWrapper) is the slow LlamaTokenizer
+                **({} if space_after_special(llm, use_fast=False) else {"space_after_special": False})},
         "checks": {"vision": entry["check"]},
     }, ["onnxruntime"])
     mmproj = stage_minicpmv_mmproj(ctx, layout)

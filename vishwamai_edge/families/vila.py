@@ -42,6 +42,7 @@ def stage_vila(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path, Path | 
     LLM (VILA *-AWQ) becomes our AWQ GEMM folder, codes and scales unchanged, and is dequantized
     for the GGUF export. Returns the vision part, the LLM folder and the AWQ folder (or None)."""
     from ..export.tinychat import find_checkpoint, write_awq_folder
+    from ..export.verify import space_after_special
     from ..export.vila import (
         IMAGE_TEXT,
         VICUNA_V1_TEMPLATE,
@@ -56,7 +57,7 @@ def stage_vila(ctx: BuildContext, root: Path) -> tuple[BundlePart, Path, Path | 
     pt = find_checkpoint(layout.llm_dir)
     encoder, entry = stage_vision(ctx, root, nested=True)
     part = vision_part(ctx, encoder, entry, {"text": IMAGE_TEXT, "id": None}, VICUNA_V1_TEMPLATE, None,
-                       prompt="text")
+                       prompt="text", space_after_special=space_after_special(layout.llm_dir, use_fast=False, legacy=False))
     if pt is None:
         out = ctx.root / "llm-hf"
         inputs = sha256_json(["vila-llm", __version__, folder_fingerprint(layout.llm_dir)])

@@ -49,6 +49,9 @@ class LLMSection(Section):
     weights_digest: str | None = None  # what an adapter for this bundle must have been trained on
     chat_template: str | None = None  # None: the one the GGUF carries, else ChatML
     prompt: str = "token"  # the prompt planner (runtime/prompts) that places image rows
+    # whether text right after a control token starts with SentencePiece's word-start mark: llama.cpp's way
+    # and HF's legacy tokenizers'; False for models trained with `legacy=False` (VILA, llava-hf)
+    space_after_special: bool = True
     image_token: Placeholder | None = None
     audio_token: Placeholder | None = None
 

@@ -34,14 +34,17 @@ def stage_vision(ctx: BuildContext, hf_dir: Path, nested: bool = False) -> tuple
 
 
 def vision_part(ctx: BuildContext, encoder: Path, entry: dict[str, Any], image_token: dict[str, Any],
-                template: str | None, mmproj: Path | None, prompt: str = "token") -> BundlePart:
+                template: str | None, mmproj: Path | None, prompt: str = "token",
+                space_after_special: bool = True) -> BundlePart:
     """The encoder in the bundle with its manifest entries; `prompt`: the device's prompt planner for the
-    family's placeholder (runtime/prompts: `token` for a vocabulary token, `text` for placeholder text)."""
+    family's placeholder (runtime/prompts: `token` for a vocabulary token, `text` for placeholder text);
+    `space_after_special`: export/verify.space_after_special of the model's tokenizer."""
     rel = f"encoders/{encoder.name}"
     part = BundlePart([(encoder, rel)], {
         "encoders": {"image": {**entry, "kind": "vision", "file": rel,
                                          "providers": encoder_providers(ctx.target)}},
-        "llm": {"image_token": image_token, "prompt": prompt, **({"chat_template": template} if template else {})},
+        "llm": {"image_token": image_token, "prompt": prompt, **({"chat_template": template} if template else {}),
+                **({} if space_after_special else {"space_after_special": False})},
         "checks": {"vision": entry["check"]},
     }, ["onnxruntime"])
     if mmproj is not None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # Client text holding a control token's string is wrapped in these (Unicode private use) for tokenizing
 PROTECT_OPEN, PROTECT_CLOSE = "\ue000", "\ue001"
 _PROTECTED = re.compile(f"[{PROTECT_OPEN}{PROTECT_CLOSE}]")
+_MARKERS = ("\n", "\u2581\n", "<unk>")  # joined to no following text in SentencePiece vocabularies seen so far
 
 
 class PromptBuilder:
@@ -81,12 +82,45 @@ class PromptBuilder:
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         if PROTECT_OPEN not in text:
-            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
+            return self._with_control(text, add_special)
         tokens: list[int] = []
         for i, piece in enumerate(_PROTECTED.split(text)):  # outside, inside, outside, ...
             if piece or (i == 0 and add_special):
-                tokens += self.llm.tokenize(piece, add_special=add_special and i == 0, parse_special=i % 2 == 0)
+                if i % 2 == 0:
+                    tokens += self._with_control(piece, add_special and i == 0)
+                else:
+                    tokens += self.llm.tokenize(piece, add_special=False, parse_special=False)
         return tokens
+
+    def _with_control(self, text: str, add_special: bool) -> list[int]:
+        """`text` with its control tokens parsed. llama.cpp starts the text after a control token with
+        SentencePiece's word-start mark, as HF's legacy tokenizers do; a bundle whose model was trained
+        with a `legacy=False` tokenizer (manifest llm.space_after_special false: VILA, llava-hf) gets
+        that text without it, as its own tokenizer gives it (`</s>USER:` -> `</s>`, `USER`, `:`)."""
+        if self.pipeline.bundle.llm.space_after_special:
+            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
+        controls = sorted((s for s in self.llm.special_texts() if s in text), key=len, reverse=True)
+        if not controls:
+            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
+        tokens = self.llm.tokenize("", add_special=True, parse_special=False) if add_special else []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, controls)) + ")", text)):
+            if i % 2:
+                tokens += self.llm.tokenize(piece, add_special=False, parse_special=True)
+            elif piece:
+                tokens += self._after_control(piece) if i else self.llm.tokenize(piece, False, parse_special=False)
+        return tokens
+
+    def _after_control(self, text: str) -> list[int]:
+        """`text` without the word-start mark llama.cpp puts first: tokenized behind a marker that no
+        vocabulary piece joins to what follows, the marker's tokens then dropped (checked: the rest must
+        spell `text` exactly, else the marker is not used)."""
+        for marker in _MARKERS:
+            head = self.llm.tokenize(marker, add_special=False, parse_special=False)
+            both = self.llm.tokenize(marker + text, add_special=False, parse_special=False)
+            rest = both[len(head):]
+            if both[:len(head)] == head and b"".join(self.llm.token_bytes(t) for t in rest) == text.encode():
+                return rest
+        return self.llm.tokenize(text, add_special=False, parse_special=False)
 
     def for_template(self, message: dict[str, Any]) -> dict[str, Any]:
         """What the template sees: no pixels, and parts or a string as the template expects."""
