@@ -89,11 +89,29 @@ class Composite:
 
     def prompt(self, image: np.ndarray, question: str) -> str:
         """The prompt as the published chat() writes it for one image and a question."""
-        ph = placeholder(plan_slices(image.shape[1], image.shape[0], self.slices), self.slices, 0)
-        if self.variant == "2.0":  # MiniCPMVTokenizer.apply_chat_template: <用户>content<AI>
-            return f"<用户>{ph}\n{question}<AI>"
-        return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{ph}\n{question}"
-                "<|im_end|>\n<|im_start|>assistant\n")
+        return self.conversation([(question, [image])], [])
+
+    def conversation(self, turns: list[tuple[str, list[np.ndarray]]], answers: list[str]) -> str:
+        """The published chat()'s prompt: user turns (images first, each its placeholder and a newline, numbered
+        across the conversation) and the answers between them. 2.0 (modeling_minicpmv.py): <用户>content,
+        <AI>answer, <AI> to answer; 2.6: ChatML with the tokenizer's default system prompt."""
+        out, k = "", 0
+        if self.variant == "2.6":
+            out = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        for i, (question, images) in enumerate(turns):
+            content = ""
+            for image in images:
+                plan = plan_slices(image.shape[1], image.shape[0], self.slices)
+                content += placeholder(plan, self.slices, k) + "\n"
+                k += 1
+            content += question
+            answer = answers[i] if i < len(answers) else None
+            if self.variant == "2.0":
+                out += f"<用户>{content}<AI>" + (answer if answer is not None else "")
+            else:
+                out += f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+                out += f"{answer}<|im_end|>\n" if answer is not None else ""
+        return out
 
     def ids(self, text: str) -> list[int]:
         """The prompt's ids with a sentinel per unk run (OpenBMB's processor bounds the runs)."""
@@ -103,9 +121,10 @@ class Composite:
             ids += [IMAGE_SENTINEL] + (self.tokenize(piece, False) if piece else [])
         return ids
 
-    def logits(self, image: np.ndarray, text: str) -> np.ndarray:
+    def logits(self, image: np.ndarray | list[np.ndarray], text: str) -> np.ndarray:
         pieces = text.split(self.slices.unk * self.slices.query_num)
-        pixels = slice_pixels(image, plan_slices(image.shape[1], image.shape[0], self.slices))
+        pixels = [p for im in (image if isinstance(image, list) else [image])
+                  for p in slice_pixels(im, plan_slices(im.shape[1], im.shape[0], self.slices))]
         assert len(pixels) == len(pieces) - 1
         parts = []
         with torch.no_grad():
@@ -120,15 +139,13 @@ class Composite:
 
 
 def reference_tokenizer(llm_dir: Path):
-    """piece, first -> ids: SentencePiece itself for a tokenizer.model-only folder (2.0, as published; as
-    export/verify.py compares), else the HF tokenizer."""
+    """piece, first -> ids: the model's own tokenizer. 2.0's is LlamaTokenizerWrapper, the slow sentencepiece
+    LlamaTokenizer (tokenizer_config.json: legacy true); 2.6's Qwen2's."""
     import transformers
 
-    from vishwamai_edge.export.verify import SentencePieceReference, is_sentencepiece_only
+    from vishwamai_edge.export.verify import is_sentencepiece_only
 
-    if is_sentencepiece_only(llm_dir):
-        return SentencePieceReference(llm_dir).encode
-    hf = transformers.AutoTokenizer.from_pretrained(llm_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(llm_dir, use_fast=not is_sentencepiece_only(llm_dir))
     return lambda piece, first: list(hf(piece, add_special_tokens=first)["input_ids"])
 
 
@@ -186,6 +203,41 @@ def test_bundle_logits_match_torch_composite(built, variant, size):
     print(f"MiniCPM-V {variant} {size} ({n_blocks} blocks, {positions} positions): max |Δlogit| {diff:.3g}, "
           f"std {float(want.std()):.3g}")
     assert diff < 0.02 * float(want.std()), (diff, float(want.std()))
+    assert int(np.argmax(got)) == int(np.argmax(want))
+
+
+# user turns (question, image sizes) and the answers between them; 2.0's chat() shows images in the first turn only
+CONVERSATIONS = {
+    "2.0": ([("Describe it.", [(300, 400)]), ("Is it round?", []), ("What colour?", [])], ["A disk.", "Yes."]),
+    "2.6": ([("Describe it.", [(300, 400)]), ("And this one?", [(320, 380)])], ["A disk."]),
+}
+
+
+@pytest.mark.parametrize("variant", ["2.0", "2.6"])
+def test_multi_turn_prompts_tokenize_and_answer_as_the_published_code(built, variant):
+    from vishwamai_edge.runtime.options import RuntimeOptions
+    from vishwamai_edge.runtime.pipeline import Pipeline
+
+    src, bundle, llm_dir = built(variant)
+    ref = Composite(variant, src, llm_dir)
+    questions, answers = CONVERSATIONS[variant]
+    turns = [(q, [photo(h, w, 10 + i) for h, w in sizes]) for i, (q, sizes) in enumerate(questions)]
+    messages = []
+    for i, (question, images) in enumerate(turns):
+        messages.append({"role": "user", "content": [*({"type": "image", "pixels": im} for im in images),
+                                                     {"type": "text", "text": question}]})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    text = ref.conversation(turns, answers)
+    want = ref.logits([im for _, images in turns for im in images], text)
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
+    try:
+        got, tokens, _ = runtime_logits(pipeline, messages)
+    finally:
+        pipeline.close()
+    assert tokens == ref.ids(text)
+    got = got[:len(want)]
+    assert float(np.abs(got - want).max()) < 0.02 * float(want.std())
     assert int(np.argmax(got)) == int(np.argmax(want))
 
 
