@@ -107,7 +107,11 @@ PREPROCESSOR_2_6 = {"image_processor_type": "MiniCPMVImageProcessor", "auto_map"
 
 
 def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0, side: int | None = None):
-    """A MiniCPM-V folder of `variant` ("2.0": a MiniCPM LLM, "2.6": a Qwen2 LLM), 256 wide, one safetensors."""
+    """A MiniCPM-V folder of `variant` ("2.0": a MiniCPM LLM, "2.6": a Qwen2 LLM), 256 wide, one safetensors in
+    bfloat16 as published, with the published file set: 2.0 has tokenizer.model and tokenizer.json (added for
+    llama.cpp in 2024-04) and no chat template."""
+    import torch
+
     import json
     import shutil
 
@@ -121,7 +125,7 @@ def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0, side: i
         config = {**minicpm_models.TINY_MINICPM, **llm, "vocab_size": tiny_models.vocab_size_of(tokenizer_dir)}
         state = minicpm_models.random_minicpm_state(config, seed, prefix="llm.")
         config.update(MULTIMODAL_2_0)
-        skip = {"tokenizer.json"}  # as published: tokenizer.model (a slow LlamaTokenizer subclass)
+        skip = {"chat_template.jinja"}  # none published: the chat format is chat()'s code
     else:
         qwen = tiny_models.build_tiny_model(out / "qwen2", "qwen2", tokenizer_dir, seed, **{**llm, "num_key_value_heads": 2})
         config = {**json.loads((qwen / "config.json").read_text()), **MULTIMODAL_2_6, **vision_config(variant, side)}
@@ -129,6 +133,8 @@ def build_tiny_minicpmv(out, variant: str, tokenizer_dir, seed: int = 0, side: i
         shutil.rmtree(qwen)
         skip = set()
     state.update(random_vision_state(variant, seed, side))
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    config["torch_dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if variant == "2.6":
         (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_2_6, indent=2))

@@ -140,12 +140,11 @@ class Composite:
 
 def reference_tokenizer(llm_dir: Path):
     """piece, first -> ids: the model's own tokenizer. 2.0's is LlamaTokenizerWrapper, the slow sentencepiece
-    LlamaTokenizer (tokenizer_config.json: legacy true); 2.6's Qwen2's."""
+    LlamaTokenizer (tokenizer_config.json: legacy true), whatever tokenizer.json says; 2.6's Qwen2's."""
     import transformers
 
-    from vishwamai_edge.export.verify import is_sentencepiece_only
-
-    hf = transformers.AutoTokenizer.from_pretrained(llm_dir, use_fast=not is_sentencepiece_only(llm_dir))
+    sentencepiece = (llm_dir / "tokenizer.model").is_file()
+    hf = transformers.AutoTokenizer.from_pretrained(llm_dir, use_fast=not sentencepiece)
     return lambda piece, first: list(hf(piece, add_special_tokens=first)["input_ids"])
 
 
