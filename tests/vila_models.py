@@ -202,15 +202,60 @@ def vila_prompt(question: str, images: int = 1) -> str:
     return vila_conversation([(question, images)], [])
 
 
-def vila_conversation(questions: list[tuple[str, int]], answers: list[str]) -> str:
+def vila_conversation(questions: list[tuple[str, int]], answers: list[str], eos: str = "</s>") -> str:
     """conv_vicuna_v1 (llava/conversation.py, SeparatorStyle.TWO: sep " ", sep2 "</s>") of user turns
     (text, images shown first) and the assistant's answers between them, ending on "ASSISTANT:"."""
     out = f"{SYSTEM} "
     for i, (question, images) in enumerate(questions):
         out += "USER: " + "<image>\n" * images + question + " ASSISTANT:"
         if i < len(answers):
-            out += f" {answers[i]}</s>"
+            out += f" {answers[i]}{eos}"
     return out
+
+
+TEMPLATE_EOS = "\x00eos\x00"  # stands for the template's own "</s>" while the text is cut up
+
+
+class SlowLegacyFalse:
+    """The slow LlamaTokenizer VILA loads (transformers 4.36, `use_fast=False, legacy=False`) on text with no
+    control token in it: the SentencePiece model without its dummy prefix; `start` is a call's first text
+    (tokenize(): "\u2581" prepended), `after_control` the text that follows a control token (_tokenize():
+    none added; a leading space encoded behind "<unk>", whose pieces are then dropped)."""
+
+    def __init__(self, model_file: Path):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(model_file).read_bytes())
+        proto.normalizer_spec.add_dummy_prefix = False  # what legacy=False does to the model
+        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.unk_length = len(self.sp.encode("<unk>"))
+
+    def after_control(self, text: str) -> list[int]:
+        if not text.startswith(("\u2581", " ")):
+            return self.sp.encode(text)
+        return self.sp.encode("<unk>" + text)[self.unk_length:]
+
+    def start(self, text: str) -> list[int]:
+        return self.after_control("\u2581" + text.replace("\u2581", " "))
+
+
+def vila_ids_typed_as_text(folder: Path, questions: list[tuple[str, int]], answers: list[str]) -> list[int]:
+    """VILA's ids of a conversation whose user text holds control-token strings, read as plain text: VILA's
+    tokenizer_image_token (each <image> chunk tokenized by its own call, BOS first only in the first), and
+    within a chunk the template's "</s>" a control token, the text after it continued without a mark."""
+    tok = SlowLegacyFalse(folder / "llm" / "tokenizer.model")
+    ids: list[int] = [1]  # <s>
+    for c, chunk in enumerate(vila_conversation(questions, answers, eos=TEMPLATE_EOS).split("<image>")):
+        if c:
+            ids.append(-200)
+        for p, part in enumerate(chunk.split(TEMPLATE_EOS)):
+            if p:
+                ids += [2] + (tok.after_control(part) if part else [])  # </s>
+            elif part:
+                ids += tok.start(part)
+    return ids
 
 
 class VilaReference:

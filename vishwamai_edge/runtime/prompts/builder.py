@@ -81,33 +81,39 @@ class PromptBuilder:
         return PROTECT_OPEN + text.replace(PROTECT_OPEN, "").replace(PROTECT_CLOSE, "") + PROTECT_CLOSE
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        if PROTECT_OPEN not in text:
-            return self._with_control(text, add_special)
-        tokens: list[int] = []
-        for i, piece in enumerate(_PROTECTED.split(text)):  # outside, inside, outside, ...
-            if piece or (i == 0 and add_special):
-                if i % 2 == 0:
-                    tokens += self._with_control(piece, add_special and i == 0)
+        """The template's control tokens parsed, every other run of text tokenized as plain text in one piece:
+        client text inside the protection marks joins the text around it, as if its control-token strings
+        were ordinary characters. llama.cpp starts the text after a control token with SentencePiece's
+        word-start mark, as HF's legacy tokenizers do; a bundle whose model's tokenizer does not (manifest
+        llm.space_after_special false: VILA's legacy=False tokenizer) gets that text without it
+        (`</s>USER:` -> `</s>`, `USER`, `:`), as its own tokenizer gives it."""
+        spans = _PROTECTED.split(text)  # outside, inside, outside, ...
+        mark_after_control = self.pipeline.bundle.llm.space_after_special
+        if len(spans) == 1 and mark_after_control:
+            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
+        controls = sorted({s for s in self.llm.special_texts() if any(s in span for span in spans[::2])},
+                          key=len, reverse=True)
+        split = re.compile("(" + "|".join(map(re.escape, controls)) + ")") if controls else None
+        runs: list[tuple[bool, str]] = []  # (a control token, its text)
+        plain = ""
+        for i, span in enumerate(spans):
+            pieces = [span] if i % 2 or split is None else split.split(span)
+            for j, piece in enumerate(pieces):
+                if j % 2:
+                    runs += [(False, plain), (True, piece)]
+                    plain = ""
                 else:
-                    tokens += self.llm.tokenize(piece, add_special=False, parse_special=False)
-        return tokens
-
-    def _with_control(self, text: str, add_special: bool) -> list[int]:
-        """`text` with its control tokens parsed. llama.cpp starts the text after a control token with
-        SentencePiece's word-start mark, as HF's legacy tokenizers do; a bundle whose model was trained
-        with a `legacy=False` tokenizer (manifest llm.space_after_special false: VILA, llava-hf) gets
-        that text without it, as its own tokenizer gives it (`</s>USER:` -> `</s>`, `USER`, `:`)."""
-        if self.pipeline.bundle.llm.space_after_special:
-            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
-        controls = sorted((s for s in self.llm.special_texts() if s in text), key=len, reverse=True)
-        if not controls:
-            return self.llm.tokenize(text, add_special=add_special, parse_special=True)
+                    plain += piece
+        runs.append((False, plain))
         tokens = self.llm.tokenize("", add_special=True, parse_special=False) if add_special else []
-        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, controls)) + ")", text)):
-            if i % 2:
+        after_control = False
+        for control, piece in runs:
+            if control:
                 tokens += self.llm.tokenize(piece, add_special=False, parse_special=True)
             elif piece:
-                tokens += self._after_control(piece) if i else self.llm.tokenize(piece, False, parse_special=False)
+                tokens += (self._after_control(piece) if after_control and not mark_after_control
+                           else self.llm.tokenize(piece, add_special=False, parse_special=False))
+            after_control = control
         return tokens
 
     def _after_control(self, text: str) -> list[int]:
