@@ -219,6 +219,23 @@ def profile(
     typer.echo(str(result.out_dir / "report.md"))
 
 
+@app.command(name="eval")
+def eval_(
+    bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) of one model; the first is the reference")],
+    text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to score (default: the shipped eval-text.txt)")] = None,
+    n_ctx: Annotated[int, typer.Option(min=MIN_CTX, help="window length in tokens; the second half of each is scored")] = 512,
+    threads: Threads = None,
+    kv_type: KvType = None,
+    out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/eval/latest"),
+) -> None:
+    """What quantization cost: perplexity over a text and, against the first bundle, the KL divergence of
+    every token's distribution, same-top-token rate and Δp, as llama-perplexity reports them."""
+    from .eval.runner import run_eval
+
+    result = run_eval(bundles, out, text, n_ctx, _options(None, threads, kv_type=kv_type), console=err)
+    typer.echo(str(result.out_dir / "report.md"))
+
+
 @app.command()
 def finetune(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML file with a finetune section")],

@@ -153,6 +153,13 @@ class SupportsRollback(Protocol):
     def rollback(self, keep: int, seq: int = 0) -> None: ...
 
 
+@runtime_checkable
+class SupportsScoring(Protocol):
+    """Logits at every position of a token window, from an empty cache (`eval`)."""
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray: ...
+
+
 class BackendClass(Protocol):
     """A backend's class: `check` refuses, before anything loads, run-time options it cannot honour."""
 

@@ -500,6 +500,19 @@ class LlamaCppBackend:
             out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `tokens`, evaluated from an empty cache (eval's windows), (n, n_vocab)."""
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"a window of {len(tokens)} tokens is over the context of {self.n_ctx}")
+        self.reset()
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for off in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[off:off + self.n_batch])
+            rows = self.decode([(0, chunk, "all")])[0]
+            out[off:off + len(chunk)] = self.logits_at(rows)
+        self.reset()
+        return out
+
     def stream(self, sampling: SamplingParams, max_tokens: int, seq: int = 0) -> Iterator[int]:
         sampler = self.sampler(sampling, seq)
         try:
