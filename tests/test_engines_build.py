@@ -38,7 +38,7 @@ def test_orin_bundle_holds_every_format_with_its_checks(orin_bundle):
     from vishwamai_edge.runtime.bundle import Bundle
 
     bundle = Bundle.load(orin_bundle)  # every listed file hashed and inside the bundle
-    m = bundle.manifest
+    m = bundle.manifest.dump()  # the manifest as JSON, every section
     files = set(m["files"])
     assert m["llm"]["file"] == "llm/model-q4_k_m.gguf" and "trtllm" in m["backends"]
     assert {"llm/awq-int4/config.json", "llm/awq-int4/model.safetensors"} <= files

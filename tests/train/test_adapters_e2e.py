@@ -69,7 +69,7 @@ def test_adapter_is_added_beside_an_untouched_base(with_adapter, embedded_bundle
 
     bundle, before, after = with_adapter
     assert before == after  # not rewritten, not replaced
-    m = Bundle.load(bundle).manifest  # every file, the adapter too, against its sha256
+    m = Bundle.load(bundle).manifest.dump()  # every file, the adapter too, against its sha256
     entry = m["adapters"][NAME]
     assert entry["file"] == f"adapters/{NAME}.gguf" and entry["file"] in m["files"]
     assert entry["base_digest"] == m["llm"]["weights_digest"]

@@ -82,8 +82,9 @@ class RuntimeDefaults(Section):
     temperature: float = Field(0.0, ge=0)
     speculative: Literal["off", "lookup"] = "off"
     kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
-    parallel: int = Field(1, ge=1)  # requests decoded together (`serve`/`ui`), from the target
-    draft_max: int = Field(8, ge=1)  # draft tokens a speculative step verifies at most, from the target
+    # from the bundle's target; a manifest without them (a bare GGUF) runs as laptop-cpu does
+    parallel: int = Field(default_factory=lambda: _laptop().parallel, ge=1)  # requests decoded together
+    draft_max: int = Field(default_factory=lambda: _laptop().draft_max, ge=1)  # draft tokens verified per step
 
 
 class TargetEntry(Section):
@@ -114,6 +115,12 @@ class Manifest(Section):
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _laptop() -> Any:
+    from ..targets import TARGETS
+
+    return TARGETS["laptop-cpu"]
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
