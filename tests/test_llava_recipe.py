@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_vlm_e2e import TOLERANCE, Reference, hf_messages, one_image_turn, photo, runtime_logits
+from test_vlm_e2e import TOLERANCE, Reference, conversation, hf_messages, one_image_turn, photo, runtime_logits
 from vision_models import LLAVA15_CONFIG, LLAVA15_PREPROCESSOR, build_tiny_llava15_hf
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llava-1.5-7b.yaml"
@@ -135,13 +135,7 @@ def test_multi_turn_prompts_tokenize_and_answer_as_transformers(llava15, f32_bun
 
     questions, answers = CONVERSATIONS[name]
     images = [photo(40 + 9 * i, 50, i) for i, (_, n) in enumerate(questions) for _ in range(n)]
-    messages, k = [], 0
-    for i, (question, n) in enumerate(questions):
-        parts = [{"type": "image", "pixels": images[k + j]} for j in range(n)]
-        k += n
-        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
-        if i < len(answers):
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
+    messages = conversation(questions, answers, images, answer_parts=True)
     reference = Reference(llava15)
     text = reference.tokenizer.apply_chat_template(hf_messages(messages), add_generation_prompt=True,
                                                    tokenize=False)

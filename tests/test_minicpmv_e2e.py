@@ -155,6 +155,18 @@ def runtime_logits(pipeline, messages: list[dict]) -> tuple[np.ndarray, list[int
     return pipeline.llm.logits(), prompt.tokens, prompt.size
 
 
+def bundle_logits(bundle: Path, messages: list[dict]) -> tuple[np.ndarray, list[int], int]:
+    """runtime_logits on the bundle loaded for this call."""
+    from vishwamai_edge.runtime.options import RuntimeOptions
+    from vishwamai_edge.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
+    try:
+        return runtime_logits(pipeline, messages)
+    finally:
+        pipeline.close()
+
+
 @pytest.mark.parametrize("variant", ["2.0", "2.6"])
 def test_manifest_carries_the_slicing_and_markers(built, variant):
     _, bundle, _ = built(variant)
@@ -174,9 +186,6 @@ def test_manifest_carries_the_slicing_and_markers(built, variant):
 @pytest.mark.parametrize("variant", ["2.0", "2.6"])
 @pytest.mark.parametrize("size", ["plain", "sliced"])
 def test_bundle_logits_match_torch_composite(built, variant, size):
-    from vishwamai_edge.runtime.options import RuntimeOptions
-    from vishwamai_edge.runtime.pipeline import Pipeline
-
     src, bundle, llm_dir = built(variant)
     ref = Composite(variant, src, llm_dir)
     image = photo(*SIZES[size])
@@ -189,11 +198,7 @@ def test_bundle_logits_match_torch_composite(built, variant, size):
     else:
         assert text.count("<image>") == n_blocks and text.count("<slice>") == (n_blocks > 1)
     want = ref.logits(image, text)
-    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
-    try:
-        got, tokens, positions = runtime_logits(pipeline, messages)
-    finally:
-        pipeline.close()
+    got, tokens, positions = bundle_logits(bundle, messages)
     assert tokens == ref.ids(text)
     assert tokens.count(IMAGE_SENTINEL) == n_blocks
     assert positions == len(tokens) + n_blocks * (8 - 1)
@@ -214,9 +219,6 @@ CONVERSATIONS = {
 
 @pytest.mark.parametrize("variant", ["2.0", "2.6"])
 def test_multi_turn_prompts_tokenize_and_answer_as_the_published_code(built, variant):
-    from vishwamai_edge.runtime.options import RuntimeOptions
-    from vishwamai_edge.runtime.pipeline import Pipeline
-
     src, bundle, llm_dir = built(variant)
     ref = Composite(variant, src, llm_dir)
     questions, answers = CONVERSATIONS[variant]
@@ -229,11 +231,7 @@ def test_multi_turn_prompts_tokenize_and_answer_as_the_published_code(built, var
             messages.append({"role": "assistant", "content": answers[i]})
     text = ref.conversation(turns, answers)
     want = ref.logits([im for _, images in turns for im in images], text)
-    pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=2))
-    try:
-        got, tokens, _ = runtime_logits(pipeline, messages)
-    finally:
-        pipeline.close()
+    got, tokens, _ = bundle_logits(bundle, messages)
     assert tokens == ref.ids(text)
     got = got[:len(want)]
     assert float(np.abs(got - want).max()) < 0.02 * float(want.std())

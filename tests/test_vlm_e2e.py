@@ -98,6 +98,21 @@ def hf_messages(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
+def conversation(questions: list[tuple[str, int]], answers: list[str], images: list[np.ndarray],
+                 answer_parts: bool = False) -> list[dict]:
+    """Chat messages of user turns (text, how many of `images` it shows first, in order) with the answers
+    between them (as text parts with `answer_parts`, as the llava-hf template reads them)."""
+    messages, k = [], 0
+    for i, (question, n) in enumerate(questions):
+        parts = [{"type": "image", "pixels": images[k + j]} for j in range(n)]
+        k += n
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}] if answer_parts
+                             else answers[i]})
+    return messages
+
+
 def one_image_turn(img: np.ndarray, text: str = QUESTION) -> dict:
     return {"role": "user", "content": [{"type": "image", "pixels": img}, {"type": "text", "text": text}]}
 
