@@ -117,7 +117,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads")] = None,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="then teach it a fictional place with LoRA (a few minutes) and ask both bundles")] = True,
-    vision: Annotated[bool, typer.Option("--vision", help="instead: give the embedded model eyes (EfficientNet-Lite0 + a projector trained here, about 9 minutes on 2 cores) and ask it about pictures it never saw")] = False,
+    vision: Annotated[bool, typer.Option("--vision", help="instead: give the embedded model eyes (EfficientNet-Lite0 + a projector trained here, about 13 minutes on 2 cores) and ask it about pictures it never saw")] = False,
 ) -> None:
     """Embedded model -> GGUF -> checked -> Q4_K_M bundle -> one question answered, with tokens/s;
     then LoRA fine-tuning on a shipped set -> merged -> bundle that knows what it was taught.
