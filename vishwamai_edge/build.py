@@ -30,6 +30,7 @@ from .fsutil import clean_stale_temps
 from .recipe import Recipe
 from .stages.context import BuildContext, BundlePart
 from .stages.engines import stage_engines, wants_engines
+from .stages.eval_check import stage_eval_check
 from .stages.export_llm import stage_export_gguf, stage_memory_plan, stage_quantize
 from .stages.finetune import stage_align, stage_finetune, stage_merge
 from .stages.package import stage_package
@@ -91,6 +92,8 @@ def build(
         if q != recipe.export.gguf.outtype:
             _, checks[q] = stage_quantize(ctx, hf_dir, base, q)
     bundle_gguf = base if quant == recipe.export.gguf.outtype else base.with_name(f"model-{quant}.gguf")
+    if (scored := stage_eval_check(ctx, base, bundle_gguf)) is not None:
+        checks["eval"] = {"check": scored}
     out_dir = root / (target.name if quant == target.gguf_quant else f"{target.name}-{quant}")
     manifest = stage_package(ctx, bundle_gguf, quant, checks, out_dir, parts, plan)
     if recipe.source.kind == "hub":  # the commit the weights came from

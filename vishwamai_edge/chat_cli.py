@@ -10,7 +10,7 @@ from rich.console import Console
 from .errors import InputError
 from .runtime.backends import SamplingParams
 from .runtime.generation_stats import GenerationStats
-from .runtime.media import MediaBudget, audio_part, image_part
+from .runtime.media import MediaBudget, read_audio, read_image
 from .runtime.options import RuntimeOptions
 from .runtime.pipeline import Pipeline
 from .runtime.session import ChatSession
@@ -27,33 +27,6 @@ def format_stats(s: GenerationStats) -> str:
         + (f", {s.speculative} drafts accepted {s.accepted_tokens}/{s.drafted_tokens}" if s.speculative != "off" else "")
         + (" (stopped: length limit)" if s.finish_reason == "length" else "")
     )
-
-
-def read_image(path: Path, pipeline: Pipeline, budget: MediaBudget | None = None):
-    """An image file as (H, W, 3) uint8 pixels, refused in one line when it is not one."""
-    budget = budget or MediaBudget(accepts=frozenset(pipeline.encoders))
-    budget.require("image")  # a text-only bundle: say so before reading the file
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image file {path} does not exist")
-    try:
-        return image_part(path.read_bytes(), budget).pixels
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
-
-
-def read_audio(path: Path, pipeline: Pipeline, budget: MediaBudget | None = None) -> tuple:
-    """An audio file (WAV; mp3/ogg/flac with soundfile) as (samples, rate), refused in one line when it is not one."""
-    budget = budget or MediaBudget(accepts=frozenset(pipeline.encoders))
-    budget.require("audio")
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"audio file {path} does not exist")
-    try:
-        part = audio_part(path.read_bytes(), budget)
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
-    return part.samples, part.sample_rate
 
 
 def stream_reply(session: ChatSession, text: str, out=sys.stdout, images=(), audio=(), err=None) -> GenerationStats:
@@ -110,8 +83,8 @@ def run_chat(
 
     try:
         budget = MediaBudget(accepts=frozenset(pipeline.encoders))
-        pending.extend(read_image(p, pipeline, budget) for p in images or [])
-        pending_audio.extend(read_audio(p, pipeline, budget) for p in audio or [])
+        pending.extend(read_image(p, pipeline.encoders, budget) for p in images or [])
+        pending_audio.extend(read_audio(p, pipeline.encoders, budget) for p in audio or [])
         if prompt is not None or pending_audio:
             one_turn(prompt or "")
             return
@@ -137,14 +110,14 @@ def run_chat(
                 continue
             if text.startswith("/audio "):
                 try:
-                    pending_audio.append(read_audio(Path(text[len("/audio "):].strip()), pipeline))
+                    pending_audio.append(read_audio(Path(text[len("/audio "):].strip()), pipeline.encoders))
                     err.print("[dim]audio attached to your next message[/]")
                 except InputError as exc:
                     err.print(f"[red]error:[/] {exc}")
                 continue
             if text.startswith("/image "):
                 try:
-                    pending.append(read_image(Path(text[len("/image "):].strip()), pipeline))
+                    pending.append(read_image(Path(text[len("/image "):].strip()), pipeline.encoders))
                     err.print("[dim]image attached to your next message[/]")
                 except InputError as exc:
                     err.print(f"[red]error:[/] {exc}")

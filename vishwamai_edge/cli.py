@@ -224,15 +224,21 @@ def eval_(
     bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) of one model; the first is the reference")],
     text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to score (default: the shipped eval-text.txt)")] = None,
     n_ctx: Annotated[int, typer.Option(min=MIN_CTX, help="window length in tokens; the second half of each is scored")] = 512,
+    tasks: Annotated[Optional[Path], typer.Option(help="JSONL questions with answers (exact, contains, choices; images allowed): accuracy per bundle")] = None,
+    kv_variant: Annotated[Optional[list[str]], typer.Option("--kv-variant", help="also run the reference's weights with this KV-cache type (q8_0, q4_0), a row each")] = None,
     threads: Threads = None,
     kv_type: KvType = None,
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, report.html, plots/")] = Path("build/eval/latest"),
 ) -> None:
     """What quantization cost: perplexity over a text and, against the first bundle, the KL divergence of
-    every token's distribution, same-top-token rate and Δp, as llama-perplexity reports them."""
-    from .eval.runner import run_eval
+    every token's distribution, same-top-token rate and Δp, as llama-perplexity reports them; with
+    --tasks, the accuracy on questions."""
+    from .eval.runner import eval_rows, run_eval
+    from .runtime.kv_cache import kv_type as check_kv_type
 
-    result = run_eval(bundles, out, text, n_ctx, _options(None, threads, kv_type=kv_type), console=err)
+    rows = eval_rows(bundles, check_kv_type(kv_type).name if kv_type else None,
+                     [check_kv_type(kv).name for kv in kv_variant or []])
+    result = run_eval(rows, out, text, n_ctx, _options(None, threads), tasks, console=err)
     typer.echo(str(result.out_dir / "report.md"))
 
 

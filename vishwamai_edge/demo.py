@@ -129,14 +129,14 @@ def vision_recipe() -> Recipe:
 def shapes_accuracy(bundle: Path, eval_jsonl: Path, threads: int | None, on_answer=None) -> dict[str, Any]:
     """Ask the bundle every held-out question (a fresh conversation each) and score the answers:
     right when the answer names the true colour (or kind) and no other."""
-    from .chat_cli import read_image
+    from .runtime.media import read_image
     from .train.shapes import held_out_questions, named
 
     pipeline = Pipeline.load(bundle, RuntimeOptions(n_threads=threads))
     scores: dict[str, list[bool]] = {"colour": [], "shape": []}
     try:
         for item in held_out_questions(eval_jsonl):
-            pixels = read_image(item["image"], pipeline)
+            pixels = read_image(item["image"], pipeline.encoders)
             answer = "".join(pipeline.session(max_tokens=16).ask(item["question"], images=[pixels])).strip()
             right = named(answer, item["attribute"]) == item["truth"]
             scores[item["attribute"]].append(right)

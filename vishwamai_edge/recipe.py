@@ -286,6 +286,33 @@ class SpeechSpec(Strict):
     dtype: Literal["fp32", "fp16", "int8"] = Field("fp32", description="the ONNX encoder and decoders the bundle carries")
 
 
+class EvalCheckSpec(Strict):
+    """`eval` of the bundle's GGUF against the unquantized export after the build, failing it when a bar is
+    missed (no bar: the numbers are only recorded in the manifest's checks)."""
+
+    text: Path | None = Field(None, description="UTF-8 text to score, relative to the recipe (default: the "
+                              "shipped eval-text.txt)")
+    n_ctx: int = Field(512, ge=64, description="window length in tokens; the second half of each is scored")
+    tasks: Path | None = Field(None, description="JSONL questions with answers (as `eval --tasks`), relative "
+                               "to the recipe")
+    max_kld_mean: float | None = Field(None, gt=0, description="fail when the mean KL divergence from the "
+                                       "unquantized export is above this (nats per token)")
+    max_ppl_ratio: float | None = Field(None, ge=1, description="fail when perplexity / the unquantized "
+                                        "export's perplexity is above this")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="fail when the task accuracy is below "
+                                       "this (needs tasks)")
+
+    @model_validator(mode="after")
+    def _accuracy_needs_tasks(self) -> EvalCheckSpec:
+        if self.min_accuracy is not None and self.tasks is None:
+            raise ValueError("min_accuracy: needs tasks (a JSONL file of questions)")
+        return self
+
+
+class ChecksSpec(Strict):
+    eval: EvalCheckSpec | None = Field(None, description="score the built bundle against the unquantized export")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
@@ -294,6 +321,7 @@ class Recipe(Strict):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     finetune: FinetuneSpec | None = None
     speech: SpeechSpec | None = None
+    checks: ChecksSpec = Field(default_factory=ChecksSpec)
     path: Path | None = Field(None, exclude=True, description="the file it was read from (set by load)")
 
     @model_validator(mode="after")

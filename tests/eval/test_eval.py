@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_q4_k_m_against_f16_over_the_shipped_text(embedded_build, tmp_path):
     assert "mean KLD" in (tmp_path / "report" / "report.md").read_text()
     assert {p.name: sha256_file(p) for p in bundle.rglob("*") if p.is_file()} == before
     beside = json.loads((tmp_path / "q4.eval.json").read_text())
-    assert beside["result"]["kld_mean"] == q4["kld_mean"] and beside["text"]["source"] == "eval-text.txt"
+    assert [r["kld_mean"] for r in beside["results"]] == [q4["kld_mean"]] and beside["text"]["source"] == "eval-text.txt"
 
 
 def _one_line(proc: subprocess.CompletedProcess, *words: str) -> None:
@@ -104,3 +105,33 @@ def test_bad_input_is_one_line(embedded_bundle, tiny_model, tmp_path):
 
     other = convert_hf_to_gguf(tiny_model("llama"), tmp_path / "other.gguf", "f32").path
     _one_line(cli("eval", str(embedded_bundle), str(other), "--n-ctx", "64"), "another vocabulary")
+
+
+def test_the_recipe_eval_check_fails_a_build(embedded_build, tmp_path):
+    """`checks.eval` scores the bundle's GGUF against the F16 export before packaging: a missed bar fails
+    the build in one line and writes no bundle; a bar met records the numbers in the manifest, and the
+    second build judges the numbers of the first (the eval is not run again)."""
+    root = tmp_path / "smollm2-135m"
+    root.mkdir()
+    shutil.copytree(embedded_build.bundle.parent / "export", root / "export")  # stamps kept: no re-export
+    recipe = tmp_path / "checked.yaml"
+    recipe.write_text((Path(__file__).parents[2] / "recipes" / "smollm2-135m.yaml").read_text()
+                      + "checks:\n  eval:\n    n_ctx: 256\n    max_kld_mean: 0.001\n")
+    build = ("build", "-r", str(recipe), "--target", "laptop-cpu", "--out", str(tmp_path))
+    _fails_in_one_line(cli(*build), "checks.eval", "mean KLD", "max_kld_mean 0.001", "no bundle written")
+    assert not (root / "laptop-cpu").exists() and (root / "eval" / "model-q4_k_m" / "report.md").is_file()
+    proc = cli(*build, "--set", "checks.eval.max_kld_mean=0.2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval of model-q4_k_m.gguf (up to date)" in proc.stderr
+    check = json.loads((root / "laptop-cpu" / "manifest.json").read_text())["checks"]["eval"]
+    assert 0.001 < check["kld_mean"] < 0.2 and check["ppl_ratio"] > 1 and check["against"] == "model-f16.gguf"
+    _one_line(cli(*build, "--set", "checks.eval.min_accuracy=0.5"), "min_accuracy", "needs tasks")
+
+
+def _fails_in_one_line(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """A build's progress lines, then its one error line last."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]

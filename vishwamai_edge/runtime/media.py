@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
@@ -198,3 +200,32 @@ def decode_base64(payload: str, what: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"the {what} data is not valid base64") from None
+
+
+def read_image(path: Path, accepts: Iterable[str], budget: MediaBudget | None = None) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 pixels for a bundle with encoders `accepts`, refused in one line when
+    it is not one (or the bundle has no image encoder)."""
+    budget = budget or MediaBudget(accepts=frozenset(accepts))
+    budget.require("image")  # a text-only bundle: say so before reading the file
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image file {path} does not exist")
+    try:
+        return image_part(path.read_bytes(), budget).pixels
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def read_audio(path: Path, accepts: Iterable[str], budget: MediaBudget | None = None) -> tuple[np.ndarray, int]:
+    """An audio file (WAV; mp3/ogg/flac with soundfile) as (samples, rate) for a bundle with encoders
+    `accepts`, refused in one line when it is not one."""
+    budget = budget or MediaBudget(accepts=frozenset(accepts))
+    budget.require("audio")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"audio file {path} does not exist")
+    try:
+        part = audio_part(path.read_bytes(), budget)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return part.samples, part.sample_rate

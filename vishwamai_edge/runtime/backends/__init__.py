@@ -159,6 +159,8 @@ class SupportsScoring(Protocol):
 
     def score(self, tokens: Sequence[int]) -> np.ndarray: ...
 
+    def adds_bos(self) -> bool: ...
+
 
 class BackendClass(Protocol):
     """A backend's class: `check` refuses, before anything loads, run-time options it cannot honour."""

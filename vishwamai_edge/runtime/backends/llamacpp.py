@@ -289,6 +289,10 @@ class LlamaCppBackend:
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
+    def adds_bos(self) -> bool:
+        """Whether the vocabulary puts BOS before a text (tokenizer.ggml.add_bos_token)."""
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
     def special_token(self, kind: str) -> tuple[int, str] | None:
         getter = {"bos": self._lib.llama_vocab_bos, "eos": self._lib.llama_vocab_eos}[kind]
         tok = getter(self._vocab)
