@@ -150,3 +150,26 @@ def test_chat_image_command_answers_a_held_out_picture(vision_build):
     assert proc.returncode == 0, proc.stderr
     assert row["colour"] in proc.stdout.lower() if "colour" in question else row["shape"] in proc.stdout.lower()
     assert "1 image(s) encoded" in proc.stderr
+
+
+def test_eval_tasks_ask_the_held_out_pictures(vision_build, tmp_path):
+    """`eval --tasks` as VQA: the held-out questions as task lines with images, answered through the
+    bundle's encoder; the same goal as the demo's own count (90% of each attribute)."""
+    from vishwamai_edge.train.shapes import held_out_questions
+
+    root, result = vision_build
+    items = held_out_questions(root / "finetune/shapes/eval.jsonl")
+    tasks = tmp_path / "vqa.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"{x['attribute']}-{i}", "question": x["question"], "image": str(x["image"]),
+                                         "answer": x["truth"], "match": "contains"}) + "\n"
+                             for i, x in enumerate(items)))
+    proc = subprocess.run([*CLI, "eval", str(result.bundle), "--tasks", str(tasks), "--threads", "2",
+                           "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=900,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "report" / "report.json").read_text())["bundles"][0]["tasks"]
+    answers = [json.loads(x) for x in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
+    assert summary["tasks"] == len(items) == 120 and len(answers) == 120
+    by = {a: [r["right"] for r in answers if r["id"].startswith(a)] for a in ("colour", "shape")}
+    print("eval VQA", {a: sum(v) / len(v) for a, v in by.items()})
+    assert all(sum(v) / len(v) >= 0.9 for v in by.values()), by
