@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import UserError
+from .errors import InputError, UserError
 from .runtime.backends import MIN_CTX
 
 # The run-time options, declared once: chat, ui, serve and profile take them and build one RuntimeOptions
@@ -221,7 +221,7 @@ def profile(
 
 @app.command(name="eval")
 def eval_(
-    bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) of one model; the first is the reference")],
+    bundles: Annotated[list[Path], typer.Argument(help="bundle folders (or .gguf files) of one model; the first is the reference (an HF folder there: converted to F16 as the build converts it)")],
     text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to score (default: the shipped eval-text.txt)")] = None,
     n_ctx: Annotated[int, typer.Option(min=MIN_CTX, help="window length in tokens; the second half of each is scored")] = 512,
     tasks: Annotated[Optional[Path], typer.Option(help="JSONL questions with answers (exact, contains, choices; images allowed): accuracy per bundle")] = None,
@@ -236,10 +236,34 @@ def eval_(
     from .eval.runner import eval_rows, run_eval
     from .runtime.kv_cache import kv_type as check_kv_type
 
+    bundles = [_hf_reference(bundles[0], out), *bundles[1:]] if bundles else bundles
     rows = eval_rows(bundles, check_kv_type(kv_type).name if kv_type else None,
                      [check_kv_type(kv).name for kv in kv_variant or []])
     result = run_eval(rows, out, text, n_ctx, _options(None, threads), tasks, console=err)
     typer.echo(str(result.out_dir / "report.md"))
+
+
+def _hf_reference(path: Path, out: Path) -> Path:
+    """A text model's HF folder as eval's reference: its F16 GGUF (converted once into the report folder, again
+    when the folder changes). A bundle or GGUF file is returned as it is."""
+    if not (path.is_dir() and (path / "config.json").is_file() and not (path / "manifest.json").is_file()):
+        return path
+    from .export.gguf import convert_hf_to_gguf
+    from .families import family_for
+    from .fsutil import sha256_json
+    from .stages.stamps import cached_result, folder_fingerprint, mark_done
+
+    if family_for(path).name != "text":
+        raise InputError(f"{path}: an HF folder as eval's reference must be a text model; give the language "
+                         "model's F16 GGUF (build/<recipe>/export/model-f16.gguf)")
+    gguf = out / "reference" / "model-f16.gguf"
+    inputs = sha256_json([str(path.resolve()), folder_fingerprint(path, recursive=True)])
+    if cached_result(gguf, inputs) is None:
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        with err.status(f"converting {path} to an F16 GGUF (the reference)"):
+            convert_hf_to_gguf(path, gguf, "f16")
+        mark_done(gguf, inputs, {})
+    return gguf
 
 
 @app.command()

@@ -135,3 +135,21 @@ def _fails_in_one_line(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr
     for word in words:
         assert word in errors[0], errors[0]
+
+
+def test_an_hf_folder_as_the_reference(tiny_model, tmp_path):
+    """The reference may be a text model's HF folder: converted to F16 as the build converts it (once:
+    a second eval reuses it), then scored like any GGUF; against its own F32 export the cost is ~0."""
+    from vishwamai_edge.export.gguf import convert_hf_to_gguf
+
+    hf = tiny_model("llama")
+    f32 = convert_hf_to_gguf(hf, tmp_path / "model-f32.gguf", "f32").path
+    args = ("eval", str(hf), str(f32), "--n-ctx", "64", "--out", str(tmp_path / "report"))
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref, row = json.loads((tmp_path / "report" / "report.json").read_text())["bundles"]
+    assert ref["path"] == str(tmp_path / "report" / "reference" / "model-f16.gguf")
+    assert row["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3) and row["kld_mean"] < 1e-4
+    mtime = (tmp_path / "report" / "reference" / "model-f16.gguf").stat().st_mtime_ns
+    assert cli(*args).returncode == 0
+    assert (tmp_path / "report" / "reference" / "model-f16.gguf").stat().st_mtime_ns == mtime
