@@ -9,6 +9,7 @@ from rich.console import Console
 
 from .errors import InputError
 from .runtime.backends import SamplingParams
+from .runtime.constrained import read_schema_file
 from .runtime.generation_stats import GenerationStats
 from .runtime.media import MediaBudget, read_audio, read_image
 from .runtime.options import RuntimeOptions
@@ -56,11 +57,16 @@ def run_chat(
     audio: list[Path] | None = None,
     adapter: str | None = None,
     seed: int | None = None,
+    json_schema: Path | None = None,
 ) -> None:
     err = Console(stderr=True)
+    schema = read_schema_file(json_schema) if json_schema is not None else None  # before loading the model
     with err.status("loading the bundle"):
         pipeline = Pipeline.load(bundle, options)
-    if pipeline.speculative is not None and pipeline.speculative.note:
+    grammar = pipeline.compile_schema(schema, str(json_schema)) if json_schema is not None else None
+    if pipeline.speculative is not None and grammar is not None:
+        err.print("[yellow]note:[/] replies constrained to a schema decode without speculation", highlight=False)
+    elif pipeline.speculative is not None and pipeline.speculative.note:
         err.print(f"[yellow]note:[/] {pipeline.speculative.note}", highlight=False)
     defaults = pipeline.bundle.runtime_defaults
     session = pipeline.session(
@@ -69,6 +75,7 @@ def run_chat(
                                 seed=seed if seed is not None else 0),
         max_tokens=max_tokens or defaults.max_tokens,
         adapter=adapter,
+        grammar=grammar,
     )
 
     pending: list = []  # images for the next turn

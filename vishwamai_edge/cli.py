@@ -102,12 +102,14 @@ def chat(
     draft_max: DraftMax = None,
     seed: Annotated[Optional[int], typer.Option(help="random seed of sampled replies (temperature > 0)")] = None,
     kv_type: KvType = None,
+    json_schema: Annotated[Optional[Path], typer.Option("--json-schema", help="every reply is JSON valid under the JSON schema in this file (any object: {\"type\": \"object\"})")] = None,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
     options = _options(n_ctx, threads, 1, speculative, draft, draft_max, kv_type)  # one conversation: one slot
-    run_chat(bundle, options, prompt, system, max_tokens, temperature, stats, image, audio, adapter, seed=seed)
+    run_chat(bundle, options, prompt, system, max_tokens, temperature, stats, image, audio, adapter, seed=seed,
+             json_schema=json_schema)
 
 
 @app.command()

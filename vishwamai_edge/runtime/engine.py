@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from ..errors import ContextOverflowError, InputError, UserError
 from .backends import SamplingParams, SupportsSlots
+from .constrained import Grammar
 from .generation_stats import GenerationStats
 from .manifest import RuntimeDefaults
 from .media import AudioPart, ImagePart, MediaBudget, Part, TextPart
@@ -83,6 +84,7 @@ class ChatRequest:
     # history); off for the API, where the client owns the history and gets a 400 instead.
     trim_history: bool = False
     adapter: str | None = None  # a LoRA adapter of the bundle to answer with (None: the base model)
+    grammar: Grammar | None = None  # the reply is JSON valid under this schema (`Engine.compile_schema`)
 
 
 # -- stream -------------------------------------------------------------------------------
@@ -303,6 +305,10 @@ class Engine:
         self._worker.join()
         self.pipeline.close()
 
+    def compile_schema(self, schema: dict[str, Any] | None, where: str = "json_schema") -> Grammar:
+        """A response format's schema as a grammar for `ChatRequest.grammar` (see Pipeline.compile_schema)."""
+        return self.pipeline.compile_schema(schema, where)
+
     @property
     def model_ids(self) -> dict[str, str | None]:
         """What requests may name as `model`: the bundle, and `<bundle>:<adapter>` per LoRA adapter."""
@@ -446,7 +452,7 @@ class Engine:
     def _session(self, gen: Generation) -> tuple[ChatSession, RequestStats]:
         req = gen.request
         session = ChatSession(self.pipeline, sampling=req.sampling, max_tokens=req.max_tokens, stop=list(req.stop),
-                              adapter=req.adapter)
+                              adapter=req.adapter, grammar=req.grammar)
         return session, RequestStats(session.last_stats, queue_wait_s=time.perf_counter() - gen.submitted_at,
                                      model_bytes=self._model_bytes)
 

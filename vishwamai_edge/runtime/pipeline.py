@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BundleError, InputError
-from .backends import MIN_CTX, LLMBackend, SupportsAdapters, backend_class
+from .backends import MIN_CTX, LLMBackend, SupportsAdapters, SupportsGrammar, backend_class
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE
+from .constrained import Compiler, Grammar
 from .encoder_registry import load_encoders
 from .manifest import AdapterEntry
 from .options import RuntimeOptions
@@ -55,6 +56,7 @@ class Pipeline:
         # templates written for image parts (LLaVA's) read text from part lists only
         self.structured_content = "image" in self.encoders or self.audio_embeds
         self.prompts = PromptBuilder(self)
+        self._compiler: Compiler | None = None  # JSON schemas -> grammars, made on first use
 
     @classmethod
     def load(cls, path: Path | str, options: RuntimeOptions | None = None) -> Pipeline:
@@ -113,6 +115,17 @@ class Pipeline:
         self.check_adapter(name)
         if isinstance(self.llm, SupportsAdapters):
             self.llm.use_adapter(name, self.adapters[name].scale if name else 1.0)
+
+    def compile_schema(self, schema: dict[str, Any] | None, where: str = "json_schema") -> Grammar:
+        """A JSON schema (None: any JSON object) as a grammar for `session(grammar=...)`; a keyword that
+        cannot be enforced is refused in one line naming it (`where` says whose schema it is)."""
+        if not isinstance(self.llm, SupportsGrammar):
+            raise InputError(f"this bundle's backend ({self.bundle.llm.backend}) cannot constrain replies to a "
+                             "schema; use its llama.cpp bundle")
+        with self._cache_lock:
+            if self._compiler is None:
+                self._compiler = Compiler(self.llm)
+        return self._compiler.compile(schema, where)
 
     def session(self, **kwargs: Any) -> ChatSession:
         from .session import ChatSession

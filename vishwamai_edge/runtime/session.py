@@ -28,6 +28,7 @@ from .reply import ReplyText
 from .speculative import SpeculativeCounts, Speculator
 
 if TYPE_CHECKING:
+    from .constrained import Grammar, GrammarState
     from .pipeline import Pipeline
 
 
@@ -43,15 +44,19 @@ class ChatSession:
         stop: list[str] | None = None,
         adapter: str | None = None,
         speculative: Speculator | None | bool = True,
+        grammar: Grammar | None = None,
     ):
         """`speculative`: True, the pipeline's speculative decoding (if it has one); False, plain
-        decoding; or a `Speculator` of the caller's (profile compares them on one pipeline)."""
+        decoding; or a `Speculator` of the caller's (profile compares them on one pipeline).
+        `grammar` (`pipeline.compile_schema(schema)`): every reply is JSON valid under that schema,
+        decoded plainly (no speculation)."""
         self.pipeline = pipeline
         self.llm = pipeline.llm
         self.speculative: Speculator | None = (pipeline.speculative if speculative is True
                                                else speculative or None)
         pipeline.check_adapter(adapter)
         self.adapter = adapter  # the LoRA adapter every reply of this conversation uses (None: the base)
+        self.grammar = grammar
         self.sampling = sampling or SamplingParams()
         self.max_tokens = max_tokens
         self.stop = list(stop or [])
@@ -154,7 +159,8 @@ class ChatSession:
                                        self.pipeline.encode_audio(prompt.audio) if prompt.audio else [])
             stats.encode_s = time.perf_counter() - t
         budget = min(self.max_tokens, self.llm.n_ctx - prompt.size)
-        return Turn(segments, ReplyText(self.llm, self.stop, stats, start, budget))
+        grammar = self.grammar.start() if self.grammar is not None else None
+        return Turn(segments, ReplyText(self.llm, self.stop, stats, start, budget), grammar)
 
     def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None,
                  heard: list[str] | None = None, transcribe_s: float = 0.0) -> Iterator[str]:
@@ -173,12 +179,12 @@ class ChatSession:
             reply.end("cancelled")
             return
         reply.prefilled()
-        if self.speculative is not None:
+        if self.speculative is not None and turn.grammar is None:  # drafts are not checked against a grammar
             counts = SpeculativeCounts()
             reply.stats.speculative = self.speculative.options.mode
             tokens = self.speculative.stream(self.llm, self.sampling, reply.budget, counts)
         else:
-            counts, tokens = None, self.llm.stream(self.sampling, reply.budget)
+            counts, tokens = None, self.llm.stream(self.sampling, reply.budget, grammar=turn.grammar)
         with closing(tokens):  # a reply cut short leaves the KV cache as plain decoding leaves it
             for tok in tokens:
                 if counts is not None:
@@ -206,3 +212,4 @@ class Turn:
 
     segments: list[Segment]
     reply: ReplyText
+    grammar: GrammarState | None = None  # a constrained reply's position in its grammar

@@ -120,7 +120,7 @@ class SlotDecoder:
         if self.llm.n_past_of(seq) >= self.llm.n_ctx:
             self._finish(seq, "length")
             return
-        tok = self.llm.sample(job.sampler, row)
+        tok = self.llm.sample(job.sampler, row, job.turn.grammar)  # each slot its own grammar state
         if self.llm.is_eog(tok):
             self._finish(seq, "stop")
             return

@@ -112,7 +112,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
                 engine.check_room()
             except Exception as exc:
                 raise api_error_for(exc) from None
-            chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget())
+            chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget(),
+                                          engine.compile_schema)
         chat = replace(chat, adapter=engine.model_ids[req.model])
         try:
             gen = engine.submit(chat)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,6 +28,9 @@ from ..runtime.media import (
     decode_data_url,
     image_part,
 )
+
+if TYPE_CHECKING:
+    from ..runtime.constrained import Grammar
 
 
 class APIError(Exception):
@@ -102,8 +106,20 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # the schema is enforced whether or not it is set
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 # Known fields the runtime cannot honour: refused by name.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -124,6 +140,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     n: int = 1
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
@@ -146,16 +163,21 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     if req.top_logprobs is not None:
         raise APIError(400, "top_logprobs is not supported by this server", param="top_logprobs")
+    rf = req.response_format
+    if rf is not None and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+        raise APIError(400, "response_format.json_schema.schema: required for type json_schema",
+                       param="response_format.json_schema.schema")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
     return req
 
 
-def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budget: MediaBudget) -> ChatRequest:
+def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budget: MediaBudget,
+                    compile_schema: Callable[[Any, str], Grammar]) -> ChatRequest:
     """Decode every part (images and audio too, so bad data is a 400) within the request's media
-    budget, which also refuses kinds the bundle cannot encode before decoding them; may block:
-    run it off the event loop."""
+    budget, which also refuses kinds the bundle cannot encode before decoding them, and compile the
+    response format's schema (what cannot be enforced is a 400); may block: run it off the event loop."""
     messages = []
     for i, msg in enumerate(req.messages):
         role = "system" if msg.role == "developer" else msg.role
@@ -177,7 +199,19 @@ def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budge
         max_tokens=req.max_completion_tokens or req.max_tokens or defaults.max_tokens,
         sampling=sampling,
         stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
+        grammar=_grammar(req.response_format, compile_schema),
     )
+
+
+def _grammar(rf: ResponseFormat | None, compile_schema: Callable[[Any, str], Grammar]) -> Grammar | None:
+    if rf is None or rf.type == "text":
+        return None
+    where = "response_format" if rf.type == "json_object" else "response_format.json_schema.schema"
+    try:
+        return compile_schema(None if rf.json_schema is None or rf.type == "json_object" else rf.json_schema.schema_,
+                              where)
+    except InputError as exc:
+        raise APIError(400, str(exc), param=where) from None
 
 
 def _parts(content: str | list[Any] | None, where: str, budget: MediaBudget) -> list[Part]:

@@ -187,7 +187,7 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict[str
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, run_id: str) -> dict[str, Any]:
-    torch = require("torch", "build")
+    require("torch", "build")
     peft = require("peft", "train")
     from safetensors.torch import load_file
 

@@ -162,6 +162,13 @@ class SupportsScoring(Protocol):
     def adds_bos(self) -> bool: ...
 
 
+@runtime_checkable
+class SupportsGrammar(Protocol):
+    """Constrained replies: `sample` masks the logits with a grammar's state (runtime/constrained.py)."""
+
+    vocab_pointer: Any
+
+
 class BackendClass(Protocol):
     """A backend's class: `check` refuses, before anything loads, run-time options it cannot honour."""
 

@@ -19,11 +19,15 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ...errors import BundleError, ContextOverflowError, InputError, require
 from . import MIN_CTX, Cancelled, EmbeddingSegment, MemoryUse, SamplingParams, Segment, TokenSegment
+
+if TYPE_CHECKING:
+    from ..constrained import GrammarState
 
 _EMBEDDING_KEY = -1  # positions filled from embeddings never match a cached prefix
 _DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
@@ -517,13 +521,14 @@ class LlamaCppBackend:
         self.reset()
         return out
 
-    def stream(self, sampling: SamplingParams, max_tokens: int, seq: int = 0) -> Iterator[int]:
+    def stream(self, sampling: SamplingParams, max_tokens: int, seq: int = 0,
+               grammar: GrammarState | None = None) -> Iterator[int]:
         sampler = self.sampler(sampling, seq)
         try:
             for _ in range(max_tokens):
                 if len(self._keys[seq]) >= self.n_ctx:
                     return  # context full: the caller reports finish_reason "length"
-                tok = self.sample(sampler)
+                tok = self.sample(sampler, -1, grammar)
                 if self.is_eog(tok):
                     return
                 yield tok
@@ -531,10 +536,21 @@ class LlamaCppBackend:
         finally:
             self.free_sampler(sampler)
 
-    def sample(self, sampler, row: int = -1) -> int:
+    def sample(self, sampler, row: int = -1, grammar: GrammarState | None = None) -> int:
         """Sample from the logits of batch row `row` (-1: the last evaluated); the sampler
-        records the token it picked (penalties see it from then on)."""
-        return int(self._lib.llama_sampler_sample(sampler, self._ctx, row))
+        records the token it picked (penalties see it from then on). With `grammar`, only a token
+        it allows can be picked, and the grammar advances on it."""
+        if grammar is not None:  # masked where llama.cpp's sampler reads them
+            grammar.mask(np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,)))
+        tok = int(self._lib.llama_sampler_sample(sampler, self._ctx, row))
+        if grammar is not None and not self.is_eog(tok):
+            grammar.accept(tok)
+        return tok
+
+    @property
+    def vocab_pointer(self) -> Any:
+        """llama.cpp's vocabulary handle (constrained replies read the tokens from it)."""
+        return self._vocab
 
     def free_sampler(self, sampler) -> None:
         self._lib.llama_sampler_free(sampler)

@@ -1,0 +1,171 @@
+"""Constrained replies: a JSON schema enforced token by token, so every reply that ends parses and validates.
+
+The schema is compiled by llguidance (the structured-generation engine llama.cpp itself offers as its
+`LLAMA_LLGUIDANCE` option) into a matcher over this model's vocabulary; before each token is drawn the
+matcher's mask sets every token that cannot continue a valid reply to -inf in the logits that llama.cpp's
+sampler then reads, and the drawn token advances the matcher. When the JSON value is complete only the end
+of generation is allowed. Why not llama-cpp-python's own JSON-schema-to-GBNF converter: it drops keywords
+it cannot express (integer bounds among them) without a word; llguidance enforces more of the schema and
+refuses what it cannot.
+
+What is enforced is a stated subset (SUPPORTED, FORMATS); a schema using any other keyword is refused in
+one line naming the keyword and where it is (a 400 on the API), never silently loosened. `oneOf` is
+enforced as `anyOf`: a reply matches at least one branch (branches that exclude each other, such as
+different types or `const` tags, make that the same thing).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, require
+
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+SUPPORTED = frozenset({
+    "type", "properties", "required", "additionalProperties", "enum", "const", "anyOf", "oneOf", "allOf",
+    "$ref", "$defs", "definitions", "items", "prefixItems", "minItems", "maxItems", "minLength", "maxLength",
+    "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+})
+ANNOTATIONS = frozenset({  # say nothing about which values are valid
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
+    "writeOnly",
+})
+FORMATS = ("date-time", "date", "time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6")
+ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object
+# Replies are compact JSON (no free whitespace between tokens): a sampled model cannot wander off into
+# endless newlines before the value is done, and the reply costs fewer tokens.
+COMPACT = {"whitespace_flexible": False}
+
+
+def read_schema_file(path: Path) -> Any:
+    """A JSON schema from a file, refused in one line when the file is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise InputError(f"{path} is not a JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+
+
+def check_schema(schema: Any, where: str) -> None:
+    """Refuse a schema that uses a keyword this runtime cannot enforce, naming it and its place."""
+    if not isinstance(schema, dict):
+        raise InputError(f"{where}: a JSON schema is an object, not {type(schema).__name__}")
+    _check(schema, where, "#")
+
+
+def _check(node: Any, where: str, path: str) -> None:
+    if isinstance(node, bool):
+        return  # true / false: anything / nothing
+    if not isinstance(node, dict):
+        raise InputError(f"{where}: {path} is not a schema (an object or a boolean)")
+    for key, value in node.items():
+        if key in ANNOTATIONS:
+            continue
+        if key not in SUPPORTED:
+            raise InputError(f"{where}: keyword {key!r} at {path} cannot be enforced while decoding; "
+                             f"supported: {', '.join(sorted(SUPPORTED))}")
+        here = f"{path}/{key}"
+        if key == "type":
+            types = value if isinstance(value, list) else [value]
+            if not types or any(t not in JSON_TYPES for t in types):
+                raise InputError(f"{where}: {here} must name JSON types ({', '.join(JSON_TYPES)}), not {value!r}")
+        elif key == "format" and value not in FORMATS:
+            raise InputError(f"{where}: format {value!r} at {path} cannot be enforced while decoding; "
+                             f"supported: {', '.join(FORMATS)}")
+        elif key in ("properties", "$defs", "definitions"):
+            if not isinstance(value, dict):
+                raise InputError(f"{where}: {here} must be an object of schemas")
+            for name, sub in value.items():
+                _check(sub, where, f"{here}/{name}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list) or not value:
+                raise InputError(f"{where}: {here} must be a non-empty list of schemas")
+            for i, sub in enumerate(value):
+                _check(sub, where, f"{here}/{i}")
+        elif key in ("items", "additionalProperties"):
+            _check(value, where, here)
+        elif key == "required" and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise InputError(f"{where}: {here} must be a list of property names")
+        elif key == "enum" and not (isinstance(value, list) and value):
+            raise InputError(f"{where}: {here} must be a non-empty list")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled constraint, shared by every reply that asks for it; `start` gives one reply its state."""
+
+    schema: dict[str, Any]
+    text: str
+    tokenizer: Any = field(repr=False)
+
+    def start(self) -> GrammarState:
+        return GrammarState(self)
+
+
+class GrammarState:
+    """One reply's position in its grammar: masks the logits before a draw, advances on the drawn token."""
+
+    def __init__(self, grammar: Grammar):
+        llg = require("llguidance", "runtime")
+        self.matcher = llg.LLMatcher(grammar.tokenizer, grammar.text)
+        self._words = np.empty((grammar.tokenizer.vocab_size + 31) // 32, dtype=np.int32)
+
+    def mask(self, logits: np.ndarray) -> None:
+        """Set the logits of every token that cannot come next to -inf (in place)."""
+        self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little", count=logits.shape[-1])
+        logits[allowed == 0] = -np.inf
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        return bool(self.matcher.is_stopped())
+
+
+class Compiler:
+    """Schemas -> grammars for one loaded model (its vocabulary read once, on first use)."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                require("llguidance", "runtime")
+                from llguidance.llamacpp import lltokenizer_from_vocab
+
+                self._tokenizer = lltokenizer_from_vocab(self.llm.vocab_pointer)
+            return self._tokenizer
+
+    def compile(self, schema: dict[str, Any] | None, where: str) -> Grammar:
+        """`schema` (None: any JSON object) checked and compiled; what cannot be enforced is refused."""
+        schema = ANY_OBJECT if schema is None else schema
+        check_schema(schema, where)
+        llg = require("llguidance", "runtime")
+        try:
+            text = llg.LLMatcher.grammar_from_json_schema(json.loads(json.dumps(schema)), defaults=COMPACT)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{where}: {_one_line(exc)}") from None
+        failed, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.tokenizer())
+        if failed:
+            raise InputError(f"{where}: {_one_line(messages[0] if messages else 'the schema does not compile')}")
+        return Grammar(schema, text, self.tokenizer())
+
+
+def _one_line(message: Any) -> str:
+    """llguidance's messages (a regex error spans lines) as one line."""
+    return " ".join(str(message).split())
