@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,18 @@ ANNOTATIONS = frozenset({  # say nothing about which values are valid
     "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
     "writeOnly",
 })
-FORMATS = ("date-time", "date", "time", "duration", "uuid", "email", "hostname", "ipv4", "ipv6")
+FORMATS = ("date-time", "date", "time", "uuid", "email")
+# RFC 3339 as exact patterns, tighter than the grammar engine's own: a day that exists in every year of its
+# month (no February 29), years 1000-9999 and at most nine digits of a second's fraction. A sampled reply
+# cannot run on through endless fraction digits, and every reply is a date Python's datetime reads.
+_DATE = (r"[1-9][0-9]{3}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+         r"|02-(0[1-9]|1[0-9]|2[0-8]))")
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
+# A recursive $ref is unrolled this many levels deep; below, the recursive branch is `false` (an array of
+# such items must be empty there): a sampled reply cannot nest without end, and each still validates.
+MAX_REF_DEPTH = 4
+MAX_SCHEMA_NODES = 20_000  # after unrolling: a schema that grows past this is refused, not compiled
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object
 # Replies are compact JSON (no free whitespace between tokens): a sampled model cannot wander off into
 # endless newlines before the value is done, and the reply costs fewer tokens.
@@ -99,6 +111,54 @@ def _check(node: Any, where: str, path: str) -> None:
             raise InputError(f"{where}: {here} must be a non-empty list")
 
 
+def bounded(schema: dict[str, Any], where: str) -> dict[str, Any]:
+    """The schema as it is compiled: local `$ref`s inlined (recursion MAX_REF_DEPTH levels deep), dates and
+    times as exact patterns. Every value valid under the result is valid under `schema`."""
+    nodes = 0
+
+    def resolve(ref: str) -> Any:
+        if ref != "#" and not ref.startswith("#/"):
+            raise InputError(f"{where}: $ref {ref!r}: only references inside the schema (#/...) are followed")
+        node: Any = schema
+        for part in [p.replace("~1", "/").replace("~0", "~") for p in ref[2:].split("/")] if ref != "#" else []:
+            if not isinstance(node, dict) or part not in node:
+                raise InputError(f"{where}: $ref {ref!r} points at nothing")
+            node = node[part]
+        return node
+
+    def walk(node: Any, refs: tuple[str, ...]) -> Any:
+        nonlocal nodes
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise InputError(f"{where}: the schema is over {MAX_SCHEMA_NODES} nodes with its references unrolled")
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            ref = node["$ref"]
+            if refs.count(ref) >= MAX_REF_DEPTH:
+                return False
+            target = walk(resolve(ref), (*refs, ref))
+            rest = {k: v for k, v in node.items() if k not in ("$ref", "$defs", "definitions") and k not in ANNOTATIONS}
+            return {"allOf": [target, walk(rest, refs)]} if rest else target
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in ("$defs", "definitions"):
+                continue  # inlined where referenced
+            if key == "properties":
+                out[key] = {name: walk(sub, refs) for name, sub in value.items()}
+            elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+                out[key] = [walk(sub, refs) for sub in value]
+            elif key in ("items", "additionalProperties"):
+                out[key] = walk(value, refs)
+            else:
+                out[key] = value
+        if out.get("format") in FORMAT_PATTERNS and "pattern" not in out:
+            out["pattern"] = FORMAT_PATTERNS[out.pop("format")]
+        return out
+
+    return walk(schema, ())
+
+
 @dataclass(frozen=True)
 class Grammar:
     """A compiled constraint, shared by every reply that asks for it; `start` gives one reply its state."""
@@ -148,7 +208,9 @@ class Compiler:
                 require("llguidance", "runtime")
                 from llguidance.llamacpp import lltokenizer_from_vocab
 
-                self._tokenizer = lltokenizer_from_vocab(self.llm.vocab_pointer)
+                with warnings.catch_warnings():  # it reads each token's attributes by a name llama.cpp deprecated
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._tokenizer = lltokenizer_from_vocab(self.llm.vocab_pointer)
             return self._tokenizer
 
     def compile(self, schema: dict[str, Any] | None, where: str) -> Grammar:
@@ -157,7 +219,7 @@ class Compiler:
         check_schema(schema, where)
         llg = require("llguidance", "runtime")
         try:
-            text = llg.LLMatcher.grammar_from_json_schema(json.loads(json.dumps(schema)), defaults=COMPACT)
+            text = llg.LLMatcher.grammar_from_json_schema(bounded(schema, where), defaults=COMPACT)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{where}: {_one_line(exc)}") from None
         failed, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.tokenizer())

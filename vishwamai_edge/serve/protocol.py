@@ -108,7 +108,7 @@ class StreamOptions(_Model):
 
 class JsonSchemaFormat(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    schema_: Any = Field(None, alias="schema")  # checked by runtime/constrained.py, which names what is wrong
     description: str | None = None
     strict: bool | None = None  # the schema is enforced whether or not it is set
 
