@@ -107,3 +107,18 @@ def check_gguf_file(path: Path) -> Path:
         if f.read(4) != b"GGUF":
             raise SourceError(f"{path} is not a GGUF file (bad magic)")
     return path
+
+
+def jsonl_objects(text: str, where: Path | str, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL text with their line numbers, blank lines skipped; a line that is not a
+    JSON object raises `error` naming `where:LINE`."""
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{where}:{n}: each line must be a JSON object, got {type(obj).__name__}")
+        yield n, obj

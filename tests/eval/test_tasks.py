@@ -40,8 +40,8 @@ def write_lines(path: Path, lines: list) -> Path:
     ({"question": "Q", "choices": ["a", "b"], "answer": 2}, "no index of the 2 choices"),
     ({"question": "Q", "choices": ["a"], "answer": "a"}, "two or more"),
     ({"question": "Q", "choices": ["a", "b"], "answer": "a", "image": "x.png"}, "with an image is not supported"),
-    ("[1, 2]", "a JSON object"),
-    ("{not json", "not a JSON line"),
+    ("[1, 2]", "each line must be a JSON object"),
+    ("{not json", "not valid JSON"),
 ])
 def test_a_wrong_line_is_named(tmp_path, line, message):
     path = write_lines(tmp_path / "tasks.jsonl", [{"question": "Fine?", "answer": "yes"}, line])

@@ -15,7 +15,6 @@ An image (a path relative to the tasks file) goes through the bundle's image enc
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import InputError, UserError
+from ..fsutil import jsonl_objects
 from ..runtime.backends import SupportsScoring
 from ..runtime.media import read_image
 from ..runtime.pipeline import Pipeline
@@ -66,24 +66,18 @@ def read_tasks(path: Path) -> list[Task]:
     """The tasks of a JSONL file, each line checked: a wrong line is refused in one message naming it."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (UnicodeDecodeError, IsADirectoryError):
         raise InputError(f"{path} is not a UTF-8 JSONL file") from None
-    tasks = [_task(f"{path}:{n}", line, path.parent) for n, line in enumerate(lines, 1) if line.strip()]
+    tasks = [_task(f"{path}:{n}", row, path.parent) for n, row in jsonl_objects(text, path, InputError)]
     if not tasks:
         raise InputError(f"{path} has no task lines")
     return tasks
 
 
-def _task(where: str, line: str, base: Path) -> Task:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not a JSON line ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: a task line is a JSON object with question and answer")
+def _task(where: str, row: dict[str, Any], base: Path) -> Task:
     unknown = sorted(set(row) - KEYS)
     if unknown:
         raise InputError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(sorted(KEYS))})")

@@ -16,7 +16,6 @@ Message content may also be a list of parts, `{"type": "text", "text": ...}` and
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
+from ..fsutil import jsonl_objects
 
 IGNORE = -100  # label of a token without loss (torch's cross_entropy ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -82,7 +82,7 @@ def read_dataset(path: Path, fmt: Format = "auto") -> list[Record]:
         text = _read_text(path)
         records = [Record(f"{path}", text=text)] if text.strip() else []
     else:
-        records = [_record(obj, path, n, fmt) for n, obj in _jsonl_objects(path)]
+        records = [_record(obj, path, n, fmt) for n, obj in jsonl_objects(_read_text(path), path, DatasetError)]
     if not records:
         raise DatasetError(f"dataset {path} has no examples (the file is empty)")
     return records
@@ -95,17 +95,6 @@ def _read_text(path: Path) -> str:
         raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _jsonl_objects(path: Path):
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DatasetError(f"{path}:{n}: each line must be a JSON object, got {type(obj).__name__}")
-        yield n, obj
 
 
 def _record(obj: dict[str, Any], path: Path, n: int, fmt: Format) -> Record:
