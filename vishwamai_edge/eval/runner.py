@@ -98,7 +98,7 @@ def run_eval(rows: list[Row], out: Path, text: Path | None = None, n_ctx: int = 
                 reference = None
                 for i, pipeline in enumerate(loaded):
                     t = time.perf_counter()
-                    logits = pipeline.llm.score(window)[first:-1]
+                    logits = pipeline.llm.score(window, first)[:-1]
                     seconds[i] += time.perf_counter() - t
                     scores[i].add(logits, targets, reference)
                     if i == 0:

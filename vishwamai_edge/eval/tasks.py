@@ -164,6 +164,6 @@ def choice_logliks(pipeline: Pipeline, task: Task) -> list[float]:
     out = []
     for choice in task.choices:
         cont = llm.tokenize(choice, add_special=False, parse_special=False)
-        logp = log_softmax(llm.score([*prompt, *cont])[len(prompt) - 1:-1])
+        logp = log_softmax(llm.score([*prompt, *cont], len(prompt) - 1)[:-1])
         out.append(float(logp[np.arange(len(cont)), cont].sum()))
     return out

@@ -155,9 +155,9 @@ class SupportsRollback(Protocol):
 
 @runtime_checkable
 class SupportsScoring(Protocol):
-    """Logits at every position of a token window, from an empty cache (`eval`)."""
+    """Logits at the positions from `start` on of a token window, from an empty cache (`eval`)."""
 
-    def score(self, tokens: Sequence[int]) -> np.ndarray: ...
+    def score(self, tokens: Sequence[int], start: int = 0) -> np.ndarray: ...
 
     def adds_bos(self) -> bool: ...
 

@@ -418,10 +418,11 @@ class LlamaCppBackend:
             self._lib.llama_memory_seq_rm(mem, seq, keep, -1)
         del self._keys[seq][keep:]
 
-    def decode(self, items: Sequence[tuple[int, Sequence[int], bool | str]],
+    def decode(self, items: Sequence[tuple[int, Sequence[int], bool | str | int]],
                abort: Callable[[], bool] | None = None) -> dict[int, list[int]]:
         """Evaluate tokens of several sequences in one `llama_decode` (at most `n_batch` in all):
-        each item is (seq, tokens, logits), logits False, True (the last token's) or "all".
+        each item is (seq, tokens, logits), logits False, True (the last token's), "all", or an index k
+        (tokens k and after: their logits only, as a window's scored half needs).
         Returns, per sequence with logits, the batch rows that hold them (for `sample`).
         `abort` is polled while it runs: True stops it (Cancelled), nothing of it is kept."""
         batch = self._token_batch
@@ -434,7 +435,10 @@ class LlamaCppBackend:
                 batch.pos[n] = start + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq
-                out = want == "all" or (bool(want) and i == len(tokens) - 1)
+                if isinstance(want, bool):
+                    out = want and i == len(tokens) - 1
+                else:
+                    out = want == "all" or (isinstance(want, int) and i >= want)
                 batch.logits[n] = out
                 if out:
                     rows.setdefault(seq, []).append(n)
@@ -508,16 +512,19 @@ class LlamaCppBackend:
             out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits at every position of `tokens`, evaluated from an empty cache (eval's windows), (n, n_vocab)."""
+    def score(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
+        """Logits at positions `start`.. of `tokens`, evaluated from an empty cache (eval's windows, a
+        choice's likelihood), (len(tokens) - start, n_vocab); no other position's are computed."""
         if len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"a window of {len(tokens)} tokens is over the context of {self.n_ctx}")
         self.reset()
-        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        out = np.empty((len(tokens) - start, self.n_vocab), dtype=np.float32)
         for off in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[off:off + self.n_batch])
-            rows = self.decode([(0, chunk, "all")])[0]
-            out[off:off + len(chunk)] = self.logits_at(rows)
+            first = max(start - off, 0)
+            rows = self.decode([(0, chunk, first if first < len(chunk) else False)]).get(0, [])
+            if rows:
+                out[off + first - start:off + len(chunk) - start] = self.logits_at(rows)
         self.reset()
         return out
 
