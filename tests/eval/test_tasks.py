@@ -150,4 +150,35 @@ def test_a_line_without_an_answer_is_one_line(embedded_bundle, tmp_path):
     tasks = write_lines(tmp_path / "tasks.jsonl", [{"question": "What is 2 + 2?"}])
     proc = cli("eval", str(embedded_bundle), "--tasks", str(tasks))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {tasks}:1: no answer; every task line names its answer"]
+    assert proc.stderr.strip().splitlines() == [f"error: {tasks}:1: no answer; every task line names its answer (or a schema)"]
+
+
+def test_schema_tasks(embedded_build, tmp_path):
+    """A schema task is right when the reply ends, parses and validates: always under the grammar; the free
+    reply of the same question is judged by the same rule (SmolLM2 wraps its JSON in a code fence)."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"enum": ["France", "Spain", "Italy"]}},
+              "required": ["city", "country"], "additionalProperties": False}
+    question = "Which city is the capital of France? Answer as JSON with city and country."
+    tasks = write_lines(tmp_path / "tasks.jsonl", [{"id": "held", "question": question, "schema": schema},
+                                                   {"id": "free", "question": question, "schema": schema,
+                                                    "constrained": False}])
+    proc = cli("eval", str(embedded_build.bundle), "--tasks", str(tasks), "--n-ctx", "256", "--threads", "2",
+               "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = {a["id"]: a for a in map(json.loads, (tmp_path / "report" / "answers.jsonl").read_text().splitlines())}
+    assert answers["held"]["right"] and json.loads(answers["held"]["reply"])["country"] == "France"
+    assert answers["free"]["right"] == _valid(answers["free"]["reply"], schema)
+    with pytest.raises(InputError, match="keyword 'uniqueItems'"):
+        read_tasks(write_lines(tmp_path / "bad.jsonl", [{"question": "Q", "schema": {"uniqueItems": True}}]))
+    with pytest.raises(InputError, match="judged by its schema; leave out 'answer'"):
+        read_tasks(write_lines(tmp_path / "bad.jsonl", [{"question": "Q", "schema": {}, "answer": "x"}]))
+
+
+def _valid(reply: str, schema: dict) -> bool:
+    import jsonschema
+
+    try:
+        return jsonschema.Draft202012Validator(schema).is_valid(json.loads(reply))
+    except json.JSONDecodeError:
+        return False

@@ -4,17 +4,21 @@
     {"question": "Name a primary colour.", "answer": ["red", "blue"], "match": "contains"}
     {"question": "Which is a fruit?", "choices": ["a brick", "a pear"], "answer": "a pear"}
     {"question": "What colour is the shape?", "image": "images/1.png", "answer": "red", "match": "contains"}
+    {"question": "A person as JSON.", "schema": {"type": "object", "required": ["name"]}}    schema
 
 - exact: the greedy reply, normalized (case, spacing, punctuation at the ends), equals an answer.
 - contains: an answer appears in the normalized reply as whole words.
 - choices (multiple choice): no generation; each choice is scored by its log-likelihood after the chat
   prompt (the sum over its tokens, as lm-evaluation-harness's `acc`), the highest one is the pick.
   `answer` is the right choice's text or its index.
+- schema: the reply, decoded under the schema (`"constrained": false`: free, to see whether the model
+  follows a format it is asked for), is right when it ends, parses and validates (jsonschema judges).
 An image (a path relative to the tasks file) goes through the bundle's image encoder, before the question.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +26,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import InputError, UserError
+from ..errors import InputError, UserError, require
 from ..fsutil import jsonl_objects
 from ..runtime.backends import SupportsScoring
+from ..runtime.constrained import check_schema
 from ..runtime.media import read_image
 from ..runtime.pipeline import Pipeline
 from .scoring import log_softmax
 
-Match = Literal["exact", "contains", "choice"]
+Match = Literal["exact", "contains", "choice", "schema"]
 MATCHES = ("exact", "contains")
-KEYS = {"id", "question", "answer", "choices", "match", "image"}
+KEYS = {"id", "question", "answer", "choices", "match", "image", "schema", "constrained"}
 MAX_ANSWER_TOKENS = 64  # a reply longer than this is no short answer
+MAX_JSON_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class Task:
     match: Match
     choices: tuple[str, ...] = ()
     image: Path | None = None
+    schema: dict[str, Any] | None = None
+    constrained: bool = True
 
 
 @dataclass
@@ -84,13 +92,15 @@ def _task(where: str, row: dict[str, Any], base: Path) -> Task:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: no question (a non-empty string)")
-    if "answer" not in row:
-        raise InputError(f"{where}: no answer; every task line names its answer")
-    answer, choices = row["answer"], row.get("choices")
     image = base / row["image"] if isinstance(row.get("image"), str) else None
     if "image" in row and image is None:
         raise InputError(f"{where}: image is a path relative to the tasks file")
     task_id = str(row.get("id", where.rsplit(":", 1)[1]))
+    if "schema" in row:
+        return _schema_task(where, task_id, question, row, image)
+    if "answer" not in row:
+        raise InputError(f"{where}: no answer; every task line names its answer (or a schema)")
+    answer, choices = row["answer"], row.get("choices")
     if choices is not None:
         return _choice_task(where, task_id, question, answer, choices, row.get("match"), image)
     answers = [answer] if isinstance(answer, str) else answer
@@ -100,6 +110,17 @@ def _task(where: str, row: dict[str, Any], base: Path) -> Task:
     if match not in MATCHES:
         raise InputError(f"{where}: match is one of {', '.join(MATCHES)} (or give choices), not {match!r}")
     return Task(where, task_id, question, tuple(answers), match, image=image)
+
+
+def _schema_task(where: str, task_id: str, question: str, row: dict[str, Any], image: Path | None) -> Task:
+    extra = sorted({"answer", "choices", "match"} & set(row))
+    if extra:
+        raise InputError(f"{where}: a schema task is judged by its schema; leave out {extra[0]!r}")
+    constrained = row.get("constrained", True)
+    if not isinstance(constrained, bool):
+        raise InputError(f"{where}: constrained is true or false")
+    check_schema(row["schema"], f"{where}: schema")  # what decoding cannot enforce, before any scoring
+    return Task(where, task_id, question, (), "schema", image=image, schema=row["schema"], constrained=constrained)
 
 
 def _choice_task(where: str, task_id: str, question: str, answer: Any, choices: Any, match: Any,
@@ -142,7 +163,9 @@ def run_tasks(pipeline: Pipeline, tasks: list[Task], on_task=None) -> TaskScores
         raise UserError(f"{pipeline.bundle.root}: multiple-choice tasks score each choice's likelihood, which this "
                         "bundle's backend cannot; use llama.cpp bundles, or tasks with answer and match")
     for task in tasks:
-        if task.match == "choice":
+        if task.match == "schema":
+            row = _schema_reply(pipeline, task)
+        elif task.match == "choice":
             logliks = choice_logliks(pipeline, task)
             picked = task.choices[int(np.argmax(logliks))]
             row = {"reply": picked, "right": picked == task.answers[0], "logliks": [round(x, 4) for x in logliks]}
@@ -154,6 +177,20 @@ def run_tasks(pipeline: Pipeline, tasks: list[Task], on_task=None) -> TaskScores
         if on_task is not None:
             on_task()
     return scores
+
+
+def _schema_reply(pipeline: Pipeline, task: Task) -> dict[str, Any]:
+    jsonschema = require("jsonschema", "profile")
+    grammar = pipeline.compile_schema(task.schema, f"{task.where}: schema") if task.constrained else None
+    images = [read_image(task.image, pipeline.encoders)] if task.image else []
+    session = pipeline.session(max_tokens=MAX_JSON_TOKENS, grammar=grammar)
+    reply = "".join(session.ask(task.question, images=images))
+    try:
+        value = json.loads(reply)
+    except json.JSONDecodeError:
+        return {"reply": reply, "right": False}
+    validator = jsonschema.Draft202012Validator(task.schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return {"reply": reply, "right": session.last_stats.finish_reason == "stop" and validator.is_valid(value)}
 
 
 def choice_logliks(pipeline: Pipeline, task: Task) -> list[float]:
