@@ -232,3 +232,18 @@ def test_serve_with_a_key_guards_the_page_and_a_browser_logs_in(chromium, ui_eng
             timeout=WAIT_MS,
         )
         person.close()
+
+
+def test_a_json_schema_in_the_settings_shapes_the_reply(page):
+    import json
+
+    page.click("text=Settings")
+    page.fill("#json-schema textarea", "{\"type\": \"array\", \"uniqueItems\": true}")
+    send(page, "List two cities.")
+    assert "uniqueItems" in wait_for_stats(page, "⚠️")  # refused in one line; nothing sent to the model
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+              "required": ["city"], "additionalProperties": False}
+    page.fill("#json-schema textarea", json.dumps(schema))
+    send(page, "What is the capital of France?")
+    wait_for_stats(page, "generated tokens")
+    assert list(json.loads(last_bot_text(page).strip())) == ["city"]

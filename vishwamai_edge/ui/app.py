@@ -8,6 +8,7 @@ lets one chat turn at a time reach the engine; uploads have a size limit.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -210,7 +211,7 @@ def build_ui(engine: Engine):
     adapters = sorted(engine.pipeline.adapters)
 
     def respond(text, image, audio, history, system, temperature, top_p, max_tokens, seed, sketch=None,
-                adapter=None, request: gr.Request = None):
+                adapter=None, json_schema=None, request: gr.Request = None):
         history = list(history or [])
         key = request.session_hash or ""
         try:
@@ -226,6 +227,7 @@ def build_ui(engine: Engine):
                 sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0)),
                 trim_history=True,  # a long chat keeps going: the oldest turns make room
                 adapter=None if adapter in (None, "", base_choice) else adapter,
+                grammar=_grammar(engine, json_schema),
             ))
         except UserError as exc:
             # Shown, not added to the conversation: the inputs stay so the user can fix and resend.
@@ -322,9 +324,13 @@ def build_ui(engine: Engine):
                                            value=min(defaults.max_tokens, engine.n_ctx // 2),
                                            label="max new tokens", elem_id="max-tokens")
                     seed = gr.Number(0, label="seed", precision=0)
+                    json_schema = gr.Textbox(label="JSON schema: every reply valid under it (empty: free text)",
+                                             lines=3, max_lines=12, elem_id="json-schema",
+                                             placeholder='{"type": "object", "properties": {...}}')
                 clear = gr.Button("Clear conversation")
 
-        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed, sketch, adapter]
+        inputs = [textbox, image, audio, chatbot, system, temperature, top_p, max_tokens, seed, sketch, adapter,
+                  json_schema]
         outputs = [chatbot, textbox, image, audio, stats]
         send.click(respond, inputs, outputs, api_name="chat")
         textbox.submit(respond, inputs, outputs, api_visibility="private")
@@ -335,6 +341,17 @@ def build_ui(engine: Engine):
     blocks.queue(default_concurrency_limit=engine.parallel, max_size=engine.max_queue)
     accept_uploads_only(blocks)
     return blocks
+
+
+def _grammar(engine: Engine, text: str | None):
+    """The settings' JSON schema as a grammar (None when the box is empty); a bad one is a UserError."""
+    if not text or not text.strip():
+        return None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"the JSON schema is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return engine.compile_schema(schema, "JSON schema")
 
 
 def _bytes(mb: float) -> int:
