@@ -140,3 +140,39 @@ def test_drawn_schemas_give_valid_replies(embedded_bundle):
     finally:
         pipeline.close()
     assert sum(finished) >= 0.9 * len(finished), f"{sum(finished)} of {len(finished)} replies ended"
+
+
+def test_a_failed_grammar_ends_its_reply_and_the_slots_go_on(embedded_bundle):
+    """A reply whose grammar stops accepting (here made to, after a few tokens) fails alone, in one line;
+    the reply decoded beside it in another slot and the next request are answered."""
+    from vishwamai_edge.runtime.constrained import GrammarError
+    from vishwamai_edge.runtime.engine import ChatRequest, Engine, Message
+    from vishwamai_edge.runtime.options import RuntimeOptions
+
+    class FailingGrammar:
+        def __init__(self, grammar):
+            self.grammar = grammar
+
+        def start(self):
+            state, taken = self.grammar.start(), []
+
+            def accept(token: int) -> None:
+                taken.append(token)
+                if len(taken) > 3:
+                    raise GrammarError("the reply's schema could not be followed: made to fail")
+
+            state.accept = accept
+            return state
+
+    engine = Engine.load(embedded_bundle, RuntimeOptions(n_threads=1, parallel=2), max_queue=4)
+    try:
+        grammar = FailingGrammar(engine.compile_schema({"type": "object"}))
+        ask = (Message.text("user", "Describe a cat in JSON."),)
+        failing = engine.submit(ChatRequest(ask, max_tokens=40, grammar=grammar))
+        beside = engine.submit(ChatRequest((Message.text("user", "Say hi."),), max_tokens=8))
+        with pytest.raises(GrammarError, match="made to fail"):
+            failing.text()
+        assert beside.text()
+        assert engine.submit(ChatRequest((Message.text("user", "Say hi."),), max_tokens=4)).text()
+    finally:
+        engine.close()

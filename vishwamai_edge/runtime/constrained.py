@@ -55,6 +55,10 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object
 COMPACT = {"whitespace_flexible": False}
 
 
+class GrammarError(InputError):
+    """A reply's grammar stopped accepting (a schema past the grammar engine's limits): that reply ends."""
+
+
 def read_schema_file(path: Path) -> Any:
     """A JSON schema from a file, refused in one line when the file is missing or not JSON."""
     try:
@@ -187,7 +191,7 @@ class GrammarState:
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            raise GrammarError(f"the reply's schema could not be followed: {_one_line(self.matcher.get_error())}")
 
     @property
     def done(self) -> bool:

@@ -497,7 +497,7 @@ class Engine:
                 self._done(gen, stats)
 
             slots.add(Job(turn, gen.request.sampling, cancelled=lambda: gen.cancelled,
-                          emit=lambda piece: gen._push(_TEXT, piece), done=done))
+                          emit=lambda piece: gen._push(_TEXT, piece), done=done, fail=lambda exc: self._fail(gen, exc)))
         except Exception as exc:
             self._fail(gen, exc)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from .backends import Cancelled, EmbeddingSegment, SamplingParams, Segment, TokenSegment
 from .backends.llamacpp import prompt_keys
+from .constrained import GrammarError
 from .reply import ReplyText
 from .session import Turn
 
@@ -34,6 +35,7 @@ class Job:
     cancelled: Callable[[], bool]
     emit: Callable[[str], None]  # a piece of text
     done: Callable[[ReplyText], None]  # called once, when the reply has ended (stats in it)
+    fail: Callable[[Exception], None]  # or this, once, when the reply cannot go on (its grammar failed)
     pending: list[Segment] = field(default_factory=list)  # prompt segments still to evaluate
     next_token: int | None = None  # sampled and shown, to be evaluated by the next step
     sampler: Any = None
@@ -120,7 +122,13 @@ class SlotDecoder:
         if self.llm.n_past_of(seq) >= self.llm.n_ctx:
             self._finish(seq, "length")
             return
-        tok = self.llm.sample(job.sampler, row, job.turn.grammar)  # each slot its own grammar state
+        try:
+            tok = self.llm.sample(job.sampler, row, job.turn.grammar)  # each slot its own grammar state
+        except GrammarError as exc:  # this reply ends; the other slots go on
+            self.jobs.pop(seq)
+            self.llm.free_sampler(job.sampler)
+            job.fail(exc)
+            return
         if self.llm.is_eog(tok):
             self._finish(seq, "stop")
             return
