@@ -98,8 +98,8 @@ def test_a_drawn_multiple_choice_set(embedded_build, tmp_path):
     rng = random.Random(7)
     right = write_lines(tmp_path / "right.jsonl", repeat_word_tasks(rng, wrong=False))
     wrong = write_lines(tmp_path / "wrong.jsonl", repeat_word_tasks(random.Random(7), wrong=True))
-    for name, tasks in (("right", right), ("wrong", wrong)):
-        proc = cli("eval", str(f16), str(bundle), "--tasks", str(tasks), "--n-ctx", "256", "--threads", "2",
+    for name, tasks, rows in (("right", right, (f16, bundle)), ("wrong", wrong, (f16,))):
+        proc = cli("eval", *map(str, rows), "--tasks", str(tasks), "--n-ctx", "256", "--threads", "2",
                    "--out", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "right" / "report.json").read_text())
