@@ -90,7 +90,7 @@ def start_ui(bundle: Path, log: Path, env: dict[str, str], *args: str) -> Target
 
 def chat(target: Target, history: list, text: str = "hi", **headers: str) -> str:
     """One turn through gradio's HTTP API (`/gradio_api/call/chat`); the whole event stream as text."""
-    data = [text, None, None, history, "", 0.0, 0.95, 4, 0, None, "base model"]
+    data = [text, None, None, history, "", 0.0, 0.95, 4, 0, None, "base model", ""]  # "": no JSON schema
     r = httpx.post(f"{target.ui}/gradio_api/call/chat", json={"data": data}, headers=target.headers(**headers),
                    timeout=60)
     assert r.status_code == 200, r.text
