@@ -59,6 +59,7 @@ BAD = [
     ({"type": "string", "pattern": "^(?=a)b$"}, "look-around"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "minimum (5) is greater than maximum (2)"),
     ([1, 2], "a JSON schema is an object"),
+    (json.loads('{"items": ' * 500 + "{}" + "}" * 500), "nested deeper than 64 levels"),  # no 500, no crash
 ]
 
 

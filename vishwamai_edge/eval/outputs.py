@@ -45,7 +45,8 @@ def task_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | No
     rows = []
     for b in report["bundles"]:
         t = b["tasks"]
-        rows.append([row_name(b), b["quant"] or "-", b["kv_type"] or "-", f"{t['accuracy']:.1%} ({t['right']}/{t['tasks']})",
+        rows.append([row_name(b), b["quant"] or "-", b["kv_type"] or "-",
+                     f"{t['accuracy']:.1%} ({t['right']}/{t['tasks']})",
                      *(f"{t['by_match'][k]['accuracy']:.1%}" if k in t["by_match"] else "-" for k in kinds)])
     return header, rows
 

@@ -189,7 +189,8 @@ def _schema_reply(pipeline: Pipeline, task: Task) -> dict[str, Any]:
         value = json.loads(reply)
     except json.JSONDecodeError:
         return {"reply": reply, "right": False}
-    validator = jsonschema.Draft202012Validator(task.schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    cls = jsonschema.Draft202012Validator
+    validator = cls(task.schema, format_checker=cls.FORMAT_CHECKER)
     return {"reply": reply, "right": session.last_stats.finish_reason == "stop" and validator.is_valid(value)}
 
 

@@ -49,6 +49,7 @@ FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{
 # such items must be empty there): a sampled reply cannot nest without end, and each still validates.
 MAX_REF_DEPTH = 4
 MAX_SCHEMA_NODES = 20_000  # after unrolling: a schema that grows past this is refused, not compiled
+MAX_SCHEMA_DEPTH = 64  # nesting: deeper is refused before Python's recursion limit could turn it into a 500
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object
 # Replies are compact JSON (no free whitespace between tokens): a sampled model cannot wander off into
 # endless newlines before the value is done, and the reply costs fewer tokens.
@@ -75,10 +76,12 @@ def check_schema(schema: Any, where: str) -> None:
     """Refuse a schema that uses a keyword this runtime cannot enforce, naming it and its place."""
     if not isinstance(schema, dict):
         raise InputError(f"{where}: a JSON schema is an object, not {type(schema).__name__}")
-    _check(schema, where, "#")
+    _check(schema, where, "#", 0)
 
 
-def _check(node: Any, where: str, path: str) -> None:
+def _check(node: Any, where: str, path: str, depth: int) -> None:
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InputError(f"{where}: the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, bool):
         return  # true / false: anything / nothing
     if not isinstance(node, dict):
@@ -101,14 +104,14 @@ def _check(node: Any, where: str, path: str) -> None:
             if not isinstance(value, dict):
                 raise InputError(f"{where}: {here} must be an object of schemas")
             for name, sub in value.items():
-                _check(sub, where, f"{here}/{name}")
+                _check(sub, where, f"{here}/{name}", depth + 1)
         elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
             if not isinstance(value, list) or not value:
                 raise InputError(f"{where}: {here} must be a non-empty list of schemas")
             for i, sub in enumerate(value):
-                _check(sub, where, f"{here}/{i}")
+                _check(sub, where, f"{here}/{i}", depth + 1)
         elif key in ("items", "additionalProperties"):
-            _check(value, where, here)
+            _check(value, where, here, depth + 1)
         elif key == "required" and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
             raise InputError(f"{where}: {here} must be a list of property names")
         elif key == "enum" and not (isinstance(value, list) and value):

@@ -26,7 +26,8 @@ def stage_eval_check(ctx: BuildContext, base: Path, model: Path) -> dict[str, An
     out = ctx.root / "eval" / model.stem
     kv = ctx.recipe.runtime.kv_type
     # the bars are not inputs: changing one judges the same numbers again
-    inputs = sha256_json(["eval", __version__, stamp_path(base).read_text(), sha256_file(model), kv, spec.n_ctx,
+    inputs = sha256_json(["eval", __version__, stamp_path(base).read_text(), stamp_path(model).read_text(), kv,
+                          spec.n_ctx,
                           sha256_file(text) if text else None, sha256_file(tasks) if tasks else None])
     result = up_to_date(ctx, out, inputs, f"eval of {model.name}")
     if result is None:
@@ -49,6 +50,7 @@ def stage_eval_check(ctx: BuildContext, base: Path, model: Path) -> dict[str, An
     if missed:
         raise ExportError(f"checks.eval: {model.name} against {base.name}: {'; '.join(missed)} "
                           f"(report: {out / 'report.md'}); no bundle written")
-    ctx.console.print(f"[green]✓[/] checks.eval: mean KLD {result['kld_mean']:.4f}, perplexity x{result['ppl_ratio']:.4f}"
+    ctx.console.print(f"[green]✓[/] checks.eval: mean KLD {result['kld_mean']:.4f}, "
+                      f"perplexity x{result['ppl_ratio']:.4f}"
                       + (f", accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""))
     return result
