@@ -54,12 +54,16 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
+    """`tools` (OpenAI's function definitions) only when there are some: templates test `tools is defined`."""
+    extra = {"tools": tools} if tools is not None else {}
     return _compile(template).render(
         messages=messages,
         bos_token=bos_token,
         eos_token=eos_token,
         add_generation_prompt=add_generation_prompt,
+        **extra,
     )
 
 

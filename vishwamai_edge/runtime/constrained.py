@@ -17,6 +17,7 @@ different types or `const` tags, make that the same thing).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -170,8 +171,7 @@ def bounded(schema: dict[str, Any], where: str) -> dict[str, Any]:
 class Grammar:
     """A compiled constraint, shared by every reply that asks for it; `start` gives one reply its state."""
 
-    schema: dict[str, Any]
-    text: str
+    text: str  # llguidance's grammar
     tokenizer: Any = field(repr=False)
 
     def start(self) -> GrammarState:
@@ -222,17 +222,57 @@ class Compiler:
 
     def compile(self, schema: dict[str, Any] | None, where: str) -> Grammar:
         """`schema` (None: any JSON object) checked and compiled; what cannot be enforced is refused."""
-        schema = ANY_OBJECT if schema is None else schema
-        check_schema(schema, where)
+        return self.compile_lark(f"start: {json_rule(schema, where)}\n", where)
+
+    def compile_lark(self, lark: str, where: str) -> Grammar:
+        """A grammar in llguidance's Lark syntax (JSON values as `%json` rules, `json_rule`) compiled."""
         llg = require("llguidance", "runtime")
         try:
-            text = llg.LLMatcher.grammar_from_json_schema(bounded(schema, where), defaults=COMPACT)
+            text = llg.LLMatcher.grammar_from_lark(lark)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{where}: {_one_line(exc)}") from None
         failed, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.tokenizer())
         if failed:
-            raise InputError(f"{where}: {_one_line(messages[0] if messages else 'the schema does not compile')}")
-        return Grammar(schema, text, self.tokenizer())
+            raise InputError(f"{where}: {_lark_error(messages[0]) if messages else 'the schema does not compile'}")
+        return Grammar(text, self.tokenizer())
+
+    def controls(self, text: str) -> list[tuple[int | None, str]]:
+        """`text` in pieces: each control token of the model's vocabulary it spells (`[TOOL_CALLS]`) by its
+        id, the text between with None; a grammar names a control token by id, never as text."""
+        specials = sorted((s for s in self.llm.special_texts() if s and s in text), key=len, reverse=True)
+        if not specials:
+            return [(None, text)]
+        out: list[tuple[int | None, str]] = []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+            if i % 2:
+                ids = self.llm.tokenize(piece, add_special=False, parse_special=True)
+                out.append((ids[0], piece) if len(ids) == 1 else (None, piece))
+            elif piece:
+                out.append((None, piece))
+        return out
+
+
+def json_rule(schema: dict[str, Any] | None, where: str) -> str:
+    """`schema` (None: any JSON object) checked and bounded, as the body of a Lark rule: `%json {...}`, compact."""
+    body = prepare(ANY_OBJECT if schema is None else schema, where)
+    return "%json " + json.dumps({**body, "x-guidance": COMPACT}, ensure_ascii=False)
+
+
+def prepare(schema: Any, where: str) -> dict[str, Any]:
+    """`schema` checked (what cannot be enforced is refused) and bounded: self-contained, ready to nest."""
+    check_schema(schema, where)
+    return bounded(schema, where)
+
+
+def _lark_error(message: Any) -> str:
+    """llguidance's error for a Lark grammar, without its position and the grammar it quotes (which holds
+    the whole schema): `at 1(8): failed to compile JSON schema: <why>\n   1 | start: ...`."""
+    lines = []
+    for line in str(message).splitlines():
+        if re.match(r"\s*\d+ \| ", line):
+            break
+        lines.append(line)
+    return re.sub(r"^at \d+\(\d+\): ", "", _one_line("\n".join(lines)))
 
 
 def _one_line(message: Any) -> str:

@@ -38,6 +38,7 @@ from .pipeline import Pipeline
 from .reply import ReplyText
 from .session import ChatSession
 from .slots import Job, SlotDecoder
+from .tools import Choice, Tool, ToolCall, ToolUse
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,15 @@ class EngineFailedError(RuntimeError):
 MAX_CHARS_PER_TOKEN = 128
 
 # -- request ------------------------------------------------------------------------------
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 @dataclass(frozen=True)
 class Message:
     role: Role
     parts: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call whose result it is
 
     @classmethod
     def text(cls, role: Role, text: str) -> Message:
@@ -85,6 +88,7 @@ class ChatRequest:
     trim_history: bool = False
     adapter: str | None = None  # a LoRA adapter of the bundle to answer with (None: the base model)
     grammar: Grammar | None = None  # the reply is JSON valid under this schema (`Engine.compile_schema`)
+    tools: ToolUse | None = None  # functions the model may call (`Engine.tool_use`); its grammar wins
 
 
 # -- stream -------------------------------------------------------------------------------
@@ -309,6 +313,11 @@ class Engine:
         """A response format's schema as a grammar for `ChatRequest.grammar` (see Pipeline.compile_schema)."""
         return self.pipeline.compile_schema(schema, where)
 
+    def tool_use(self, tools: list[Tool] | tuple[Tool, ...], choice: Choice = "auto", parallel: bool = True,
+                 text_schema: dict[str, Any] | None = None, text_json: bool = False) -> ToolUse:
+        """Functions offered to the model for `ChatRequest.tools` (see Pipeline.tool_use)."""
+        return self.pipeline.tool_use(tools, choice, parallel, text_schema, text_json)
+
     @property
     def model_ids(self) -> dict[str, str | None]:
         """What requests may name as `model`: the bundle, and `<bundle>:<adapter>` per LoRA adapter."""
@@ -322,8 +331,8 @@ class Engine:
             raise InputError("max_tokens must be at least 1")
         budget = self.media_budget()
         for msg in request.messages:
-            if msg.role not in ("system", "user", "assistant"):
-                raise InputError(f"unknown message role {msg.role!r} (system, user or assistant)")
+            if msg.role not in ("system", "user", "assistant", "tool"):
+                raise InputError(f"unknown message role {msg.role!r} (system, user, assistant or tool)")
             for part in msg.parts:
                 if isinstance(part, ImagePart):
                     budget.require("image")
@@ -379,9 +388,14 @@ class Engine:
                 else:
                     parts.append({"type": "text", "text": p.text})
             if any(p["type"] in ("image", "audio") for p in parts):
-                out.append({"role": m.role, "content": parts})
+                message: dict[str, Any] = {"role": m.role, "content": parts}
             else:
-                out.append({"role": m.role, "content": " ".join(p["text"] for p in parts if p["text"])})
+                message = {"role": m.role, "content": " ".join(p["text"] for p in parts if p["text"])}
+            if m.tool_calls:
+                message["tool_calls"] = list(m.tool_calls)
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
         return out, heard
 
     # worker side
@@ -452,7 +466,7 @@ class Engine:
     def _session(self, gen: Generation) -> tuple[ChatSession, RequestStats]:
         req = gen.request
         session = ChatSession(self.pipeline, sampling=req.sampling, max_tokens=req.max_tokens, stop=list(req.stop),
-                              adapter=req.adapter, grammar=req.grammar)
+                              adapter=req.adapter, grammar=req.grammar, tools=req.tools)
         return session, RequestStats(session.last_stats, queue_wait_s=time.perf_counter() - gen.submitted_at,
                                      model_bytes=self._model_bytes)
 

@@ -17,13 +17,14 @@ from ..errors import BundleError, InputError
 from .backends import MIN_CTX, LLMBackend, SupportsAdapters, SupportsGrammar, backend_class
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE
-from .constrained import Compiler, Grammar
+from .constrained import Compiler, Grammar, check_schema
 from .encoder_registry import load_encoders
 from .manifest import AdapterEntry
 from .options import RuntimeOptions
 from .prompts import planner_for
 from .prompts.builder import PromptBuilder
 from .speculative import Speculator, resolve_options
+from .tools import Choice, Tool, ToolUse, format_for, grammar_text
 
 if TYPE_CHECKING:
     from .session import ChatSession
@@ -119,13 +120,32 @@ class Pipeline:
     def compile_schema(self, schema: dict[str, Any] | None, where: str = "json_schema") -> Grammar:
         """A JSON schema (None: any JSON object) as a grammar for `session(grammar=...)`; a keyword that
         cannot be enforced is refused in one line naming it (`where` says whose schema it is)."""
+        return self._grammars("constrain replies to a schema").compile(schema, where)
+
+    def tool_use(self, tools: list[Tool] | tuple[Tool, ...], choice: Choice = "auto", parallel: bool = True,
+                 text_schema: dict[str, Any] | None = None, text_json: bool = False) -> ToolUse:
+        """`tools` offered to the model for `session(tools=...)`: the call format of this model's chat template
+        (or the fallback) and the grammar of a reply under `choice` (`text_schema`/`text_json`: a reply that is
+        not a call is JSON). A schema that cannot be enforced is refused, naming the tool's index."""
+        compiler = self._grammars("call tools")
+        tools = tuple(tools)
+        names = [t.name for t in tools]
+        if not tools or len(set(names)) != len(names):
+            raise InputError("tools: give one or more functions with different names")
+        for i, tool in enumerate(tools):
+            check_schema(tool.parameters, f"tools.{i}.function.parameters")
+        fmt, native = format_for(self.chat_template)
+        lark = grammar_text(tools, choice, parallel, fmt, compiler.controls, text_schema, text_json)
+        return ToolUse(tools, choice, parallel, fmt, native, compiler.compile_lark(lark, "tools"))
+
+    def _grammars(self, what: str) -> Compiler:
         if not isinstance(self.llm, SupportsGrammar):
-            raise InputError(f"this bundle's backend ({self.bundle.llm.backend}) cannot constrain replies to a "
-                             "schema; use its llama.cpp bundle")
+            raise InputError(f"this bundle's backend ({self.bundle.llm.backend}) cannot {what}; "
+                             "use its llama.cpp bundle")
         with self._cache_lock:
             if self._compiler is None:
                 self._compiler = Compiler(self.llm)
-        return self._compiler.compile(schema, where)
+        return self._compiler
 
     def session(self, **kwargs: Any) -> ChatSession:
         from .session import ChatSession

@@ -14,12 +14,14 @@ class Detokenizer:
     """Bytes of pieces in, complete UTF-8 text out: a multi-byte character split across
     tokens is held back until its last byte arrives."""
 
-    def __init__(self, backend: LLMBackend):
+    def __init__(self, backend: LLMBackend, special: bool = False):
         self._backend = backend
+        self._special = special  # control tokens as their text (a tool-call marker such as `[TOOL_CALLS]`)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
-        return self._decoder.decode(self._backend.token_bytes(token))
+        data = self._backend.token_bytes(token, special=True) if self._special else self._backend.token_bytes(token)
+        return self._decoder.decode(data)
 
     def flush(self) -> str:
         """End of reply: a character cut off by the length limit is dropped, not shown as U+FFFD."""
@@ -31,12 +33,13 @@ class ReplyText:
     """Generated tokens in, text out: incremental detokenizing, stop strings held back until
     they are known not to match, and the reply's timing in its `GenerationStats`."""
 
-    def __init__(self, llm: LLMBackend, stop: list[str], stats: GenerationStats, start: float, budget: int):
+    def __init__(self, llm: LLMBackend, stop: list[str], stats: GenerationStats, start: float, budget: int,
+                 special: bool = False):
         self.stats = stats
         self.budget = budget  # tokens the reply may take: max_tokens, or less where the context ends
         self._stop = stop
         self._start = start
-        self._detok = Detokenizer(llm)
+        self._detok = Detokenizer(llm, special)
         self._held = ""  # text that might be the start of a stop string
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None

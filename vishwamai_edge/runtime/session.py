@@ -30,6 +30,7 @@ from .speculative import SpeculativeCounts, Speculator
 if TYPE_CHECKING:
     from .constrained import Grammar, GrammarState
     from .pipeline import Pipeline
+    from .tools import ToolUse
 
 
 class ChatSession:
@@ -45,18 +46,21 @@ class ChatSession:
         adapter: str | None = None,
         speculative: Speculator | None | bool = True,
         grammar: Grammar | None = None,
+        tools: ToolUse | None = None,
     ):
         """`speculative`: True, the pipeline's speculative decoding (if it has one); False, plain
         decoding; or a `Speculator` of the caller's (profile compares them on one pipeline).
         `grammar` (`pipeline.compile_schema(schema)`): every reply is JSON valid under that schema,
-        decoded plainly (no speculation)."""
+        decoded plainly (no speculation). `tools` (`pipeline.tool_use(...)`): the functions the model may
+        call, offered in the prompt; its grammar (calls, text, or JSON under the schema) replaces `grammar`."""
         self.pipeline = pipeline
         self.llm = pipeline.llm
         self.speculative: Speculator | None = (pipeline.speculative if speculative is True
                                                else speculative or None)
         pipeline.check_adapter(adapter)
         self.adapter = adapter  # the LoRA adapter every reply of this conversation uses (None: the base)
-        self.grammar = grammar
+        self.tools = tools
+        self.grammar = tools.grammar if tools is not None else grammar
         self.sampling = sampling or SamplingParams()
         self.max_tokens = max_tokens
         self.stop = list(stop or [])
@@ -132,10 +136,10 @@ class ChatSession:
 
     def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
         """Render and tokenize `messages`; images and audio stay placeholders, collected in their order."""
-        return self.pipeline.prompts.build(messages)
+        return self.pipeline.prompts.build(messages, self.tools)
 
     def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.pipeline.prompts.tokens(messages)
+        return self.pipeline.prompts.tokens(messages, self.tools)
 
     def begin(self, messages: list[dict[str, Any]], heard: list[str] | None = None,
               transcribe_s: float = 0.0) -> Turn:
@@ -160,7 +164,9 @@ class ChatSession:
             stats.encode_s = time.perf_counter() - t
         budget = min(self.max_tokens, self.llm.n_ctx - prompt.size)
         grammar = self.grammar.start() if self.grammar is not None else None
-        return Turn(segments, ReplyText(self.llm, self.stop, stats, start, budget), grammar)
+        # with tools, a call may start with a control token (`[TOOL_CALLS]`): the reply shows it for the parser
+        reply = ReplyText(self.llm, self.stop, stats, start, budget, special=self.tools is not None)
+        return Turn(segments, reply, grammar)
 
     def generate(self, messages: list[dict[str, Any]], cancelled: Callable[[], bool] | None = None,
                  heard: list[str] | None = None, transcribe_s: float = 0.0) -> Iterator[str]:

@@ -29,7 +29,7 @@ from ..runtime.media import audio_part
 from ..web.hosts import HostCheckMiddleware, allowed_hosts
 from ..web.limits import BodyLimitMiddleware
 from .auth import APIKeyMiddleware
-from .protocol import APIError, Completion, api_error_for, parse_request, to_chat_request, usage
+from .protocol import APIError, Completion, ReplyShape, api_error_for, parse_request, to_chat_request, usage
 
 log = logging.getLogger("vishwamai_edge.serve")
 
@@ -113,7 +113,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             except Exception as exc:
                 raise api_error_for(exc) from None
             chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget(),
-                                          engine.compile_schema)
+                                          engine.compile_schema, engine.tool_use)
         chat = replace(chat, adapter=engine.model_ids[req.model])
         try:
             gen = engine.submit(chat)
@@ -131,25 +131,28 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
                 raise api_error_for(exc) from None
             raise
         extra = {"vishwamai_edge": {"heard": gen.heard}} if gen.heard else {}
+        shape = ReplyShape(chat.tools)
         if req.stream:
             return StreamingResponse(
-                _sse(gen, pieces, first, completion, extra),
+                _sse(gen, pieces, first, completion, shape, extra),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            text, checked = [first or ""], time.monotonic()
+            shape.deltas(first or "")
+            checked = time.monotonic()
             async for piece in pieces:
                 if piece is not None:
-                    text.append(piece)
+                    shape.deltas(piece)
                 if time.monotonic() - checked >= POLL_S:  # pieces may never pause: check on the clock
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         raise _Disconnected()
         finally:
             gen.cancel()  # no-op when finished; stops the model when the client has gone
+        shape.end()
         stats = gen.stats.generation
-        return {**completion.response("".join(text), stats.finish_reason,
+        return {**completion.response(shape.message(), shape.finish_reason(stats.finish_reason),
                                       usage(stats.prompt_tokens, stats.completion_tokens)), **extra}
 
     @v1.post("/audio/transcriptions")
@@ -230,12 +233,12 @@ def _event(data: dict[str, Any]) -> str:
 
 
 async def _sse(gen: Generation, pieces: AsyncIterator[str | None], first: str | None,
-               completion: Completion, extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
-    """OpenAI's stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
+               completion: Completion, shape: ReplyShape, extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk, content (and tool-call) chunks, a finish chunk, [usage], [DONE]."""
     try:
         yield _event({**completion.chunk({"role": "assistant", "content": ""}), **(extra or {})})
-        if first:
-            yield _event(completion.chunk({"content": first}))
+        for delta in shape.deltas(first or ""):
+            yield _event(completion.chunk(delta))
         if first is not None:
             idle = 0.0
             async for piece in pieces:
@@ -246,9 +249,12 @@ async def _sse(gen: Generation, pieces: AsyncIterator[str | None], first: str | 
                         yield ": keep-alive\n\n"
                     continue
                 idle = 0.0
-                yield _event(completion.chunk({"content": piece}))
+                for delta in shape.deltas(piece):
+                    yield _event(completion.chunk(delta))
+        for delta in shape.end():
+            yield _event(completion.chunk(delta))
         stats = gen.stats.generation
-        yield _event(completion.chunk({}, stats.finish_reason))
+        yield _event(completion.chunk({}, shape.finish_reason(stats.finish_reason)))
         if completion.include_usage:
             yield _event(completion.usage_chunk(usage(stats.prompt_tokens, stats.completion_tokens)))
         yield "data: [DONE]\n\n"

@@ -1,7 +1,7 @@
 """OpenAI's chat-completions wire format: requests in, responses, stream chunks and errors out.
 
-Only what the runtime can honour is accepted; a field it cannot (tools, n > 1,
-logprobs) is refused with a 400 that names it rather than silently ignored.
+Only what the runtime can honour is accepted; a field it cannot (n > 1, logprobs, the
+legacy `functions`) is refused with a 400 that names it rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..errors import ContextOverflowError, InputError, UserError
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, EngineBusyError, EngineClosedError, EngineFailedError, Message
 from ..runtime.manifest import RuntimeDefaults
+from ..runtime.constrained import check_schema
 from ..runtime.media import (
     MediaBudget,
     Part,
@@ -28,6 +29,8 @@ from ..runtime.media import (
     decode_data_url,
     image_part,
 )
+
+from ..runtime.tools import NO_PARAMETERS, CallEvent, CallParser, Tool, ToolCall, ToolUse, parse_tool_choice
 
 if TYPE_CHECKING:
     from ..runtime.constrained import Grammar
@@ -97,9 +100,34 @@ class AudioContent(_Model):
 ContentPart = Annotated[Union[TextContent, ImageContent, AudioContent], Field(discriminator="type")]
 
 
+class FunctionCallIn(_Model):
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCallIn(_Model):
+    id: str = Field(min_length=1, max_length=64)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: Any = None  # checked by runtime/constrained.py, which names what is wrong
+    strict: bool | None = None  # the parameters are enforced whether or not it is set
+
+
+class ToolIn(_Model):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class StreamOptions(_Model):
@@ -118,8 +146,8 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaFormat | None = None
 
 
-# Known fields the runtime cannot honour: refused by name.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias")
+# Known fields the runtime cannot honour: refused by name (`functions` is the legacy spelling of `tools`).
+UNSUPPORTED = ("functions", "function_call", "logit_bias")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -141,6 +169,9 @@ class ChatCompletionRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     n: int = 1
     response_format: ResponseFormat | None = None
+    tools: list[ToolIn] | None = None
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
@@ -170,19 +201,57 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+    _check_tools(req)
     return req
 
 
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """Tools and the conversation's calls and results, each fault a 400 naming its field."""
+    names = [t.function.name for t in req.tools or []]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: two functions have the same name", param="tools")
+    if req.tool_choice is not None:
+        if not req.tools:
+            raise APIError(400, "tool_choice is set but no tools are given", param="tool_choice")
+        try:
+            parse_tool_choice(req.tool_choice, tuple(Tool(n) for n in names))
+        except InputError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+    open_calls: set[str] = set()
+    for i, msg in enumerate(req.messages):
+        if msg.tool_calls and msg.role != "assistant":
+            raise APIError(400, f"messages.{i}.tool_calls: only assistant messages make calls",
+                           param=f"messages.{i}.tool_calls")
+        for j, call in enumerate(msg.tool_calls or []):
+            where = f"messages.{i}.tool_calls.{j}.function.arguments"
+            try:
+                ToolCall(call.id, call.function.name, call.function.arguments).arguments_dict()
+            except InputError:
+                raise APIError(400, f"{where}: must be a JSON object", param=where) from None
+            open_calls.add(call.id)
+        if msg.role == "tool":
+            if msg.tool_call_id not in open_calls:
+                where = f"messages.{i}.tool_call_id"
+                raise APIError(400, f"{where}: {msg.tool_call_id!r} answers no earlier tool call", param=where)
+            open_calls.discard(msg.tool_call_id)
+        elif msg.tool_call_id is not None:
+            raise APIError(400, f"messages.{i}.tool_call_id: only tool messages answer calls",
+                           param=f"messages.{i}.tool_call_id")
+
+
 def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budget: MediaBudget,
-                    compile_schema: Callable[[Any, str], Grammar]) -> ChatRequest:
+                    compile_schema: Callable[[Any, str], Grammar],
+                    tool_use: Callable[..., ToolUse] | None = None) -> ChatRequest:
     """Decode every part (images and audio too, so bad data is a 400) within the request's media
     budget, which also refuses kinds the bundle cannot encode before decoding them, and compile the
-    response format's schema (what cannot be enforced is a 400); may block: run it off the event loop."""
+    response format's schema and the tools' grammar (what cannot be enforced is a 400); may block:
+    run it off the event loop."""
     messages = []
     for i, msg in enumerate(req.messages):
         role = "system" if msg.role == "developer" else msg.role
         parts = tuple(_parts(msg.content, f"messages.{i}.content", budget))
-        messages.append(Message(role, parts))
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls or ())
+        messages.append(Message(role, parts, calls, msg.tool_call_id))
     temperature = req.temperature if req.temperature is not None else defaults.temperature
     base = SamplingParams()
     sampling = SamplingParams(
@@ -199,8 +268,30 @@ def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budge
         max_tokens=req.max_completion_tokens or req.max_tokens or defaults.max_tokens,
         sampling=sampling,
         stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
-        grammar=_grammar(req.response_format, compile_schema),
+        grammar=None if req.tools else _grammar(req.response_format, compile_schema),
+        tools=_tool_use(req, tool_use) if req.tools else None,
     )
+
+
+def _tool_use(req: ChatCompletionRequest, tool_use: Callable[..., ToolUse] | None) -> ToolUse:
+    """The request's tools compiled with its choice and response format (what a reply that is no call is)."""
+    tools = tuple(Tool(t.function.name, t.function.description,
+                       NO_PARAMETERS if t.function.parameters is None else t.function.parameters)
+                  for t in req.tools or ())
+    rf = req.response_format
+    text_schema = rf.json_schema.schema_ if rf is not None and rf.type == "json_schema" and rf.json_schema else None
+    try:
+        for i, tool in enumerate(tools):
+            check_schema(tool.parameters, f"tools.{i}.function.parameters")
+        if text_schema is not None:
+            check_schema(text_schema, "response_format.json_schema.schema")
+        if tool_use is None:
+            raise InputError("this server cannot call tools")
+        return tool_use(tools, parse_tool_choice(req.tool_choice, tools), req.parallel_tool_calls is not False,
+                        text_schema, rf is not None and rf.type == "json_object")
+    except InputError as exc:
+        param = str(exc).split(":")[0] if str(exc).startswith(("tools", "response_format")) else "tools"
+        raise APIError(400, str(exc), param=param) from None
 
 
 def _grammar(rf: ResponseFormat | None, compile_schema: Callable[[Any, str], Grammar]) -> Grammar | None:
@@ -256,11 +347,10 @@ class Completion:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def response(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    def response(self, message: dict[str, Any], finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
         return {
             **self._base("chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage,
         }
 
@@ -273,6 +363,46 @@ class Completion:
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._base("chat.completion.chunk"), "choices": [], "usage": usage}
+
+
+class ReplyShape:
+    """A reply's text pieces as OpenAI shapes them: content, or with tools, content and `tool_calls`,
+    streamed as deltas (a call's id and name first, then fragments of its arguments) or whole. Both come
+    from one parser, so a streamed call reassembles to exactly the call returned whole."""
+
+    def __init__(self, tools: ToolUse | None):
+        self.parser = CallParser(tools) if tools is not None else None
+        self.text: list[str] = []
+
+    def deltas(self, piece: str) -> list[dict[str, Any]]:
+        if self.parser is None:
+            self.text.append(piece)
+            return [{"content": piece}] if piece else []
+        return [_delta(e) for e in self.parser.feed(piece)]
+
+    def end(self) -> list[dict[str, Any]]:
+        return [] if self.parser is None else [_delta(e) for e in self.parser.finish()]
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.parser is not None and self.parser.calls and reason == "stop" else reason
+
+    def message(self) -> dict[str, Any]:
+        if self.parser is None:
+            return {"role": "assistant", "content": "".join(self.text), "refusal": None}
+        out: dict[str, Any] = {"role": "assistant", "content": self.parser.content, "refusal": None}
+        if self.parser.calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in self.parser.calls]
+        return out
+
+
+def _delta(event: CallEvent) -> dict[str, Any]:
+    if event.kind == "text":
+        return {"content": event.text}
+    if event.kind == "call":
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                "function": {"name": event.text, "arguments": ""}}]}
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -13,6 +13,7 @@ from .base import Prompt
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
+    from ..tools import ToolUse
 
 # Client text holding a control token's string is wrapped in these (Unicode private use) for tokenizing
 PROTECT_OPEN, PROTECT_CLOSE = "\ue000", "\ue001"
@@ -27,12 +28,13 @@ class PromptBuilder:
         self.pipeline = pipeline
         self.llm: LLMBackend = pipeline.llm
 
-    def build(self, messages: list[dict[str, Any]]) -> Prompt:
-        """Render and tokenize `messages`; images and audio stay placeholders, collected in their order."""
+    def build(self, messages: list[dict[str, Any]], tools: ToolUse | None = None) -> Prompt:
+        """Render and tokenize `messages` (with the functions of `tools`); images and audio stay placeholders,
+        collected in their order."""
         parts = [part for m in messages if isinstance(m["content"], list) for part in m["content"]]
         images = [part["pixels"] for part in parts if part.get("type") == "image"]
         clips = [(part["samples"], part["rate"]) for part in parts if part.get("type") == "audio"]
-        tokens = self.tokens(messages)
+        tokens = self.tokens(messages, tools)
         prompt = Prompt(tokens, [], [])
         if images:
             encoder, planner = self.pipeline.encoders.get("image"), self.pipeline.planner
@@ -55,13 +57,17 @@ class PromptBuilder:
             prompt.tokens_per_audio = self.pipeline.encoders["audio"].n_tokens
         return prompt
 
-    def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+    def tokens(self, messages: list[dict[str, Any]], tools: ToolUse | None = None) -> list[int]:
         """The conversation rendered by the chat template and tokenized, each block of image rows a marker."""
+        offered = None
+        if tools is not None:  # calls and results as the template or the fallback writes them
+            messages, offered = tools.messages_for_template(messages)
         prompt = render_chat(
             self.pipeline.chat_template,
             [self.for_template(m) for m in messages],
             bos_token=_special_text(self.llm, "bos"),
             eos_token=_special_text(self.llm, "eos"),
+            tools=offered,
         )
         images = [p["pixels"] for m in messages if isinstance(m["content"], list) for p in m["content"]
                   if p.get("type") == "image"]
