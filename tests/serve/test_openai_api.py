@@ -176,13 +176,13 @@ BAD_REQUESTS = {
                                      400, "context holds 2048", "context_length_exceeded"),
     "unknown_model": (lambda s: dict(json={"model": "gpt-4o", "messages": user("hi")}),
                       404, "does not exist here", "model_not_found"),
-    "tool_role": (lambda s: dict(json={"model": s.model, "messages": [{"role": "tool", "content": "x"}]}),
-                  400, "messages.0.role", None),
+    "tool_result_without_a_call": (lambda s: dict(json={"model": s.model, "messages": [
+        {"role": "tool", "tool_call_id": "call_1", "content": "x"}]}), 400, "answers no earlier tool call", None),
     "zero_max_tokens": (lambda s: dict(json={"model": s.model, "messages": user("hi"), "max_tokens": 0}),
                         400, "max_tokens", None),
-    "tools_refused": (lambda s: dict(json={"model": s.model, "messages": user("hi"),
-                                           "tools": [{"type": "function", "function": {"name": "f"}}]}),
-                      400, "tools is not supported", None),
+    "legacy_functions_refused": (lambda s: dict(json={"model": s.model, "messages": user("hi"),
+                                                      "functions": [{"name": "f"}]}),
+                                 400, "functions is not supported by this server (use tools)", None),
 }
 
 

@@ -155,3 +155,19 @@ def test_a_malformed_tool_request_is_a_400(server, body, param):
     assert err["param"] == param and err["type"] == "invalid_request_error", err
     assert "\n" not in err["message"]
     assert post(server, tools=[WEATHER]).status_code == 200  # and the server goes on serving
+
+
+def test_the_example_agent_loop_runs(server):
+    """examples/agent_loop.py against the server: its functions are called with valid arguments (they
+    would raise otherwise) and the loop ends with an answer in text."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "agent_loop.py"
+    done = subprocess.run([sys.executable, str(example), "What is the weather in Oslo?", "--base-url",
+                           server.base_url, "--api-key", server.api_key], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "get_weather(" in done.stderr or "multiply(" in done.stderr
+    assert " -> {" in done.stderr and done.stdout.strip()

@@ -187,7 +187,8 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         raise APIError(400, f"{param}: {first['msg']}", param=param) from None
     for name in UNSUPPORTED:
         if (req.model_extra or {}).get(name) not in (None, [], {}):
-            raise APIError(400, f"{name} is not supported by this server", param=name)
+            hint = {"functions": " (use tools)", "function_call": " (use tool_choice)"}.get(name, "")
+            raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     if req.logprobs:
