@@ -43,3 +43,23 @@ def test_twenty_sampled_replies_validate(four_slots, name):
         assert choice.finish_reason == "stop", (seed, choice.message.content[-200:])
         validator.validate(json.loads(choice.message.content))
     assert len({c.message.content for c in choices}) >= 10  # sampled: the seeds give different replies
+
+
+def test_sampled_tool_calls_in_four_slots_validate(four_slots):
+    """20 sampled replies under tool_choice required, four at a time: each slot's call grammar its own,
+    every call valid against its function's parameters."""
+    from openai import OpenAI
+    from tools_data import QUESTION, TOOLS, validate_call
+
+    with OpenAI(base_url=four_slots.base_url, api_key="none", max_retries=0, timeout=600) as client:
+        def one(seed: int):
+            return client.chat.completions.create(model=four_slots.model, messages=QUESTION, tools=TOOLS,
+                                                  tool_choice="required", max_tokens=200, temperature=1.0,
+                                                  seed=seed).choices[0]
+
+        with ThreadPoolExecutor(4) as pool:
+            choices = list(pool.map(one, SEEDS))
+    assert all(c.finish_reason == "tool_calls" for c in choices), [c.finish_reason for c in choices]
+    for c in choices:
+        for call in c.message.tool_calls:
+            validate_call(call.function.name, call.function.arguments)

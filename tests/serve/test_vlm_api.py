@@ -169,3 +169,24 @@ def test_unusual_images_are_accepted(vlm_server, unusual, kind):
     r = post(vlm_server, image_turn(unusual[kind]))
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_tool_call_about_an_image(client, vlm_server, picture):
+    """Tools in a conversation with an image: the tiny LLaVA's template knows no tools (the fallback), and
+    even its random weights can only write a call that validates."""
+    import json
+
+    import jsonschema
+
+    parameters = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                                   "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+                  "required": ["color", "count"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "report", "parameters": parameters}}]
+    r = client.chat.completions.create(model=vlm_server.model, messages=image_turn(data_url(picture)), tools=tools,
+                                       tool_choice="required", parallel_tool_calls=False, max_tokens=200,
+                                       temperature=1.0, seed=4)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "report"
+    jsonschema.validate(json.loads(call.function.arguments), parameters)
+    assert r.usage.prompt_tokens > 100  # the image's rows are in the prompt

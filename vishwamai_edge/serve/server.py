@@ -39,6 +39,9 @@ def run_server(
     note = engine.pipeline.speculative.note if engine.pipeline.speculative is not None else None
     if note:
         print(f"note: {note}", file=sys.stderr)
+    if engine.speculative != "off":
+        print("note: replies with response_format or tools decode without speculation (drafts are not checked "
+              "against their grammar)", file=sys.stderr)
     try:
         app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024), host=host)
         if with_ui:
