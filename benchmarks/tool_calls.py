@@ -11,8 +11,6 @@ the same prompt; the time to compile the functions' grammar; ours' mask time per
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from constrained import side_by_side, stream_tps, timed_masks  # noqa: E402
+
 from vishwamai_edge.runtime.backends import SamplingParams  # noqa: E402
-from vishwamai_edge.runtime.constrained import GrammarState  # noqa: E402
 from vishwamai_edge.runtime.options import RuntimeOptions  # noqa: E402
 from vishwamai_edge.runtime.pipeline import Pipeline  # noqa: E402
 from vishwamai_edge.runtime.tools import Tool  # noqa: E402
@@ -46,39 +45,35 @@ MAX_TOKENS = 96
 def ours(bundle: Path, threads: int) -> dict:
     pipeline = Pipeline.load(bundle, RuntimeOptions(n_ctx=2048, n_threads=threads, parallel=1))
     tools = [Tool(f["name"], f["description"], f["parameters"]) for f in FUNCTIONS]
-    original, spent = GrammarState.mask, [0.0, 0]
-
-    def timed_mask(self, logits):
-        t0 = time.perf_counter()
-        original(self, logits)
-        spent[0] += time.perf_counter() - t0
-        spent[1] += 1
-
+    compile_ms, plain, called, mask_us = [], [], [], []
     try:
         pipeline.compile_schema({"type": "object"})  # reads the vocabulary once
-        compile_ms, plain, called, mask_us = [], [], [], []
-        GrammarState.mask = timed_mask
-        for name, question in QUESTIONS.items():
-            t = time.perf_counter()
-            use = pipeline.tool_use(tools, choice=name)
-            compile_ms.append((time.perf_counter() - t) * 1e3)
-            # the free reply gets the same prompt: the functions listed as the call's prompt lists them
-            messages, _ = use.messages_for_template([{"role": "user", "content": question}])
-            for target, tools_use in ((plain, None), (called, use)):
-                for _ in range(2):
-                    session = pipeline.session(tools=tools_use, max_tokens=MAX_TOKENS, sampling=SamplingParams(),
-                                               speculative=False, system_prompt=None)
-                    spent[:] = [0.0, 0]
-                    text = "".join(session.generate(messages if tools_use is None else messages[1:]))
-                target.append(session.last_stats.decode_tokens_per_s)
-                if tools_use is not None:
-                    mask_us.append(spent[0] / max(spent[1], 1) * 1e6)
-                    print(f"  ours {name}: {text!r}", file=sys.stderr)
+        with timed_masks() as spent:
+            run_questions(pipeline, tools, compile_ms, plain, called, mask_us, spent)
     finally:
-        GrammarState.mask = original
         pipeline.close()
     return {"compile_ms": round(statistics.mean(compile_ms), 2), "plain_tps": round(statistics.mean(plain), 1),
             "call_tps": round(statistics.mean(called), 1), "mask_us_per_token": round(statistics.mean(mask_us), 1)}
+
+
+def run_questions(pipeline: Pipeline, tools: list[Tool], compile_ms: list, plain: list, called: list,
+                  mask_us: list, spent: list) -> None:
+    for name, question in QUESTIONS.items():
+        t = time.perf_counter()
+        use = pipeline.tool_use(tools, choice=name)
+        compile_ms.append((time.perf_counter() - t) * 1e3)
+        # the free reply gets the same prompt: the functions listed as the call's prompt lists them
+        messages, _ = use.messages_for_template([{"role": "user", "content": question}])
+        for target, tools_use in ((plain, None), (called, use)):
+            for _ in range(2):
+                session = pipeline.session(tools=tools_use, max_tokens=MAX_TOKENS, sampling=SamplingParams(),
+                                           speculative=False, system_prompt=None)
+                spent[:] = [0.0, 0]
+                text = "".join(session.generate(messages if tools_use is None else messages[1:]))
+            target.append(session.last_stats.decode_tokens_per_s)
+            if tools_use is not None:
+                mask_us.append(spent[0] / max(spent[1], 1) * 1e6)
+                print(f"  ours {name}: {text!r}", file=sys.stderr)
 
 
 def llama_cpp_python(gguf: Path, threads: int) -> dict:
@@ -91,37 +86,33 @@ def llama_cpp_python(gguf: Path, threads: int) -> dict:
         messages = [{"role": "user", "content": question}]
         for target, choice in ((plain, "none"), (called, {"type": "function", "function": {"name": name}})):
             for _ in range(2):
-                first, last, n, text = None, None, 0, ""
-                for chunk in llm.create_chat_completion(messages, tools=tools, tool_choice=choice, stream=True,
-                                                        max_tokens=MAX_TOKENS, temperature=0):
-                    delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-                    piece = delta.get("content") or "".join(c["function"]["arguments"] or ""
-                                                           for c in delta.get("tool_calls") or [])
-                    if piece:
-                        now = time.perf_counter()
-                        first, last, n, text = first or now, now, n + 1, text + piece
-            target.append((n - 1) / (last - first) if n > 1 else 0.0)
+                pieces: list[str] = []
+                chunks = llm.create_chat_completion(messages, tools=tools, tool_choice=choice, stream=True,
+                                                    max_tokens=MAX_TOKENS, temperature=0)
+                tps = stream_tps(pieces.append(p) or p for p in map(_piece, chunks))
+                text = "".join(pieces)
+            target.append(tps)
             if choice != "none":
                 print(f"  llama-cpp-python {name}: {text!r}", file=sys.stderr)
     llm.close()
     return {"plain_tps": round(statistics.mean(plain), 1), "call_tps": round(statistics.mean(called), 1)}
 
 
+def _piece(chunk: dict) -> str:
+    """A streamed chunk's text: content, or a call's argument fragment."""
+    delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+    return delta.get("content") or "".join(c["function"]["arguments"] or "" for c in delta.get("tool_calls") or [])
+
+
+def _line(side: str, r: dict) -> str:
+    ratio = r["call_tps"] / r["plain_tps"] if r["plain_tps"] else float("nan")
+    return (f"decode tok/s free reply {r['plain_tps']:>6.1f}  forced call {r['call_tps']:>6.1f} ({ratio:.0%})"
+            + (f"  grammar compile {r['compile_ms']:.1f} ms  mask {r['mask_us_per_token']:.0f} us/token"
+               if side == "ours" else ""))
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    gguf = args.bundle / json.loads((args.bundle / "manifest.json").read_text())["llm"]["file"]
-    result = {"ours": ours(args.bundle, args.threads), "llama_cpp_python": llama_cpp_python(gguf, args.threads)}
-    for side, r in result.items():
-        ratio = r["call_tps"] / r["plain_tps"] if r["plain_tps"] else float("nan")
-        print(f"{side:<18} tok/s free reply {r['plain_tps']:>6.1f}  forced call {r['call_tps']:>6.1f} ({ratio:.0%})"
-              + (f"  grammar compile {r['compile_ms']:.1f} ms  mask {r['mask_us_per_token']:.0f} us/token"
-                 if side == "ours" else ""))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    side_by_side(__doc__, ours, llama_cpp_python, _line)
 
 
 if __name__ == "__main__":
