@@ -32,7 +32,7 @@ from .stages.context import BuildContext, BundlePart
 from .stages.engines import stage_engines, wants_engines
 from .stages.eval_check import stage_eval_check
 from .stages.export_llm import stage_export_gguf, stage_memory_plan, stage_quantize
-from .stages.finetune import stage_align, stage_finetune, stage_merge
+from .stages.finetune import stage_align, stage_finetune, stage_merge, training_record
 from .stages.package import stage_package
 from .stages.source import stage_dequantize_awq, stage_source
 from .targets import TargetProfile
@@ -79,8 +79,10 @@ def build(
     if recipe.finetune is not None and recipe.finetune.method == "align":
         hf_dir = stage_align(ctx, hf_dir)
     elif recipe.finetune is not None:
-        hf_dir = stage_merge(ctx, hf_dir, stage_finetune(ctx, hf_dir))
+        adapter = stage_finetune(ctx, hf_dir)
+        hf_dir = stage_merge(ctx, hf_dir, adapter)
         checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
+        checks["finetune"] = training_record(adapter)
     family = family_for(hf_dir).build(ctx, hf_dir)  # align made a folder of another family
     hf_dir, parts = family.llm_dir, list(family.parts)
     awq_source = awq_source or family.awq_source

@@ -7,6 +7,7 @@ from the command line with `--set export.gguf.quants=[q8_0]`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,7 +127,7 @@ class RuntimeSpec(Strict):
     kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
 
 
-FinetuneMethod = Literal["lora", "qlora", "cpt", "align"]
+FinetuneMethod = Literal["lora", "qlora", "cpt", "align", "grpo"]
 
 
 class ShapesSpec(Strict):
@@ -139,6 +140,15 @@ class ShapesSpec(Strict):
     size: int = Field(224, ge=32, le=1024, description="image side in pixels")
 
 
+class ArithmeticSpec(Strict):
+    """A verifiable task drawn on the fly (train/arithmetic.py): two-digit sums and differences and one-digit
+    products, each a question with its answer; the held-out set shares no question with training."""
+
+    train: int = Field(2000, ge=8, description="training questions")
+    eval: int = Field(200, ge=4, description="held-out questions")
+    seed: int = 0
+
+
 class DatasetSpec(Strict):
     train: Path | None = Field(None, description="JSONL file (chat `messages` or instruction/input/output), "
                                "or text files for cpt")
@@ -146,13 +156,16 @@ class DatasetSpec(Strict):
     format: Literal["auto", "messages", "instruction", "text"] = "auto"
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     shapes: ShapesSpec | None = Field(None, description="instead of files: draw the shapes picture set (align)")
+    arithmetic: ArithmeticSpec | None = Field(None, description="instead of files: draw the arithmetic task (grpo)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.train is None) == (self.shapes is None):
-            raise ValueError("train: give either a train file or shapes (a generated picture set), not both")
-        if self.shapes is not None and self.eval is not None:
-            raise ValueError("eval: the shapes set brings its own held-out images")
+        drawn = [name for name in ("shapes", "arithmetic") if getattr(self, name) is not None]
+        if (self.train is None) == (not drawn) or len(drawn) > 1:
+            raise ValueError("train: give one of a train file, shapes (a generated picture set) or arithmetic "
+                             "(a generated task)")
+        if drawn and self.eval is not None:
+            raise ValueError(f"eval: the {drawn[0]} set brings its own held-out part")
         return self
 
 
@@ -234,6 +247,58 @@ class AlignSpec(Strict):
         return self
 
 
+class RewardSpec(Strict):
+    """One GRPO reward (train/rewards.py), multiplied by `weight`; the rewards are summed."""
+
+    kind: Literal["answer", "json_schema", "regex", "length", "python"] = Field(
+        description="answer: the final answer equals the example's `answer` column; json_schema: the completion "
+        "is JSON valid under `schema` (or the example's); regex: `pattern` is found; length: minus the "
+        "characters past `target`, per `target`; python: `function` from the Python `file` (relative to the "
+        "recipe), called as function(completion, example) -> number")
+    weight: float = 1.0
+    format_bonus: float = Field(0.0, ge=0, description="kind answer: added when the completion is the answer "
+                                "alone, only when it is right")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="kind json_schema")
+    pattern: str | None = Field(None, description="kind regex: a Python regular expression")
+    target: int | None = Field(None, ge=1, description="kind length: characters allowed without a cost")
+    file: Path | None = Field(None, description="kind python: the file")
+    function: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="kind python")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> RewardSpec:
+        needs = {"regex": ["pattern"], "length": ["target"], "python": ["file", "function"]}.get(self.kind, [])
+        for name in needs:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}: required for a reward of kind {self.kind!r}")
+        own = {"format_bonus": "answer", "schema_": "json_schema", "pattern": "regex", "target": "length",
+               "file": "python", "function": "python"}
+        for name, kind in own.items():
+            if name in self.model_fields_set and kind != self.kind:
+                raise ValueError(f"{name.rstrip('_')}: only for a reward of kind {kind!r}, not {self.kind!r}")
+        if self.kind == "regex":
+            try:
+                re.compile(self.pattern or "")
+            except re.error as exc:
+                raise ValueError(f"pattern: not a regular expression ({exc})") from None
+        return self
+
+
+class GrpoSpec(Strict):
+    """`method: grpo`: group-relative policy optimisation. Per step, `batch_size` prompts, `num_generations`
+    sampled completions each; a completion's advantage is its reward's distance from its group's mean, in
+    the group's standard deviations; the loss is PPO's clipped objective over the completion tokens (and,
+    with `beta`, a KL penalty towards the model as it was before training)."""
+
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    max_completion_tokens: int = Field(32, ge=1)
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the starting model (0: none, no reference pass)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="clipping of the probability ratio")
+    iterations: int = Field(1, ge=1, description="optimizer steps on each batch of completions")
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(kind="answer")], min_length=1)
+    eval_max: int = Field(200, ge=1, description="held-out questions scored greedily before and after training")
+
+
 class MergeSpec(Strict):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1)
     tolerance: float = Field(0.1, gt=0, description="max abs last-token logit difference, merged vs base+adapter")
@@ -262,10 +327,23 @@ class FinetuneSpec(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     align: AlignSpec | None = Field(None, description="method align: the encoder and projector")
+    grpo: GrpoSpec | None = Field(None, description="method grpo: generations, rewards, clipping; batch_size "
+                                  "counts prompts and micro_batch_size completions")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> FinetuneSpec:
-        if self.batch_size % self.micro_batch_size:
+        if self.method == "grpo" and self.grpo is None:
+            self.grpo = GrpoSpec()
+        if self.method != "grpo" and self.grpo is not None:
+            raise ValueError(f"grpo: only for method 'grpo', not {self.method!r}")
+        if self.method != "grpo" and self.dataset.arithmetic is not None:
+            raise ValueError("dataset.arithmetic: a generated task is for method 'grpo'")
+        if self.grpo is not None:
+            completions = self.batch_size * self.grpo.num_generations
+            if completions % self.micro_batch_size:
+                raise ValueError(f"batch_size x grpo.num_generations ({completions} completions) must be a "
+                                 f"multiple of micro_batch_size ({self.micro_batch_size})")
+        elif self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
         if self.method == "align" and self.align is None:

@@ -2,12 +2,14 @@
 
     {"question": "What is 7 times 6?", "answer": "42"}                        exact match
     {"question": "Name a primary colour.", "answer": ["red", "blue"], "match": "contains"}
+    {"question": "What is 27 + 48?", "answer": "75", "match": "number"}
     {"question": "Which is a fruit?", "choices": ["a brick", "a pear"], "answer": "a pear"}
     {"question": "What colour is the shape?", "image": "images/1.png", "answer": "red", "match": "contains"}
     {"question": "A person as JSON.", "schema": {"type": "object", "required": ["name"]}}    schema
 
 - exact: the greedy reply, normalized (case, spacing, punctuation at the ends), equals an answer.
 - contains: an answer appears in the normalized reply as whole words.
+- number: the last number in the reply equals the answer (a number), as GRPO's `answer` reward judges it.
 - choices (multiple choice): no generation; each choice is scored by its log-likelihood after the chat
   prompt (the sum over its tokens, as lm-evaluation-harness's `acc`), the highest one is the pick.
   `answer` is the right choice's text or its index.
@@ -32,10 +34,11 @@ from ..runtime.backends import SupportsScoring
 from ..runtime.constrained import check_schema
 from ..runtime.media import read_image
 from ..runtime.pipeline import Pipeline
+from .answers import is_number, normalize, number_matches
 from .scoring import log_softmax
 
-Match = Literal["exact", "contains", "choice", "schema"]
-MATCHES = ("exact", "contains")
+Match = Literal["exact", "contains", "number", "choice", "schema"]
+MATCHES = ("exact", "contains", "number")
 KEYS = {"id", "question", "answer", "choices", "match", "image", "schema", "constrained"}
 MAX_ANSWER_TOKENS = 64  # a reply longer than this is no short answer
 MAX_JSON_TOKENS = 512
@@ -109,6 +112,8 @@ def _task(where: str, row: dict[str, Any], base: Path) -> Task:
     match = row.get("match", "exact")
     if match not in MATCHES:
         raise InputError(f"{where}: match is one of {', '.join(MATCHES)} (or give choices), not {match!r}")
+    if match == "number" and not all(is_number(a) for a in answers):
+        raise InputError(f"{where}: match number needs answers that are numbers")
     return Task(where, task_id, question, tuple(answers), match, image=image)
 
 
@@ -144,12 +149,9 @@ def _choice_task(where: str, task_id: str, question: str, answer: Any, choices: 
     return Task(where, task_id, question, (answer,), "choice", tuple(choices))
 
 
-def normalize(text: str) -> str:
-    """Case-folded, spacing collapsed, punctuation and quotes stripped from the ends."""
-    return re.sub(r"\s+", " ", text.casefold()).strip().strip(".,;:!?\"'`()[]{} ")
-
-
 def is_right(task: Task, reply: str) -> bool:
+    if task.match == "number":
+        return any(number_matches(reply, a) for a in task.answers)
     said = normalize(reply)
     if task.match == "exact":
         return any(said == normalize(a) for a in task.answers)

@@ -19,22 +19,41 @@ from .stamps import folder_fingerprint, mark_done, stamp_path, up_to_date
 
 
 def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
-    """LoRA / QLoRA / CPT on the recipe's dataset -> finetune/adapter/; continues from its checkpoints.
+    """LoRA / QLoRA / CPT / GRPO on the recipe's dataset -> finetune/adapter/; continues from its checkpoints.
 
     resume=None (build): continue a checkpoint of the same settings, else start over.
     """
     from ..train.finetune import ADAPTER, finetune, run_fingerprint
+    from ..train.grpo import grpo
 
     folder = ctx.root / "finetune"
     out = folder / ADAPTER
-    inputs = run_fingerprint(ctx.recipe, [__version__, folder_fingerprint(hf_dir)])
+    inputs = run_fingerprint(ctx.recipe, [__version__, folder_fingerprint(hf_dir)], folder)
     if up_to_date(ctx, out, inputs, "finetune") is not None:
         return out
-    result = finetune(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    train = grpo if ctx.recipe.finetune is not None and ctx.recipe.finetune.method == "grpo" else finetune
+    result = train(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
     if _main_process():
         mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
     return out
 
+
+
+def training_record(adapter_dir: Path) -> dict[str, Any]:
+    """What the manifest's checks keep of a training run: the method, its steps and time, the last loss (or
+    reward), and GRPO's held-out accuracy before and after."""
+    import json
+
+    run = json.loads((adapter_dir / "training.json").read_text())
+    keep = ("method", "steps", "examples", "final_loss", "eval_loss", "seconds", "trainable_params")
+    out = {k: run.get(k) for k in keep}
+    if run.get("history"):
+        last = run["history"][-1]
+        out["last_step"] = {k: v for k, v in last.items() if k.startswith(("reward", "right", "loss", "kl"))}
+    if run.get("held_out"):
+        out["held_out"] = {when: {k: v for k, v in (numbers or {}).items() if k != "samples"}
+                           for when, numbers in run["held_out"].items()}
+    return out
 
 
 def stage_align(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:

@@ -49,9 +49,9 @@ from .finetune import (
     STATE_FILE,
     TrainResult,
     _n_targets,
-    _peak_memory_mb,
-    _progress,
-    _spec,
+    peak_memory_mb,
+    progress_bar,
+    spec_of,
     checkpoint_state,
     latest_checkpoint,
     lr_at,
@@ -268,7 +268,7 @@ def _trainable(llm: Any, projector: Any) -> list[Any]:
     return list(projector.parameters()) + [p for p in llm.parameters() if p.requires_grad]
 
 
-def _save_checkpoint(out_dir: Path, step: int, llm, projector, optimizer, state: dict[str, Any], keep: int) -> None:
+def save_checkpoint(out_dir: Path, step: int, llm, projector, optimizer, state: dict[str, Any], keep: int) -> None:
     torch = require("torch", "train")
     peft = require("peft", "train")
     from safetensors.torch import save_file
@@ -302,7 +302,7 @@ def align(
     peft = require("peft", "train")
     from safetensors.torch import load_file
 
-    spec = _spec(recipe)
+    spec = spec_of(recipe)
     assert spec.align is not None
     a = spec.align
     where = str(recipe.path or recipe.name)
@@ -433,7 +433,7 @@ def align(
     projector.train()
     llm.train(start >= s1)
     tokens_run, seconds_run, eval_loss = 0, 0.0, None
-    with _progress(console, disable=False) as progress:
+    with progress_bar(console, disable=False) as progress:
         task = progress.add_task("aligning", total=steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start, steps):
             if step == s1 and s2 and not hasattr(llm, "get_base_model"):  # stage 2 begins
@@ -466,7 +466,7 @@ def align(
             if not console.is_terminal and (done % 10 == 0 or done == steps):
                 console.print(f"step {done}/{steps}: loss {loss:.4f}, {tokens_run / seconds_run:.0f} tokens/s")
             if done % spec.save_every == 0 and done < steps:
-                _save_checkpoint(out_dir, done, llm, projector, optimizer, {"run_id": run_id, "history": history},
+                save_checkpoint(out_dir, done, llm, projector, optimizer, {"run_id": run_id, "history": history},
                                  spec.keep_checkpoints)
             if on_step is not None:
                 on_step(done, loss)
@@ -485,7 +485,7 @@ def align(
         final_loss=history[-1]["loss"] if history else float("nan"),
         eval_loss=round(eval_loss, 6) if eval_loss is not None else None,
         train_tokens=tokens_run, tokens_per_s=round(tokens_run / max(seconds_run, 1e-9), 1),
-        seconds=round(seconds_run, 1), resumed_from=start or None, peak_memory_mb=round(_peak_memory_mb(torch), 1),
+        seconds=round(seconds_run, 1), resumed_from=start or None, peak_memory_mb=round(peak_memory_mb(torch), 1),
         target_modules=len(targets), trainable_params=sum(p.numel() for p in _trainable(llm, projector)),
         history=history,
     )

@@ -59,6 +59,7 @@ class TrainResult:
     target_modules: int
     trainable_params: int
     history: list[dict[str, float]] = field(default_factory=list)
+    held_out: dict[str, Any] | None = None  # grpo: greedy held-out accuracy before and after
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,15 +68,22 @@ class TrainResult:
 # -- inputs --------------------------------------------------------------------------------
 def dataset_paths(recipe: Recipe, work_dir: Path | None = None) -> tuple[Path, Path | None]:
     """The train and eval files; a generated picture set (`dataset.shapes`) is drawn into `work_dir`."""
-    spec = _spec(recipe)
+    spec = spec_of(recipe)
+    if spec.dataset.shapes is not None or spec.dataset.arithmetic is not None:
+        if work_dir is None:
+            raise FinetuneError("a drawn dataset needs a work folder to be written into")
     if spec.dataset.shapes is not None:
         from .shapes import write_shapes
 
-        if work_dir is None:
-            raise FinetuneError("dataset.shapes needs a work folder to draw the pictures into")
         sh = spec.dataset.shapes
         files = write_shapes(Path(work_dir) / "shapes", sh.train, sh.eval, sh.seed, sh.size)
         return files.train, files.eval
+    if spec.dataset.arithmetic is not None:
+        from .arithmetic import write_arithmetic
+
+        ar = spec.dataset.arithmetic
+        drawn = write_arithmetic(Path(work_dir) / "arithmetic", ar.train, ar.eval, ar.seed)
+        return drawn.train, drawn.eval
     assert spec.dataset.train is not None
     train = recipe.resolve(spec.dataset.train)
     return train, recipe.resolve(spec.dataset.eval) if spec.dataset.eval else None
@@ -83,10 +91,12 @@ def dataset_paths(recipe: Recipe, work_dir: Path | None = None) -> tuple[Path, P
 
 def run_fingerprint(recipe: Recipe, base_fingerprint: Any, work_dir: Path | None = None) -> str:
     """What a finished adapter depends on: the base, the data's bytes, the training settings."""
-    spec = _spec(recipe)
+    spec = spec_of(recipe)
     hashes: list[Any] = []
     if spec.dataset.shapes is not None:  # the pictures are a function of these settings and the code
         hashes = ["shapes", spec.dataset.shapes.model_dump()]
+    elif spec.dataset.arithmetic is not None:
+        hashes = ["arithmetic", spec.dataset.arithmetic.model_dump()]
     else:
         for p in (p for p in dataset_paths(recipe, work_dir) if p is not None):
             for f in sorted(p.iterdir()) if p.is_dir() else [p]:
@@ -96,7 +106,7 @@ def run_fingerprint(recipe: Recipe, base_fingerprint: Any, work_dir: Path | None
     return sha256_json(["finetune", base_fingerprint, hashes, settings])
 
 
-def _spec(recipe: Recipe) -> FinetuneSpec:
+def spec_of(recipe: Recipe) -> FinetuneSpec:
     if recipe.finetune is None:
         raise FinetuneError(f"{recipe.path}: has no finetune section; see recipes/smollm2-135m-finetune.yaml")
     return recipe.finetune
@@ -104,7 +114,7 @@ def _spec(recipe: Recipe) -> FinetuneSpec:
 
 def read_records(recipe: Recipe, work_dir: Path | None = None) -> tuple[list[D.Record], list[D.Record]]:
     """The train and eval records, validated line by line (before any model is loaded)."""
-    spec = _spec(recipe)
+    spec = spec_of(recipe)
     train_path, eval_path = dataset_paths(recipe, work_dir)
     fmt = "text" if spec.method == "cpt" and spec.dataset.format == "auto" else spec.dataset.format
     train_records = D.read_dataset(train_path, fmt)
@@ -117,7 +127,7 @@ def read_records(recipe: Recipe, work_dir: Path | None = None) -> tuple[list[D.R
 def prepare_examples(
     recipe: Recipe, records: tuple[list[D.Record], list[D.Record]], tokenizer, processor=None
 ) -> tuple[list[D.Example], list[D.Example], D.EncodeStats]:
-    spec = _spec(recipe)
+    spec = spec_of(recipe)
     train_records, eval_records = records
 
     def encode(records):
@@ -172,7 +182,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict[str, Any], keep: int) -> None:
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict[str, Any], keep: int) -> None:
     torch = require("torch", "build")
     peft = require("peft", "train")
     from safetensors.torch import save_file
@@ -186,7 +196,27 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict[str
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, run_id: str) -> dict[str, Any]:
+def usable_checkpoint(out_dir: Path, run_id: str, resume: bool | None, console: Console,
+                      main: bool = True) -> Path | None:
+    """The checkpoint to continue from: resume True continues (an error if it came from other settings),
+    None continues one of the same settings and discards another, False refuses to overwrite one."""
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and resume is False:
+        raise FinetuneError(
+            f"{out_dir / CHECKPOINTS} holds a checkpoint ({ckpt.name}); pass --resume to continue from it, "
+            f"or delete {out_dir} to start over"
+        )
+    if ckpt is not None and resume is None and _checkpoint_run_id(ckpt) != run_id:
+        if main:
+            console.print(f"[yellow]![/] settings changed: discarding {ckpt.parent}")
+            shutil.rmtree(ckpt.parent, ignore_errors=True)
+        ckpt = None
+    if ckpt is None and resume:
+        console.print(f"no checkpoint in {out_dir / CHECKPOINTS}: starting from step 0")
+    return ckpt
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, run_id: str) -> dict[str, Any]:
     require("torch", "build")
     peft = require("peft", "train")
     from safetensors.torch import load_file
@@ -221,7 +251,7 @@ def finetune(
     """
     torch = require("torch", "build")
     accelerate = require("accelerate", "build")
-    spec = _spec(recipe)
+    spec = spec_of(recipe)
     where = str(recipe.path or recipe.name)
     console = console or Console(stderr=True)
 
@@ -235,20 +265,7 @@ def finetune(
             f"({spec.micro_batch_size}) x processes ({world})"
         )
 
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and resume is False:
-        raise FinetuneError(
-            f"{out_dir / CHECKPOINTS} holds a checkpoint ({ckpt.name}); pass --resume to continue from it, "
-            f"or delete {out_dir} to start over"
-        )
-    if ckpt is not None and resume is None and _checkpoint_run_id(ckpt) != run_id:
-        if main:
-            console.print(f"[yellow]![/] settings changed: discarding {ckpt.parent}")
-            shutil.rmtree(ckpt.parent, ignore_errors=True)
-        ckpt = None
-    if ckpt is None and resume:
-        console.print(f"no checkpoint in {out_dir / CHECKPOINTS}: starting from step 0")
-
+    ckpt = usable_checkpoint(out_dir, run_id, resume, console, main)
     accelerate.utils.set_seed(spec.seed)  # the adapters' initial weights
     clean_stale_temps(out_dir / CHECKPOINTS)
     records = read_records(recipe)  # a bad line fails now, not after loading the model
@@ -263,7 +280,7 @@ def finetune(
     state: dict[str, Any] = {"run_id": run_id, "history": []}
     start = 0
     if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, optimizer, run_id)
+        state = load_checkpoint(ckpt, model, optimizer, run_id)
         start = state["step"]
         if main:
             console.print(f"resuming from {ckpt.name} (step {start} of {steps})")
@@ -300,7 +317,7 @@ def finetune(
     history: list[dict[str, float]] = state["history"]
     tokens_run, seconds_run = 0, 0.0
     eval_loss = None
-    progress = _progress(console, disable=not main)
+    progress = progress_bar(console, disable=not main)
     with progress:
         task = progress.add_task("fine-tuning", total=steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start, steps):
@@ -330,7 +347,7 @@ def finetune(
                 console.print(f"step {done}/{steps}: loss {loss:.4f}, {tokens_run / seconds_run:.0f} tokens/s")
             if done % spec.save_every == 0 and done < steps:
                 if main:
-                    _save_checkpoint(out_dir, done, acc.unwrap_model(model), optimizer,
+                    save_checkpoint(out_dir, done, acc.unwrap_model(model), optimizer,
                                      {"run_id": run_id, "history": history}, spec.keep_checkpoints)
                 acc.wait_for_everyone()
             if on_step is not None:
@@ -343,12 +360,12 @@ def finetune(
         final_loss=history[-1]["loss"] if history else float("nan"),
         eval_loss=round(eval_loss, 6) if eval_loss is not None else None,
         train_tokens=tokens_run, tokens_per_s=round(tokens_run / max(seconds_run, 1e-9), 1),
-        seconds=round(seconds_run, 1), resumed_from=start or None, peak_memory_mb=round(_peak_memory_mb(torch), 1),
+        seconds=round(seconds_run, 1), resumed_from=start or None, peak_memory_mb=round(peak_memory_mb(torch), 1),
         target_modules=len(loaded.target_modules), trainable_params=sum(p.numel() for p in params),
         history=history,
     )
     if main:
-        _save_adapter(acc.unwrap_model(model), loaded, out_dir / ADAPTER, hf_dir, result, run_id)
+        save_adapter(acc.unwrap_model(model), loaded, out_dir / ADAPTER, hf_dir, result, run_id)
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # the adapter supersedes them
         console.print(
             f"[green]✓[/] adapter: final loss {result.final_loss:.4f}"
@@ -394,7 +411,7 @@ def evaluate(model, examples: list[D.Example], spec: FinetuneSpec, pad_id: int, 
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def _save_adapter(model, loaded, out: Path, hf_dir: Path, result: TrainResult, run_id: str) -> None:
+def save_adapter(model, loaded, out: Path, hf_dir: Path, result: TrainResult, run_id: str) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         # where the base lives, for `vishwamai-edge merge` without --base
@@ -433,14 +450,15 @@ def _checkpoint_run_id(ckpt: Path) -> str | None:
     return state.get("run_id") if state else None
 
 
-def _peak_memory_mb(torch) -> float:
+def peak_memory_mb(torch) -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
-def _progress(console: Console, disable: bool):
+def progress_bar(console: Console, metric: str = "loss", disable: bool = False):
+    """Steps with the running `metric` (a task field named `loss`) and tokens per second."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -452,6 +470,6 @@ def _progress(console: Console, disable: bool):
 
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TextColumn(metric + " {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=disable,
     )
