@@ -82,7 +82,7 @@ def build(
         adapter = stage_finetune(ctx, hf_dir)
         hf_dir = stage_merge(ctx, hf_dir, adapter)
         checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
-        checks["finetune"] = training_record(adapter)
+        checks["finetune"] = {"check": training_record(adapter)}
     family = family_for(hf_dir).build(ctx, hf_dir)  # align made a folder of another family
     hf_dir, parts = family.llm_dir, list(family.parts)
     awq_source = awq_source or family.awq_source

@@ -98,3 +98,28 @@ def test_two_processes_give_the_same_losses_as_one(tiny_model, chat_jsonl, tmp_p
         return [h["loss"] for h in json.loads((root / "tiny/finetune/adapter/training.json").read_text())["history"]]
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rewards, expected",
+    [
+        ([{"kind": "python", "file": "absent.py", "function": "f"}], "absent.py: no such file"),
+        ([{"kind": "python", "file": "mine.py", "function": "missing"}], "mine.py has no function 'missing'"),
+        ([{"kind": "python", "file": "mine.py", "function": "wordy"}],
+         "reward 'wordy' returned 'many' on "),
+        ([{"kind": "python", "file": "mine.py", "function": "broken"}],
+         "reward 'broken' raised ZeroDivisionError (division by zero) on "),
+        ([{"kind": "regex"}], "finetune.grpo.rewards.0: pattern: required for a reward of kind 'regex'"),
+    ],
+)
+def test_grpo_reward_errors_are_one_line_and_exit_2(tiny_model, tmp_path, rewards, expected):
+    (tmp_path / "mine.py").write_text("def wordy(completion, example):\n    return 'many'\n"
+                                      "def broken(completion, example):\n    return 1 / 0\n")
+    prompts = write_jsonl(tmp_path / "sums.jsonl", [{"prompt": f"What is {a} + 2?", "answer": str(a + 2)}
+                                                    for a in range(8)])
+    recipe = recipe_file(tmp_path, tiny_model("llama"), prompts, method="grpo", batch_size=2, micro_batch_size=4,
+                         grpo={"num_generations": 2, "max_completion_tokens": 4, "rewards": rewards})
+    proc = run("finetune", "--recipe", recipe, "--out", tmp_path / "build")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert expected in err and "Traceback" not in proc.stderr, proc.stderr

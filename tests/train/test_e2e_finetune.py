@@ -57,6 +57,9 @@ def test_manifest_records_training_merge_and_export_checks(tuned):
     assert m["checks"]["f16"]["top1_agreement"] == 1.0 and m["checks"]["q4_k_m"]["top1_agreement"] >= 0.5
     training = json.loads((tuned.bundle.parent / "finetune/adapter/training.json").read_text())
     assert training["steps"] == 40 and training["final_loss"] < 0.6 and training["eval_loss"] < 1.5
+    assert m["checks"]["finetune"] == {**{k: training[k] for k in ("method", "steps", "examples", "final_loss",
+                                                                   "eval_loss", "seconds", "trainable_params")},
+                                       "last_step": {"loss": training["history"][-1]["loss"]}}
 
 
 def test_rebuild_skips_finetune_and_merge(tuned):

@@ -171,3 +171,21 @@ def test_bad_prompts_and_rewards_fail_in_one_line(tiny_model, make_recipe, promp
     with pytest.raises(Exception, match=r"reward 'answer' raised KeyError .*q.jsonl:\d"):
         run(grpo_recipe(make_recipe, hf, prompts, dataset={"train": str(no_answer), "eval": str(prompts)}), hf,
             tmp_path / "b")
+
+
+def test_completion_log_probabilities_equal_one_sequence_at_a_time(tiny_model):
+    """Padded together (prompts to the left, completions to the right, logits for the completions only), each
+    completion token's log-probability is the one the model gives its sequence alone."""
+    from transformers import AutoModelForCausalLM
+
+    from vishwamai_edge.train.grpo import token_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()
+    seqs = [([5, 6, 7, 8, 9], [10, 11]), ([5, 6], [12, 13, 14, 15]), ([7, 8, 9], [16])]
+    with torch.no_grad():
+        logp, mask = token_logps(model, seqs, pad_id=0, temperature=0.7, device="cpu")
+        for row, (p, c) in enumerate(seqs):
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) + len(c) - 1] / 0.7
+            alone = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(logp[row, :len(c)], alone, atol=1e-5)
+            assert mask[row].tolist() == [1.0] * len(c) + [0.0] * (4 - len(c))

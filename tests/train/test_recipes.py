@@ -32,7 +32,7 @@ def test_builtin_demo_recipe_matches_the_shipped_one():
     [
         ("finetune: {dataset: {train: a.jsonl}, lora: {rank: 8}}", "finetune.lora.rank: unknown field"),
         ("finetune: {lora: {r: 8}}", "finetune.dataset: required field is missing"),
-        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora', 'cpt' or 'align'"),
+        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora', 'cpt', 'align' or 'grpo'"),
         ("finetune: {dataset: {train: a.jsonl}, lr: 0}", "finetune.lr: Input should be greater than 0"),
         ("finetune: {method: align, dataset: {shapes: {}}, align: {projector: {tokens: 10}}}",
          "finetune.align.projector.tokens: must be a square number"),
@@ -45,7 +45,16 @@ def test_builtin_demo_recipe_matches_the_shipped_one():
         ("finetune: {method: align, dataset: {train: a.jsonl}, align: {encoder: {kind: whisper, path: w},"
          " projector: {tokens: 16}}}", "finetune.align: projector.tokens: an audio projector"),
         ("finetune: {method: lora, dataset: {train: a.jsonl}, align: {}}", "align: only for method 'align'"),
-        ("finetune: {method: align, dataset: {train: a.jsonl, shapes: {}}}", "either a train file or shapes"),
+        ("finetune: {method: align, dataset: {train: a.jsonl, shapes: {}}}", "give one of a train file, shapes"),
+        ("finetune: {method: lora, dataset: {train: a.jsonl}, grpo: {}}", "grpo: only for method 'grpo'"),
+        ("finetune: {method: lora, dataset: {arithmetic: {}}}", "dataset.arithmetic: a generated task is for method"),
+        ("finetune: {method: grpo, dataset: {arithmetic: {}}, batch_size: 3, micro_batch_size: 5}",
+         "batch_size x grpo.num_generations (24 completions) must be a multiple of micro_batch_size (5)"),
+        ("finetune: {method: grpo, dataset: {arithmetic: {}}, grpo: {rewards: []}}",
+         "finetune.grpo.rewards: List should have at least 1 item"),
+        ("finetune: {method: grpo, dataset: {arithmetic: {}}, grpo: {rewards: [{kind: length}]}}",
+         "finetune.grpo.rewards.0: target: required for a reward of kind 'length'"),
+        ("finetune: {method: grpo, dataset: {arithmetic: {}, eval: e.jsonl}}", "eval: the arithmetic set brings"),
     ],
 )
 def test_bad_finetune_fields_name_the_field(tmp_path, section, message):

@@ -196,6 +196,21 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict[str,
         shutil.rmtree(old, ignore_errors=True)
 
 
+def start_training(model, spec: FinetuneSpec, n_examples: int, ckpt: Path | None, run_id: str,
+                   console: Console | None) -> tuple[list, Any, int, dict[str, Any]]:
+    """The trainable parameters, their optimizer, the number of steps, and the trainer state: fresh, or the
+    checkpoint's (its `step` the one to go on from), said on `console`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(spec, params)
+    steps = total_steps(spec, n_examples)
+    state: dict[str, Any] = {"run_id": run_id, "history": []}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, run_id)
+        if console is not None:
+            console.print(f"resuming from {ckpt.name} (step {state['step']} of {steps})")
+    return params, optimizer, steps, state
+
+
 def usable_checkpoint(out_dir: Path, run_id: str, resume: bool | None, console: Console,
                       main: bool = True) -> Path | None:
     """The checkpoint to continue from: resume True continues (an error if it came from other settings),
@@ -274,16 +289,8 @@ def finetune(
         train, evals, stats = prepare_examples(recipe, records, loaded.tokenizer, loaded.processor)
     model = loaded.model
     pad_id = loaded.tokenizer.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(spec, params)
-    steps = total_steps(spec, len(train))
-    state: dict[str, Any] = {"run_id": run_id, "history": []}
-    start = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, run_id)
-        start = state["step"]
-        if main:
-            console.print(f"resuming from {ckpt.name} (step {start} of {steps})")
+    params, optimizer, steps, state = start_training(model, spec, len(train), ckpt, run_id, console if main else None)
+    start = state.get("step", 0)
     model = acc.prepare_model(model)
 
     if main:

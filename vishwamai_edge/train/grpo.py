@@ -23,6 +23,7 @@ an uninterrupted one. One process: the generations of several GPUs are not gathe
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
@@ -41,18 +42,17 @@ from .finetune import (
     CHECKPOINTS,
     TrainResult,
     dataset_paths,
-    load_checkpoint,
     lr_at,
     peak_memory_mb,
     progress_bar,
     save_adapter,
     save_checkpoint,
     spec_of,
+    start_training,
     step_indices,
-    total_steps,
     usable_checkpoint,
 )
-from .lora import FinetuneError, load_for_training, make_optimizer
+from .lora import FinetuneError, load_for_training
 from .rewards import Reward, build_rewards, is_right
 
 ADVANTAGE_EPS = 1e-4
@@ -133,23 +133,20 @@ def advantages(totals: list[float], group: int) -> list[float]:
 
 def token_logps(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device):
     """Per completion token, its log-probability under `model` (logits / temperature, as sampled), and the
-    mask of real completion tokens: (prompt, completion) pairs, right-padded."""
+    mask of real completion tokens. Prompts are left-padded so every completion starts in one column, and
+    logits are computed for the completion's positions only (the vocabulary projection is most of a small
+    model's cost); positions count from each row's first real token, as in generation."""
     torch = require("torch", "build")
-    width = max(len(p) + len(c) for p, c in seqs)
-    n = max(len(c) for _, c in seqs)
-    ids = torch.full((len(seqs), width), pad_id, device=device)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    index = torch.zeros((len(seqs), n), dtype=torch.long, device=device)  # where each completion token is
-    mask = torch.zeros((len(seqs), n), device=device)
-    for i, (p, c) in enumerate(seqs):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c, device=device)
-        attn[i, :len(p) + len(c)] = 1
-        index[i, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c), device=device)
-        mask[i, :len(c)] = 1
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float() / temperature
-    picked = logits[torch.arange(len(seqs), device=device).unsqueeze(1), index]  # the rows predicting them
-    targets = ids.gather(1, (index + 1).clamp(max=width - 1))
-    logp = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    p_width, n = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
+    rows = [[pad_id] * (p_width - len(p)) + p + c + [pad_id] * (n - len(c)) for p, c in seqs]
+    ids = torch.tensor(rows, device=device)
+    attn = torch.tensor([[0] * (p_width - len(p)) + [1] * (len(p) + len(c)) + [0] * (n - len(c)) for p, c in seqs],
+                        device=device)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False, logits_to_keep=n + 1)
+    logits = out.logits[:, :n].float() / temperature  # the positions before each completion token
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, p_width:].unsqueeze(-1)).squeeze(-1)
+    mask = torch.tensor([[1.0] * len(c) + [0.0] * (n - len(c)) for _, c in seqs], device=device)
     return logp, mask
 
 
@@ -186,6 +183,9 @@ def grpo(recipe: Recipe, hf_dir: Path, out_dir: Path, run_id: str, resume: bool 
     where = str(recipe.path or recipe.name)
     console = console or Console(stderr=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FinetuneError(f"{where}: finetune.method grpo runs in one process; start it without accelerate "
+                            "launch or torchrun")
     rewards = build_rewards(g.rewards, recipe.path.parent if recipe.path else Path("."))  # before the model
 
     ckpt = usable_checkpoint(out_dir, run_id, resume, console)
@@ -201,16 +201,9 @@ def grpo(recipe: Recipe, hf_dir: Path, out_dir: Path, run_id: str, resume: bool 
         evals = read_prompts(eval_path, tokenizer, room)[:g.eval_max] if eval_path else []
     model = loaded.model
     stop_ids = _stop_ids(model, tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(spec, params)
-    steps = total_steps(spec, len(train))
-    state: dict[str, Any] = {"run_id": run_id, "history": []}
-    start = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, run_id)
-        start = state["step"]
-        console.print(f"resuming from {ckpt.name} (step {start} of {steps})")
-    elif evals:
+    params, optimizer, steps, state = start_training(model, spec, len(train), ckpt, run_id, console)
+    start = state.get("step", 0)
+    if ckpt is None and evals:
             with console.status(f"held-out: {len(evals)} prompts, greedy, before training"):
                 state["held_out_before"] = held_out(model, evals, rewards, tokenizer, spec, stop_ids, device)
     console.print(
