@@ -50,7 +50,7 @@ def run(client: OpenAI, model: str, question: str, rounds: int = 3, seed: int = 
     for turn in range(rounds + 1):
         choice = "required" if turn == 0 else "none" if turn == rounds else "auto"
         reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=choice,
-                                               max_tokens=200, temperature=0.7, seed=seed)
+                                               max_tokens=400, temperature=0.7, seed=seed)
         message = reply.choices[0].message
         if not message.tool_calls:
             return message.content or ""

@@ -47,19 +47,20 @@ def test_twenty_sampled_replies_validate(four_slots, name):
 
 def test_sampled_tool_calls_in_four_slots_validate(four_slots):
     """20 sampled replies under tool_choice required, four at a time: each slot's call grammar its own,
-    every call valid against its function's parameters."""
+    every call valid against its function's parameters. One call each (parallel_tool_calls false): at
+    temperature 1.0 a reply free to go on calling can reach max_tokens first."""
     from openai import OpenAI
     from tools_data import QUESTION, TOOLS, validate_call
 
     with OpenAI(base_url=four_slots.base_url, api_key="none", max_retries=0, timeout=600) as client:
         def one(seed: int):
             return client.chat.completions.create(model=four_slots.model, messages=QUESTION, tools=TOOLS,
-                                                  tool_choice="required", max_tokens=200, temperature=1.0,
-                                                  seed=seed).choices[0]
+                                                  tool_choice="required", parallel_tool_calls=False,
+                                                  max_tokens=200, temperature=1.0, seed=seed).choices[0]
 
         with ThreadPoolExecutor(4) as pool:
             choices = list(pool.map(one, SEEDS))
     assert all(c.finish_reason == "tool_calls" for c in choices), [c.finish_reason for c in choices]
     for c in choices:
-        for call in c.message.tool_calls:
-            validate_call(call.function.name, call.function.arguments)
+        (call,) = c.message.tool_calls
+        validate_call(call.function.name, call.function.arguments)
