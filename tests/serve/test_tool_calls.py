@@ -71,7 +71,7 @@ def test_streamed_calls_reassemble_to_the_calls(server, client, seed):
     whole = ask(client, server, tool_choice="required", seed=seed)
     chunks = list(ask(client, server, tool_choice="required", seed=seed, stream=True))
     calls, finish, content = reassemble(chunks)
-    assert finish == "tool_calls" and content == ""
+    assert finish == whole.choices[0].finish_reason in ("tool_calls", "length") and content == ""
     expected = [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls]
     assert [{"name": c["name"], "arguments": c["arguments"]} for c in calls] == expected
     fragments = sum(len(c.choices[0].delta.tool_calls or []) for c in chunks if c.choices)
