@@ -17,7 +17,7 @@ from ..errors import BundleError, InputError
 from .backends import MIN_CTX, LLMBackend, SupportsAdapters, SupportsGrammar, backend_class
 from .bundle import Bundle
 from .chat_template import CHATML_TEMPLATE
-from .constrained import Compiler, Grammar, check_schema
+from .constrained import Compiler, Grammar
 from .encoder_registry import load_encoders
 from .manifest import AdapterEntry
 from .options import RuntimeOptions
@@ -132,8 +132,6 @@ class Pipeline:
         names = [t.name for t in tools]
         if not tools or len(set(names)) != len(names):
             raise InputError("tools: give one or more functions with different names")
-        for i, tool in enumerate(tools):
-            check_schema(tool.parameters, f"tools.{i}.function.parameters")
         fmt, native = format_for(self.chat_template)
         lark = grammar_text(tools, choice, parallel, fmt, compiler.controls, text_schema, text_json)
         return ToolUse(tools, choice, parallel, fmt, native, compiler.compile_lark(lark, "tools"))

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import InputError
-from .constrained import Grammar, json_rule, prepare
+from .constrained import Grammar, json_rule, lark_json, prepare
+from .reply import split_stop
 
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -179,20 +180,22 @@ class ToolUse:
             out.append({"role": "system", "content": f"{_text(first['content'])}\n\n{guide}"})
         else:
             out.append({"role": "system", "content": guide})
+        after_tool = False  # consecutive results share one user turn
         for m in messages:
             if m["role"] == "tool":
                 block = f"<tool_response>\n{_text(m['content'])}\n</tool_response>"
-                if out[-1].get("tool_result"):
+                if after_tool:
                     out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + block}
                 else:
-                    out.append({"role": "user", "content": block, "tool_result": True})
+                    out.append({"role": "user", "content": block})
             elif m.get("tool_calls"):
                 content = _text(m.get("content") or "")
                 calls = self.format.write(list(m["tool_calls"]))
                 out.append({"role": "assistant", "content": f"{content}\n{calls}" if content else calls})
             else:
                 out.append({k: v for k, v in m.items() if k != "tool_calls"})
-        return [{k: v for k, v in m.items() if k != "tool_result"} for m in out], None
+            after_tool = m["role"] == "tool"
+        return out, None
 
 
 def _text(content: Any) -> str:
@@ -207,28 +210,27 @@ Controls = Callable[[str], list[tuple[int | None, str]]]  # text -> its pieces, 
 def grammar_text(tools: tuple[Tool, ...], choice: Choice, parallel: bool, fmt: ToolFormat, controls: Controls,
                  text_schema: dict[str, Any] | None = None, text_json: bool = False) -> str:
     """The Lark grammar of a reply under `choice`. `text_schema`/`text_json`: a reply that is not a call is
-    JSON (the request's response_format). `controls`: a string split at the model's control tokens."""
-    if choice not in ("auto", "none", "required"):
-        tools = tuple(t for t in tools if t.name == choice)
-        parallel = False
-    parallel = parallel and fmt.parallel
+    JSON (the request's response_format). `controls`: a string split at the model's control tokens. Each
+    schema is checked here, once: what cannot be enforced is refused naming `tools.N.function.parameters`
+    or `response_format.json_schema.schema`."""
+    named = choice not in ("auto", "none", "required")
+    parallel = parallel and fmt.parallel and not named
 
     def seq(*texts: str) -> str:
         return " ".join(f"<[{token}]>" if token is not None else json.dumps(piece)
                         for token, piece in controls("".join(texts)) if piece)
 
-    branches = [{"type": "object", "properties": {"name": {"const": t.name},
-                                                   fmt.args_key: prepare(t.parameters, f"tools: {t.name}")},
-                 "required": ["name", fmt.args_key], "additionalProperties": False} for t in tools]
-    lines = [f"call: {json_rule({'anyOf': branches}, 'tools')}"]
+    params = [prepare(t.parameters, f"tools.{i}.function.parameters") for i, t in enumerate(tools)]
+    branches = [{"type": "object", "properties": {"name": {"const": t.name}, fmt.args_key: p},
+                 "required": ["name", fmt.args_key], "additionalProperties": False}
+                for t, p in zip(tools, params) if not named or t.name == choice]
+    lines = [f"call: {lark_json({'anyOf': branches})}"]
     more = f' ({seq(fmt.close, fmt.sep, fmt.open)} call)*' if parallel else ""
     lines.append(f"rest: call{more} {seq(fmt.close, fmt.suffix)}".rstrip())
     json_text = text_json or text_schema is not None
-    if choice not in ("auto", "none"):
-        pass  # calls only
-    elif json_text:
-        lines.append(f"text: {json_rule(text_schema, 'response_format')}")
-    else:
+    if choice in ("auto", "none") and json_text:  # a reply that is not a call
+        lines.append(f"text: {json_rule(text_schema, 'response_format.json_schema.schema')}")
+    elif choice in ("auto", "none"):
         # text never holds the marker that starts a call (a control token cannot be text anyway)
         anywhere = ".*" if fmt.text_before else ""
         marker = fmt.marker if all(token is None for token, _ in controls(fmt.marker)) else ""
@@ -310,11 +312,11 @@ class CallParser:
             if self.state == "text":
                 self.pos = len(self.buf)
                 return events + self._text_event(rest)
-            if self.state == "start":
-                at = rest.find(marker)
-                if at >= 0 and (at == 0 or self.fmt.text_before):
-                    events += self._text_event(rest[:at])
-                    self.pos += at + len(self.fmt.trigger)
+            if self.state == "start":  # text that may end in the marker's first characters is held back
+                safe, _, found = split_stop(rest, [marker])
+                if found and (not safe or self.fmt.text_before):
+                    events += self._text_event(safe)
+                    self.pos += len(safe) + len(self.fmt.trigger)
                     self.state = "name"
                     continue
                 if not self.fmt.text_before:
@@ -322,9 +324,9 @@ class CallParser:
                         self.state = "text"
                         continue
                     return events
-                keep = 0 if final else _partial(rest, marker)
-                events += self._text_event(rest[:len(rest) - keep])
-                self.pos += len(rest) - keep
+                safe = rest if final else safe
+                events += self._text_event(safe)
+                self.pos += len(safe)
                 return events
             if self.state == "name":
                 m = re.match(r'\{"name":"([^"]*)","' + re.escape(self.fmt.args_key) + '":', rest)
@@ -385,14 +387,6 @@ class CallParser:
                 if self._depth == 0:
                     return i + 1
         return None
-
-
-def _partial(text: str, marker: str) -> int:
-    """How many characters at the end of `text` could be the start of `marker`."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
 
 
 def parse_tool_choice(choice: Any, tools: tuple[Tool, ...]) -> Choice:

@@ -18,7 +18,6 @@ from ..errors import ContextOverflowError, InputError, UserError
 from ..runtime.backends import SamplingParams
 from ..runtime.engine import ChatRequest, EngineBusyError, EngineClosedError, EngineFailedError, Message
 from ..runtime.manifest import RuntimeDefaults
-from ..runtime.constrained import check_schema
 from ..runtime.media import (
     MediaBudget,
     Part,
@@ -241,8 +240,7 @@ def _check_tools(req: ChatCompletionRequest) -> None:
 
 
 def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budget: MediaBudget,
-                    compile_schema: Callable[[Any, str], Grammar],
-                    tool_use: Callable[..., ToolUse] | None = None) -> ChatRequest:
+                    compile_schema: Callable[[Any, str], Grammar], tool_use: Callable[..., ToolUse]) -> ChatRequest:
     """Decode every part (images and audio too, so bad data is a 400) within the request's media
     budget, which also refuses kinds the bundle cannot encode before decoding them, and compile the
     response format's schema and the tools' grammar (what cannot be enforced is a 400); may block:
@@ -274,20 +272,15 @@ def to_chat_request(req: ChatCompletionRequest, defaults: RuntimeDefaults, budge
     )
 
 
-def _tool_use(req: ChatCompletionRequest, tool_use: Callable[..., ToolUse] | None) -> ToolUse:
-    """The request's tools compiled with its choice and response format (what a reply that is no call is)."""
+def _tool_use(req: ChatCompletionRequest, tool_use: Callable[..., ToolUse]) -> ToolUse:
+    """The request's tools compiled with its choice and response format (what a reply that is no call is); a
+    schema that cannot be enforced is a 400 whose param is the field its message names."""
     tools = tuple(Tool(t.function.name, t.function.description,
                        NO_PARAMETERS if t.function.parameters is None else t.function.parameters)
                   for t in req.tools or ())
     rf = req.response_format
     text_schema = rf.json_schema.schema_ if rf is not None and rf.type == "json_schema" and rf.json_schema else None
     try:
-        for i, tool in enumerate(tools):
-            check_schema(tool.parameters, f"tools.{i}.function.parameters")
-        if text_schema is not None:
-            check_schema(text_schema, "response_format.json_schema.schema")
-        if tool_use is None:
-            raise InputError("this server cannot call tools")
         return tool_use(tools, parse_tool_choice(req.tool_choice, tools), req.parallel_tool_calls is not False,
                         text_schema, rf is not None and rf.type == "json_object")
     except InputError as exc:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -191,7 +190,6 @@ def grpo(recipe: Recipe, hf_dir: Path, out_dir: Path, run_id: str, resume: bool 
     ckpt = usable_checkpoint(out_dir, run_id, resume, console)
     clean_stale_temps(out_dir / CHECKPOINTS)
     torch.manual_seed(spec.seed)  # the adapters' initial weights
-    random.seed(spec.seed)
     train_path, eval_path = dataset_paths(recipe, out_dir)
     with console.status("loading the model and the prompts"):
         loaded = load_for_training(hf_dir, spec, device, where)
