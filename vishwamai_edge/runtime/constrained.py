@@ -254,12 +254,8 @@ class Compiler:
 
 def json_rule(schema: dict[str, Any] | None, where: str) -> str:
     """`schema` (None: any JSON object) checked and bounded, as the body of a Lark rule: `%json {...}`, compact."""
-    return lark_json(prepare(ANY_OBJECT if schema is None else schema, where))
-
-
-def lark_json(prepared: dict[str, Any]) -> str:
-    """A prepared schema (`prepare`) as the body of a Lark rule, compact."""
-    return "%json " + json.dumps({**prepared, "x-guidance": COMPACT}, ensure_ascii=False)
+    return "%json " + json.dumps({**prepare(ANY_OBJECT if schema is None else schema, where), "x-guidance": COMPACT},
+                                 ensure_ascii=False)
 
 
 def prepare(schema: Any, where: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import InputError
-from .constrained import Grammar, json_rule, lark_json, prepare
+from .constrained import Grammar, json_rule, prepare
 from .reply import split_stop
 
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -224,7 +224,8 @@ def grammar_text(tools: tuple[Tool, ...], choice: Choice, parallel: bool, fmt: T
     branches = [{"type": "object", "properties": {"name": {"const": t.name}, fmt.args_key: p},
                  "required": ["name", fmt.args_key], "additionalProperties": False}
                 for t, p in zip(tools, params) if not named or t.name == choice]
-    lines = [f"call: {lark_json({'anyOf': branches})}"]
+    # checked again as a whole: the node bound holds for all the tools together, not for each alone
+    lines = [f"call: {json_rule({'anyOf': branches}, 'tools')}"]
     more = f' ({seq(fmt.close, fmt.sep, fmt.open)} call)*' if parallel else ""
     lines.append(f"rest: call{more} {seq(fmt.close, fmt.suffix)}".rstrip())
     json_text = text_json or text_schema is not None
