@@ -6,6 +6,8 @@ where it stopped and a finished one costs seconds. The model family (vishwamai_e
 what its layout needs beside the LLM; this module composes and names no family.
 
     build/<recipe>/source/                 HF folder (only for GGUF sources)
+    build/<recipe>/pruned/                 the smaller student (a prune section)
+    build/<recipe>/finetune/               adapter/ (or model/ with finetune.full), checkpoints while it trains
     build/<recipe>/llm-hf/                 a vision-language model's language model, split out
     build/<recipe>/export/model-f16.gguf   converted + checked against torch
     build/<recipe>/export/model-q4_k_m.gguf
@@ -17,7 +19,6 @@ what its layout needs beside the LLM; this module composes and names no family.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from .stages.context import BuildContext, BundlePart
 from .stages.engines import stage_engines, wants_engines
 from .stages.eval_check import stage_eval_check
 from .stages.export_llm import stage_export_gguf, stage_memory_plan, stage_quantize
-from .stages.finetune import stage_align, stage_finetune, stage_merge, training_record
+from .stages.finetune import stage_training
 from .stages.package import stage_package
+from .stages.prune import prune_record, stage_prune
 from .stages.source import stage_dequantize_awq, stage_source
 from .targets import TargetProfile
 
@@ -73,16 +75,15 @@ def build(
     awq_source = None
     if is_awq_checkpoint(hf_dir):  # a published *-AWQ model
         awq_source, hf_dir = hf_dir, stage_dequantize_awq(ctx, hf_dir)
+    source_dir, checks = hf_dir, {}
+    if recipe.prune is not None:  # the student: the memory plan and everything after are its
+        hf_dir = stage_prune(ctx, hf_dir)
+        checks["prune"] = {"check": prune_record(hf_dir)}
     ctx.size = family_for(hf_dir).size(hf_dir, recipe.name)
     plan = stage_memory_plan(ctx, quant)
-    checks: dict[str, Any] = {}
-    if recipe.finetune is not None and recipe.finetune.method == "align":
-        hf_dir = stage_align(ctx, hf_dir)
-    elif recipe.finetune is not None:
-        adapter = stage_finetune(ctx, hf_dir)
-        hf_dir = stage_merge(ctx, hf_dir, adapter)
-        checks["merge"] = {"check": json.loads((hf_dir / "merge_check.json").read_text())}
-        checks["finetune"] = {"check": training_record(adapter)}
+    if recipe.finetune is not None:
+        hf_dir, trained = stage_training(ctx, hf_dir, source_dir)
+        checks.update(trained)
     family = family_for(hf_dir).build(ctx, hf_dir)  # align made a folder of another family
     hf_dir, parts = family.llm_dir, list(family.parts)
     awq_source = awq_source or family.awq_source

@@ -271,14 +271,15 @@ def _hf_reference(path: Path, out: Path) -> Path:
 @app.command()
 def finetune(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML file with a finetune section")],
-    method: Annotated[Optional[str], typer.Option(help="lora, qlora (needs CUDA), cpt (raw text), align (image encoder + projector) or grpo (rewards); default: the recipe's")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora, qlora (needs CUDA), cpt (raw text), align (image encoder + projector), grpo (rewards) or distill (a teacher's distributions); default: the recipe's")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint")] = False,
     merge: Annotated[bool, typer.Option(help="merge the adapter into the base as well (build/<recipe>/merged)")] = True,
     out: Annotated[Path, typer.Option(help="output root")] = Path("build"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: field.path=value")] = None,
 ) -> None:
-    """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training, or GRPO with rewards): an
-    adapter, then merged. With method align: an aligned vision-language folder (encoder, trained projector, LLM)."""
+    """Fine-tune with LoRA / QLoRA on a JSONL chat set (or continue pre-training, GRPO with rewards, distill from a
+    teacher): an adapter, then merged, or with finetune.full the whole model. A prune section first cuts the source
+    into a smaller student. With method align: an aligned vision-language folder (encoder, trained projector, LLM)."""
     from .recipe import load_recipe
     from .stages.finetune import finetune_and_merge
 

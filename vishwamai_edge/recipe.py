@@ -127,7 +127,7 @@ class RuntimeSpec(Strict):
     kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
 
 
-FinetuneMethod = Literal["lora", "qlora", "cpt", "align", "grpo"]
+FinetuneMethod = Literal["lora", "qlora", "cpt", "align", "grpo", "distill"]
 
 
 class ShapesSpec(Strict):
@@ -149,6 +149,14 @@ class ArithmeticSpec(Strict):
     seed: int = 0
 
 
+class PythonDocsSpec(Strict):
+    """English text that every Python install carries: the language reference's topics (pydoc_data), for
+    distilling and pruning without a download. Whole topics are held out, drawn by the seed."""
+
+    eval_topics: int = Field(8, ge=1, description="topics held out for the perplexity before and after")
+    seed: int = 0
+
+
 class DatasetSpec(Strict):
     train: Path | None = Field(None, description="JSONL file (chat `messages` or instruction/input/output), "
                                "or text files for cpt")
@@ -157,10 +165,12 @@ class DatasetSpec(Strict):
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     shapes: ShapesSpec | None = Field(None, description="instead of files: draw the shapes picture set (align)")
     arithmetic: ArithmeticSpec | None = Field(None, description="instead of files: draw the arithmetic task (grpo)")
+    python_docs: PythonDocsSpec | None = Field(None, description="instead of files: the Python reference's text "
+                                               "(distill, cpt)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        drawn = [name for name in ("shapes", "arithmetic") if getattr(self, name) is not None]
+        drawn = [name for name in ("shapes", "arithmetic", "python_docs") if getattr(self, name) is not None]
         if (self.train is None) == (not drawn) or len(drawn) > 1:
             raise ValueError("train: give one of a train file, shapes (a generated picture set) or arithmetic "
                              "(a generated task)")
@@ -299,6 +309,26 @@ class GrpoSpec(Strict):
     eval_max: int = Field(200, ge=1, description="held-out questions scored greedily before and after training")
 
 
+class DistillSpec(Strict):
+    """`method: distill`: the student learns the teacher's token distributions on the dataset's text or chats."""
+
+    teacher: SourceSpec | None = Field(None, description="any source (embedded, hf, gguf, hub); default: the "
+                                       "recipe's source as it was before prune")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture")
+    temperature: float = Field(1.0, gt=0, description="both distributions are softened by it")
+    on_policy: float = Field(0.0, ge=0, le=1, description="share of steps trained on the student's own sampled "
+                             "continuations of the examples' prompts")
+    max_new_tokens: int = Field(64, ge=1, description="on-policy: tokens the student samples per example")
+
+    @field_validator("teacher")
+    @classmethod
+    def _weights(cls, v: SourceSpec | None) -> SourceSpec | None:
+        if v is not None and v.use_as_is:
+            raise ValueError("use_as_is: a teacher is run in torch; give its weights, not a GGUF bundled as is")
+        return v
+
+
 class MergeSpec(Strict):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1)
     tolerance: float = Field(0.1, gt=0, description="max abs last-token logit difference, merged vs base+adapter")
@@ -308,6 +338,8 @@ class FinetuneSpec(Strict):
     method: FinetuneMethod = Field("lora", description="lora; qlora (CUDA: NF4 base); cpt (LoRA on raw text)")
     dataset: DatasetSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    full: bool = Field(False, description="train every weight instead of LoRA adapters (lora, cpt, distill): "
+                       "writes a whole model, no merge")
     max_seq_len: int = Field(512, ge=8)
     packing: bool = False
     steps: int | None = Field(None, ge=1, description="optimizer steps; default: `epochs` over the train set")
@@ -329,6 +361,7 @@ class FinetuneSpec(Strict):
     align: AlignSpec | None = Field(None, description="method align: the encoder and projector")
     grpo: GrpoSpec | None = Field(None, description="method grpo: generations, rewards, clipping; batch_size "
                                   "counts prompts and micro_batch_size completions")
+    distill: DistillSpec | None = Field(None, description="method distill: the teacher and the divergence")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> FinetuneSpec:
@@ -346,12 +379,43 @@ class FinetuneSpec(Strict):
         elif self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
+        if self.method == "distill" and self.distill is None:
+            self.distill = DistillSpec()
+        if self.method != "distill" and self.distill is not None:
+            raise ValueError(f"distill: only for method 'distill', not {self.method!r}")
+        if self.dataset.python_docs is not None and self.method not in ("distill", "cpt"):
+            raise ValueError("dataset.python_docs: raw text is for method 'distill' or 'cpt'")
+        if self.full and self.method not in ("lora", "cpt", "distill"):
+            raise ValueError(f"full: method {self.method!r} trains adapters only"
+                             + (" (its KL reference is the model with them switched off)" if self.method == "grpo"
+                                else ""))
         if self.method == "align" and self.align is None:
             self.align = AlignSpec()
         if self.method != "align" and self.align is not None:
             raise ValueError(f"align: only for method 'align', not {self.method!r}")
         if self.method != "align" and self.dataset.shapes is not None:
             raise ValueError("dataset.shapes: a picture set is for method 'align'")
+        return self
+
+
+class PruneSpec(Strict):
+    """Structured pruning of the source into a smaller student (train/prune.py), before any fine-tune: whole
+    blocks by the calibration loss without each, MLP channels and query heads by their activations."""
+
+    layers: int | None = Field(None, ge=1, description="decoder blocks to keep")
+    mlp: int | None = Field(None, ge=1, description="MLP channels (intermediate_size) to keep in every block")
+    heads: int | None = Field(None, ge=1, description="query heads to keep in every block (a multiple of the "
+                              "key/value heads)")
+    params: int | str | None = Field(None, description="a parameter budget (e.g. 90M): the blocks kept are as "
+                                     "many as fit, after mlp and heads")
+    calibration: Path | None = Field(None, description="UTF-8 text that ranks what to cut, relative to the recipe; "
+                                     "default: the fine-tune's training text")
+    calibration_tokens: int = Field(4096, ge=16, description="tokens of calibration text read")
+
+    @model_validator(mode="after")
+    def _a_target(self) -> PruneSpec:
+        if self.layers is None and self.mlp is None and self.heads is None and self.params is None:
+            raise ValueError("give a target: layers, mlp, heads or params")
         return self
 
 
@@ -397,6 +461,7 @@ class Recipe(Strict):
     source: SourceSpec = Field(default_factory=SourceSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    prune: PruneSpec | None = Field(None, description="cut the source into a smaller student before fine-tuning")
     finetune: FinetuneSpec | None = None
     speech: SpeechSpec | None = None
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
@@ -404,6 +469,12 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _one_way_to_hear(self) -> Recipe:
+        ft = self.finetune
+        if ft is not None and ft.distill is not None and ft.distill.teacher is None and self.prune is None:
+            raise ValueError("finetune.distill.teacher: required when no prune section makes the student smaller "
+                             "than the source (the default teacher)")
+        if ft is not None and self.prune is not None and ft.method in ("align", "grpo"):
+            raise ValueError(f"prune: a pruned student is recovered by method distill (or lora, cpt), not {ft.method}")
         a = self.finetune.align if self.finetune is not None else None
         if a is not None and a.encoder.kind == "whisper" and self.speech is not None:
             raise ValueError("speech: this model hears audio through its own encoder (finetune.align.encoder.kind "

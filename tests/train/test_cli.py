@@ -123,3 +123,40 @@ def test_grpo_reward_errors_are_one_line_and_exit_2(tiny_model, tmp_path, reward
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     assert expected in err and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_prune_then_distill_from_the_command_line(tiny_model, tmp_path):
+    """`finetune` on a recipe with a prune section: the student is cut, then distilled from the source (the
+    default teacher) with every weight trained; the trained folder is the result, no merge."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(__import__("tiny_models").CORPUS * 6))
+    recipe = recipe_file(tmp_path, tiny_model("llama"), text, method="distill", full=True, max_seq_len=32)
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "prune": {"layers": 1, "calibration_tokens": 64}}))
+    proc = run("finetune", "--recipe", recipe, "--out", tmp_path / "build")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "build/tiny/finetune/model")
+    assert json.loads((tmp_path / "build/tiny/pruned/config.json").read_text())["num_hidden_layers"] == 1
+    training = json.loads((tmp_path / "build/tiny/finetune/model/training.json").read_text())
+    assert training["method"] == "distill" and training["objective"]["teacher"] == str(tiny_model("llama"))
+
+
+@pytest.mark.parametrize("prune, distill, expected", [
+    ({"layers": 5}, {}, "tiny.yaml: prune.layers: 5 is more than the model's 2 blocks"),
+    ({"params": "10B"}, {}, "prune.params: 10,000,000,000 is not below the model's"),
+    ({"layers": 1}, {"teacher": {"kind": "hf", "path": "qwen"}}, "has another vocabulary than the student"),
+    ({"layers": 1}, {"teacher": {"kind": "hf", "path": "absent"}}, "absent"),
+])
+def test_prune_and_distill_errors_are_one_line_and_exit_2(tiny_model, tmp_path, prune, distill, expected):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(__import__("tiny_models").CORPUS * 6))
+    if distill.get("teacher", {}).get("path") == "qwen":
+        distill = {"teacher": {"kind": "hf", "path": str(tiny_model("qwen2"))}}
+    recipe = recipe_file(tmp_path, tiny_model("llama"), text, method="distill", full=True, max_seq_len=32,
+                         distill=distill)
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "prune": {**prune, "calibration_tokens": 64}}))
+    proc = run("finetune", "--recipe", recipe, "--out", tmp_path / "build")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert expected in err and "Traceback" not in proc.stderr, proc.stderr

@@ -32,7 +32,7 @@ def test_builtin_demo_recipe_matches_the_shipped_one():
     [
         ("finetune: {dataset: {train: a.jsonl}, lora: {rank: 8}}", "finetune.lora.rank: unknown field"),
         ("finetune: {lora: {r: 8}}", "finetune.dataset: required field is missing"),
-        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora', 'cpt', 'align' or 'grpo'"),
+        ("finetune: {method: dora, dataset: {train: a.jsonl}}", "finetune.method: Input should be 'lora', 'qlora', 'cpt', 'align', 'grpo' or 'distill'"),
         ("finetune: {dataset: {train: a.jsonl}, lr: 0}", "finetune.lr: Input should be greater than 0"),
         ("finetune: {method: align, dataset: {shapes: {}}, align: {projector: {tokens: 10}}}",
          "finetune.align.projector.tokens: must be a square number"),
@@ -55,6 +55,21 @@ def test_builtin_demo_recipe_matches_the_shipped_one():
         ("finetune: {method: grpo, dataset: {arithmetic: {}}, grpo: {rewards: [{kind: length}]}}",
          "finetune.grpo.rewards.0: target: required for a reward of kind 'length'"),
         ("finetune: {method: grpo, dataset: {arithmetic: {}, eval: e.jsonl}}", "eval: the arithmetic set brings"),
+        ("finetune: {method: distill, dataset: {python_docs: {}}}",
+         ": finetune.distill.teacher: required when no prune section makes the student smaller"),
+        ("finetune: {method: distill, dataset: {python_docs: {}}, distill: {teacher: {kind: gguf, path: t.gguf, "
+         "use_as_is: true}}}", "finetune.distill.teacher: use_as_is: a teacher is run in torch"),
+        ("finetune: {method: distill, dataset: {python_docs: {}}, distill: {loss: kl}}",
+         "finetune.distill.loss: Input should be 'forward_kl', 'reverse_kl' or 'jsd'"),
+        ("finetune: {method: lora, dataset: {train: a.jsonl}, distill: {}}", "distill: only for method 'distill'"),
+        ("finetune: {method: lora, dataset: {python_docs: {}}}", "dataset.python_docs: raw text is for method"),
+        ("finetune: {method: grpo, full: true, dataset: {arithmetic: {}}}",
+         "full: method 'grpo' trains adapters only (its KL reference is the model with them switched off)"),
+        ("prune: {}\nfinetune: {method: distill, dataset: {python_docs: {}}}",
+         "prune: give a target: layers, mlp, heads or params"),
+        ("prune: {layers: 0}", "prune.layers: Input should be greater than or equal to 1"),
+        ("prune: {layers: 20}\nfinetune: {method: grpo, dataset: {arithmetic: {}}}",
+         ": prune: a pruned student is recovered by method distill (or lora, cpt), not grpo"),
     ],
 )
 def test_bad_finetune_fields_name_the_field(tmp_path, section, message):

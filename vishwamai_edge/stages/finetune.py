@@ -18,21 +18,26 @@ from .source import stage_source
 from .stamps import folder_fingerprint, mark_done, stamp_path, up_to_date
 
 
-def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) -> Path:
-    """LoRA / QLoRA / CPT / GRPO on the recipe's dataset -> finetune/adapter/; continues from its checkpoints.
+def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None, teacher: Path | None = None) -> Path:
+    """LoRA / QLoRA / CPT / GRPO / distill on the recipe's dataset -> finetune/adapter/ (with `full`:
+    finetune/model/); continues from its checkpoints.
 
     resume=None (build): continue a checkpoint of the same settings, else start over.
     """
-    from ..train.finetune import ADAPTER, finetune, run_fingerprint
+    from ..train.finetune import finetune, output_dir, run_fingerprint, spec_of
     from ..train.grpo import grpo
 
+    spec = spec_of(ctx.recipe)
     folder = ctx.root / "finetune"
-    out = folder / ADAPTER
-    inputs = run_fingerprint(ctx.recipe, [__version__, folder_fingerprint(hf_dir)], folder)
+    out = output_dir(folder, spec)
+    base = [__version__, folder_fingerprint(hf_dir)] + ([folder_fingerprint(teacher)] if teacher else [])
+    inputs = run_fingerprint(ctx.recipe, base, folder)
     if up_to_date(ctx, out, inputs, "finetune") is not None:
         return out
-    train = grpo if ctx.recipe.finetune is not None and ctx.recipe.finetune.method == "grpo" else finetune
-    result = train(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    if spec.method == "grpo":
+        result = grpo(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console)
+    else:
+        result = finetune(ctx.recipe, hf_dir, folder, inputs, resume=resume, console=ctx.console, teacher_dir=teacher)
     if _main_process():
         mark_done(out, inputs, {k: v for k, v in result.to_dict().items() if k != "history"})
     return out
@@ -41,7 +46,7 @@ def stage_finetune(ctx: BuildContext, hf_dir: Path, resume: bool | None = None) 
 
 def training_record(adapter_dir: Path) -> dict[str, Any]:
     """What the manifest's checks keep of a training run: the method, its steps and time, the last loss (or
-    reward), and GRPO's held-out accuracy before and after."""
+    reward, or divergence), GRPO's held-out accuracy before and after, distillation's held-out perplexities."""
     import json
 
     run = json.loads((adapter_dir / "training.json").read_text())
@@ -51,8 +56,10 @@ def training_record(adapter_dir: Path) -> dict[str, Any]:
         last = run["history"][-1]
         out["last_step"] = {k: v for k, v in last.items() if k.startswith(("reward", "right", "loss", "kl"))}
     if run.get("held_out"):
-        out["held_out"] = {when: {k: v for k, v in (numbers or {}).items() if k != "samples"}
-                           for when, numbers in run["held_out"].items()}
+        out["held_out"] = {when: {k: v for k, v in numbers.items() if k != "samples"} if isinstance(numbers, dict)
+                           else numbers for when, numbers in run["held_out"].items()}
+    if run.get("objective"):
+        out["objective"] = run["objective"]
     return out
 
 
@@ -101,24 +108,48 @@ def stage_merge(ctx: BuildContext, hf_dir: Path, adapter_dir: Path) -> Path:
 
 
 
+def stage_training(ctx: BuildContext, hf_dir: Path, source_dir: Path, resume: bool | None = None,
+                   merge: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The recipe's fine-tune of `hf_dir` (the source, or its pruned student; `source_dir` is the default teacher
+    of a distillation): the trained HF folder (merged, or whole with `full`) and its checks for the manifest.
+    With merge False, a LoRA run stops at its adapter."""
+    import json
+
+    spec = ctx.recipe.finetune
+    assert spec is not None
+    if spec.method == "align":
+        return stage_align(ctx, hf_dir, resume=resume), {}
+    from .prune import stage_teacher
+
+    trained = stage_finetune(ctx, hf_dir, resume=resume, teacher=stage_teacher(ctx, source_dir))
+    checks: dict[str, Any] = {"finetune": {"check": training_record(trained)}}
+    # under `accelerate launch` every process trains; only the first merges
+    if spec.full or not merge or not _main_process():
+        return trained, checks
+    merged = stage_merge(ctx, hf_dir, trained)
+    checks["merge"] = {"check": json.loads((merged / "merge_check.json").read_text())}
+    return merged, checks
+
+
 def finetune_and_merge(
     recipe: Recipe, out_root: Path = Path("build"), resume: bool | None = None, merge: bool = True,
     console: Console | None = None,
 ) -> Path:
-    """`vishwamai-edge finetune`: the source, finetune (and merge) stages of `build`, same folders and stamps."""
+    """`vishwamai-edge finetune`: the source, prune, finetune (and merge) stages of `build`, same folders and
+    stamps."""
     from ..targets import get_target
+    from .prune import stage_prune
 
     console = console or Console(stderr=True)
     root = Path(out_root) / recipe.name
     for sub in (root, root / "finetune"):
         clean_stale_temps(sub)
     ctx = BuildContext(recipe, get_target("laptop-cpu"), root, console)  # the target plays no part here
-    hf_dir = stage_source(ctx)
-    if recipe.finetune is not None and recipe.finetune.method == "align":
-        return stage_align(ctx, hf_dir, resume=resume)
-    adapter = stage_finetune(ctx, hf_dir, resume=resume)
-    # under `accelerate launch` every process trains; only the first merges
-    return stage_merge(ctx, hf_dir, adapter) if merge and _main_process() else adapter
+    source_dir = stage_source(ctx)
+    hf_dir = stage_prune(ctx, source_dir) if recipe.prune is not None else source_dir
+    if recipe.finetune is None:
+        return hf_dir
+    return stage_training(ctx, hf_dir, source_dir, resume=resume, merge=merge)[0]
 
 
 

@@ -40,6 +40,7 @@ from .lora import FinetuneError, load_for_training, make_optimizer
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+TRAINED = "model"  # finetune.full: the whole trained model, an HF folder
 STATE_FILE = "trainer_state.pt"
 
 
@@ -59,7 +60,8 @@ class TrainResult:
     target_modules: int
     trainable_params: int
     history: list[dict[str, float]] = field(default_factory=list)
-    held_out: dict[str, Any] | None = None  # grpo: greedy held-out accuracy before and after
+    held_out: dict[str, Any] | None = None  # grpo: greedy accuracy before and after; distill: perplexities
+    objective: dict[str, Any] | None = None  # distill: the teacher, the divergence and its settings
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +71,8 @@ class TrainResult:
 def dataset_paths(recipe: Recipe, work_dir: Path | None = None) -> tuple[Path, Path | None]:
     """The train and eval files; a generated picture set (`dataset.shapes`) is drawn into `work_dir`."""
     spec = spec_of(recipe)
-    if spec.dataset.shapes is not None or spec.dataset.arithmetic is not None:
+    ds = spec.dataset
+    if ds.shapes is not None or ds.arithmetic is not None or ds.python_docs is not None:
         if work_dir is None:
             raise FinetuneError("a drawn dataset needs a work folder to be written into")
     if spec.dataset.shapes is not None:
@@ -84,6 +87,11 @@ def dataset_paths(recipe: Recipe, work_dir: Path | None = None) -> tuple[Path, P
         ar = spec.dataset.arithmetic
         drawn = write_arithmetic(Path(work_dir) / "arithmetic", ar.train, ar.eval, ar.seed)
         return drawn.train, drawn.eval
+    if ds.python_docs is not None:
+        from .python_docs import write_python_docs
+
+        docs = write_python_docs(Path(work_dir) / "python-docs", ds.python_docs.eval_topics, ds.python_docs.seed)
+        return docs.train, docs.eval
     assert spec.dataset.train is not None
     train = recipe.resolve(spec.dataset.train)
     return train, recipe.resolve(spec.dataset.eval) if spec.dataset.eval else None
@@ -131,7 +139,7 @@ def prepare_examples(
     train_records, eval_records = records
 
     def encode(records):
-        if spec.method == "cpt":
+        if spec.method == "cpt" or (spec.method == "distill" and records[0].text is not None):
             return D.encode_text(records, tokenizer, spec.max_seq_len)
         return D.encode_chats(records, tokenizer, spec.max_seq_len, processor)
 
@@ -187,10 +195,15 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict[str,
     peft = require("peft", "train")
     from safetensors.torch import save_file
 
+    from safetensors.torch import save_model
+
     final = out_dir / CHECKPOINTS / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}
-        save_file(weights, str(tmp / "adapter_model.safetensors"))
+        if is_adapted(model):
+            weights = {k: v.detach().cpu().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}
+            save_file(weights, str(tmp / "adapter_model.safetensors"))
+        else:  # every weight trains; save_model keeps tied embeddings tied
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save({**state, "step": step, "optimizer": optimizer.state_dict()}, tmp / STATE_FILE)
     for old in sorted((out_dir / CHECKPOINTS).glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -234,7 +247,7 @@ def usable_checkpoint(out_dir: Path, run_id: str, resume: bool | None, console: 
 def load_checkpoint(ckpt: Path, model, optimizer, run_id: str) -> dict[str, Any]:
     require("torch", "build")
     peft = require("peft", "train")
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
     state = checkpoint_state(ckpt)
     if state is None or state.get("run_id") != run_id:
@@ -242,7 +255,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, run_id: str) -> dict[str, Any]
             f"checkpoint {ckpt} was made from other data or settings than the recipe's now; "
             f"delete {ckpt.parent} to start over"
         )
-    peft.set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    if is_adapted(model):
+        peft.set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    else:
+        load_model(model, str(ckpt / "model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     return state
 
@@ -256,8 +272,10 @@ def finetune(
     resume: bool | None = None,
     console: Console | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    teacher_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `recipe.finetune`; write `out_dir/adapter`.
+    """Train a LoRA adapter on `recipe.finetune`; write `out_dir/adapter` (with `full`, the model to
+    `out_dir/model`). Method distill learns the distributions of the model in `teacher_dir`.
 
     resume: True continues from the latest checkpoint (an error if it came from other
     settings); None continues when the checkpoint matches and starts over otherwise;
@@ -283,37 +301,51 @@ def finetune(
     ckpt = usable_checkpoint(out_dir, run_id, resume, console, main)
     accelerate.utils.set_seed(spec.seed)  # the adapters' initial weights
     clean_stale_temps(out_dir / CHECKPOINTS)
-    records = read_records(recipe)  # a bad line fails now, not after loading the model
+    records = read_records(recipe, out_dir)  # a bad line fails now, not after loading the model
     with console.status("loading the model and tokenizing the data"):
         loaded = load_for_training(hf_dir, spec, acc.device, where)
         train, evals, stats = prepare_examples(recipe, records, loaded.tokenizer, loaded.processor)
     model = loaded.model
     pad_id = loaded.tokenizer.pad_token_id
+    objective: Any = CrossEntropy()
+    if spec.method == "distill":
+        objective = distillation(spec, teacher_dir, loaded, acc.device, where)
     params, optimizer, steps, state = start_training(model, spec, len(train), ckpt, run_id, console if main else None)
     start = state.get("step", 0)
+    if getattr(objective, "teacher", None) is not None and evals and ckpt is None:
+        with console.status(f"held-out perplexity of the teacher and the student, {len(evals)} blocks"):
+            state["held_out_before"] = {
+                "teacher": perplexity(evaluate(objective.teacher, evals, spec, pad_id, acc, loaded.dtype)),
+                "student": {**perplexity(evaluate(model, evals, spec, pad_id, acc, loaded.dtype)),
+                            "divergence": round(evaluate(model, evals, spec, pad_id, acc, loaded.dtype,
+                                                         objective.loss_sum), 5)}}
     model = acc.prepare_model(model)
 
     if main:
         console.print(
             f"{spec.method}: {len(train)} training examples ({stats.truncated} truncated, {stats.dropped} dropped), "
-            f"{len(evals)} eval, {steps} steps of {spec.batch_size}, {len(loaded.target_modules)} adapted layers, "
+            f"{len(evals)} eval, {steps} steps of {spec.batch_size}, "
+            + ("every weight trained, " if spec.full else f"{len(loaded.target_modules)} adapted layers, ") +
             f"{sum(p.numel() for p in params):,} trainable parameters, {world} process(es) on {acc.device.type}"
         )
 
     def step_loss(step: int) -> tuple[float, int]:
         """One optimizer step's forward/backward; returns (loss, tokens this process ran)."""
         idx = step_indices(step, spec.batch_size, len(train), spec.seed)
-        # every process knows the whole step's trained-token count, so no all-reduce is needed for it
-        n_target = sum(_n_targets(train[i]) for i in idx)
         mine = idx[acc.process_index * per_rank : (acc.process_index + 1) * per_rank]
-        micro = [mine[i : i + spec.micro_batch_size] for i in range(0, len(mine), spec.micro_batch_size)]
+        # on-policy distillation trains on the student's own continuations, sampled now
+        examples = objective.prepare(step, [train[i] for i in mine], acc.unwrap_model(model), acc.device)
+        # the whole step's trained tokens, over all processes: the loss is a sum over them divided by their number
+        n_target = int(acc.reduce(torch.tensor(sum(map(_n_targets, examples)), device=acc.device),
+                                  reduction="sum").item())
+        micro = [examples[i : i + spec.micro_batch_size] for i in range(0, len(examples), spec.micro_batch_size)]
         total, tokens = 0.0, 0
         for k, chunk in enumerate(micro):
-            batch = D.collate([train[i] for i in chunk], pad_id)
+            batch = D.collate(chunk, pad_id)
             tokens += batch.pop("n_tokens")
             sync = k == len(micro) - 1
             with acc.no_sync(model) if not sync else contextlib.nullcontext():
-                loss_sum = _loss_sum(model, batch, acc.device, loaded.dtype)
+                loss_sum = objective.loss_sum(model, batch, acc.device, loaded.dtype)
                 # DDP averages gradients over processes; scale back to a sum over the whole step
                 acc.backward(loss_sum * world / max(n_target, 1))
             total += loss_sum.item()
@@ -345,6 +377,8 @@ def finetune(
             seconds_run += dt
             record = {"step": step + 1, "loss": round(loss, 6), "lr": lr_at(step, spec, steps),
                       "tokens_per_s": round(tokens / dt, 1)}
+            if spec.method == "distill":
+                record["on_policy"] = objective.on_policy_step(step)
             done = step + 1
             if evals and spec.eval_every and done % spec.eval_every == 0 and done < steps:
                 record["eval_loss"] = round(evaluate(model, evals, spec, pad_id, acc, loaded.dtype), 6)
@@ -362,6 +396,13 @@ def finetune(
         if evals:
             eval_loss = evaluate(model, evals, spec, pad_id, acc, loaded.dtype)
 
+    held = None
+    if "held_out_before" in state and eval_loss is not None:  # distill: what pruning cost, what training won back
+        before, after = state["held_out_before"], perplexity(eval_loss)
+        after["divergence"] = round(evaluate(model, evals, spec, pad_id, acc, loaded.dtype, objective.loss_sum), 5)
+        gap = before["student"]["ppl"] - before["teacher"]["ppl"]
+        held = {"blocks": len(evals), **before, "after": after,
+                "recovered": round((before["student"]["ppl"] - after["ppl"]) / gap, 4) if gap > 0 else None}
     result = TrainResult(
         adapter=str(out_dir / ADAPTER), method=spec.method, steps=steps, examples=len(train),
         final_loss=history[-1]["loss"] if history else float("nan"),
@@ -369,10 +410,12 @@ def finetune(
         train_tokens=tokens_run, tokens_per_s=round(tokens_run / max(seconds_run, 1e-9), 1),
         seconds=round(seconds_run, 1), resumed_from=start or None, peak_memory_mb=round(peak_memory_mb(torch), 1),
         target_modules=len(loaded.target_modules), trainable_params=sum(p.numel() for p in params),
-        history=history,
+        history=history, held_out=held,
+        objective={"teacher": str(teacher_dir), **spec.distill.model_dump(mode="json", exclude={"teacher"})}
+        if spec.distill is not None else None,
     )
     if main:
-        save_adapter(acc.unwrap_model(model), loaded, out_dir / ADAPTER, hf_dir, result, run_id)
+        save_trained(acc.unwrap_model(model), output_dir(out_dir, spec), hf_dir, result, run_id)
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # the adapter supersedes them
         console.print(
             f"[green]✓[/] adapter: final loss {result.final_loss:.4f}"
@@ -381,6 +424,34 @@ def finetune(
         )
     acc.wait_for_everyone()
     return result
+
+
+class CrossEntropy:
+    """The SFT objective: the examples as they are, the summed token cross-entropy."""
+
+    teacher = None
+
+    def prepare(self, step: int, examples: list[D.Example], model, device) -> list[D.Example]:
+        return examples
+
+    def loss_sum(self, model, batch: dict[str, Any], device, dtype):
+        return _loss_sum(model, batch, device, dtype)
+
+
+def distillation(spec: FinetuneSpec, teacher_dir: Path | None, loaded, device, where: str):
+    from .distill import Distillation, load_teacher
+    from .sampling import turn_end_ids
+
+    if teacher_dir is None:
+        raise FinetuneError(f"{where}: method distill needs a teacher (finetune.distill.teacher)")
+    assert spec.distill is not None
+    teacher = load_teacher(teacher_dir, loaded.tokenizer, device, loaded.dtype, where)
+    return Distillation(spec.distill, teacher, spec.seed, loaded.tokenizer.pad_token_id,
+                        turn_end_ids(loaded.model, loaded.tokenizer), spec.max_seq_len)
+
+
+def perplexity(loss: float) -> dict[str, float]:
+    return {"loss": round(loss, 5), "ppl": round(math.exp(min(loss, 50.0)), 3)}
 
 
 def _n_targets(ex: D.Example) -> int:
@@ -400,32 +471,49 @@ def _loss_sum(model, batch: dict[str, Any], device, dtype):
     )
 
 
-def evaluate(model, examples: list[D.Example], spec: FinetuneSpec, pad_id: int, acc, dtype) -> float:
-    """Mean token loss over the eval set (assistant tokens, like training)."""
+def evaluate(model, examples: list[D.Example], spec: FinetuneSpec, pad_id: int, acc, dtype,
+             loss_sum: Callable[..., Any] | None = None) -> float:
+    """Mean token loss over the eval set (assistant tokens, like training); cross-entropy unless `loss_sum`."""
     torch = require("torch", "build")
     mine = examples[acc.process_index :: acc.num_processes]
     total = torch.zeros(2, device=acc.device)
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(mine), spec.micro_batch_size):
             chunk = mine[i : i + spec.micro_batch_size]
             batch = D.collate(chunk, pad_id)
             batch.pop("n_tokens")
-            total[0] += _loss_sum(model, batch, acc.device, dtype)
+            total[0] += (loss_sum or _loss_sum)(model, batch, acc.device, dtype)
             total[1] += sum(_n_targets(e) for e in chunk)
-    model.train()
+    model.train(was_training)
     total = acc.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def save_adapter(model, loaded, out: Path, hf_dir: Path, result: TrainResult, run_id: str) -> None:
+def is_adapted(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def output_dir(out_dir: Path, spec: FinetuneSpec) -> Path:
+    """Where a run's result goes: the adapter, or with `full` the whole model."""
+    return out_dir / (TRAINED if spec.full else ADAPTER)
+
+
+def save_trained(model, out: Path, hf_dir: Path, result: TrainResult, run_id: str) -> None:
+    """The adapter (with where its base lives, for `vishwamai-edge merge` without --base), or with `full` an HF
+    folder: the model with the base's tokenizer, chat template and generation config."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        # where the base lives, for `vishwamai-edge merge` without --base
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(Path(hf_dir).resolve())
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        if is_adapted(model):
+            cfg_path = tmp / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = str(Path(hf_dir).resolve())
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            for f in Path(hf_dir).iterdir():
+                if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith("model"):
+                    shutil.copy2(f, tmp / f.name)
         write_json(tmp / "training.json", {**result.to_dict(), "run_id": run_id})
 
 

@@ -44,8 +44,8 @@ from .finetune import (
     lr_at,
     peak_memory_mb,
     progress_bar,
-    save_adapter,
     save_checkpoint,
+    save_trained,
     spec_of,
     start_training,
     step_indices,
@@ -53,6 +53,7 @@ from .finetune import (
 )
 from .lora import FinetuneError, load_for_training
 from .rewards import Reward, build_rewards, is_right
+from .sampling import generate, turn_end_ids
 
 ADVANTAGE_EPS = 1e-4
 
@@ -94,26 +95,7 @@ def read_prompts(path: Path, tokenizer, max_prompt_tokens: int) -> list[Prompt]:
     return out
 
 
-# -- sampling and scoring ------------------------------------------------------------------
-def generate(model, prompts: list[list[int]], max_new: int, pad_id: int, stop_ids: set[int],
-             temperature: float | None, device) -> list[list[int]]:
-    """A completion per prompt (sampled at `temperature`, greedy when None), cut after its first stop token."""
-    torch = require("torch", "build")
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # left-padded
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {
-        "do_sample": False}
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad_id,
-                             eos_token_id=sorted(stop_ids), use_cache=True, **sampling)
-    completions = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-        completions.append(row[:cut])
-    return completions
-
-
+# -- scoring ---------------------------------------------------------------------------------
 def score(rewards: list[Reward], text: str, prompt: Prompt) -> dict[str, float]:
     """Each reward's weighted value, by name."""
     return {r.name: r.weight * r(text, prompt.example, prompt.where) for r in rewards}
@@ -198,7 +180,7 @@ def grpo(recipe: Recipe, hf_dir: Path, out_dir: Path, run_id: str, resume: bool 
         train = read_prompts(train_path, tokenizer, room)
         evals = read_prompts(eval_path, tokenizer, room)[:g.eval_max] if eval_path else []
     model = loaded.model
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = turn_end_ids(model, tokenizer)
     params, optimizer, steps, state = start_training(model, spec, len(train), ckpt, run_id, console)
     start = state.get("step", 0)
     if ckpt is None and evals:
@@ -243,7 +225,7 @@ def grpo(recipe: Recipe, hf_dir: Path, out_dir: Path, run_id: str, resume: bool 
         target_modules=len(loaded.target_modules), trainable_params=sum(p.numel() for p in params), history=history,
         held_out={"before": state.get("held_out_before"), "after": after} if evals else None,
     )
-    save_adapter(model, loaded, out_dir / "adapter", hf_dir, result, run_id)
+    save_trained(model, out_dir / "adapter", hf_dir, result, run_id)
     shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # the adapter supersedes them
     before = (state.get("held_out_before") or {}).get("accuracy")
     console.print("[green]✓[/] adapter: " + (f"held-out accuracy {before:.1%} -> {after['accuracy']:.1%}, "
@@ -311,13 +293,3 @@ def _step(model, optimizer, params, train: list[Prompt], rewards: list[Reward], 
     if g.beta:
         record["kl"] = round(kl_total / max(n_tokens, 1), 6)
     return record
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    """The tokens that end a turn: the generation config's end tokens and the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-

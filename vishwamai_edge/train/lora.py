@@ -66,7 +66,8 @@ def model_class(config):
 
 
 def load_for_training(hf_dir: Path, spec: FinetuneSpec, device, where: str) -> Loaded:
-    """Base model on `device` (a torch.device), frozen, with LoRA adapters; tokenizer (and processor)."""
+    """Base model on `device` (a torch.device), frozen, with LoRA adapters (with `full`: all of it trainable);
+    tokenizer (and processor)."""
     torch = require("torch", "build")
     transformers = quiet_transformers()
     peft = require("peft", "train")
@@ -95,6 +96,16 @@ def load_for_training(hf_dir: Path, spec: FinetuneSpec, device, where: str) -> L
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
 
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    processor = (transformers.AutoProcessor.from_pretrained(hf_dir, trust_remote_code=False)
+                 if is_vision_language(config) else None)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if spec.full:  # every weight trains, in the training dtype
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Loaded(model, tokenizer, processor, [], dtype)
+
     targets = resolve_target_modules(model, spec.lora.target_modules, where)
     modules_to_save = None
     if spec.lora.train_projector:
@@ -112,12 +123,6 @@ def load_for_training(hf_dir: Path, spec: FinetuneSpec, device, where: str) -> L
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
-    processor = (transformers.AutoProcessor.from_pretrained(hf_dir, trust_remote_code=False)
-                 if is_vision_language(config) else None)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return Loaded(model, tokenizer, processor, targets, dtype)
 
 
