@@ -153,7 +153,8 @@ class PythonDocsSpec(Strict):
     """English text that every Python install carries: the language reference's topics (pydoc_data), for
     distilling and pruning without a download. Whole topics are held out, drawn by the seed."""
 
-    eval_topics: int = Field(8, ge=1, description="topics held out for the perplexity before and after")
+    eval_chars: int = Field(20_000, ge=1000, description="whole topics, drawn by the seed, are held out until "
+                            "they hold this many characters (the perplexity before and after)")
     seed: int = 0
 
 

@@ -130,8 +130,9 @@ def test_a_teacher_of_another_vocabulary_is_refused(teacher_and_student, tiny_mo
 def test_the_python_reference_text_is_split_by_whole_topics(tmp_path):
     from vishwamai_edge.train.python_docs import split_topics, write_python_docs
 
-    train, held = split_topics(8, seed=0)
-    assert len(held) == 8 and not set(train) & set(held) and sum(map(len, train)) > 300_000
-    assert split_topics(8, seed=0) == (train, held) and split_topics(8, seed=1) != (train, held)
-    files = write_python_docs(tmp_path, 8, 0)
+    train, held = split_topics(20_000, seed=0)
+    assert 20_000 <= sum(map(len, held)) < 20_000 + max(map(len, held)) and not set(train) & set(held)
+    assert sum(map(len, train)) > 300_000
+    assert split_topics(20_000, seed=0) == (train, held) and split_topics(20_000, seed=1) != (train, held)
+    files = write_python_docs(tmp_path, 20_000, 0)
     assert files.eval.read_text(encoding="utf-8").startswith(held[0])

@@ -23,7 +23,7 @@ def distill_build(tmp_path_factory):
     from vishwamai_edge.targets import get_target
 
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-distill.yaml",
-                         ["finetune.steps=30", "finetune.max_seq_len=128"])
+                         ["finetune.steps=30", "finetune.max_seq_len=128", "prune.calibration_tokens=512"])
     out = tmp_path_factory.mktemp("distill-build")
     return build(recipe, get_target("laptop-cpu"), out, console=Console(stderr=True, quiet=True)), out
 

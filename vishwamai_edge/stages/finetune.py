@@ -138,8 +138,10 @@ def finetune_and_merge(
     """`vishwamai-edge finetune`: the source, prune, finetune (and merge) stages of `build`, same folders and
     stamps."""
     from ..targets import get_target
+    from ..train.finetune import spec_of
     from .prune import stage_prune
 
+    spec_of(recipe)  # a recipe without a finetune section fails before anything runs
     console = console or Console(stderr=True)
     root = Path(out_root) / recipe.name
     for sub in (root, root / "finetune"):
@@ -147,8 +149,6 @@ def finetune_and_merge(
     ctx = BuildContext(recipe, get_target("laptop-cpu"), root, console)  # the target plays no part here
     source_dir = stage_source(ctx)
     hf_dir = stage_prune(ctx, source_dir) if recipe.prune is not None else source_dir
-    if recipe.finetune is None:
-        return hf_dir
     return stage_training(ctx, hf_dir, source_dir, resume=resume, merge=merge)[0]
 
 

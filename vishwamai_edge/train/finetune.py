@@ -90,7 +90,7 @@ def dataset_paths(recipe: Recipe, work_dir: Path | None = None) -> tuple[Path, P
     if ds.python_docs is not None:
         from .python_docs import write_python_docs
 
-        docs = write_python_docs(Path(work_dir) / "python-docs", ds.python_docs.eval_topics, ds.python_docs.seed)
+        docs = write_python_docs(Path(work_dir) / "python-docs", ds.python_docs.eval_chars, ds.python_docs.seed)
         return docs.train, docs.eval
     assert spec.dataset.train is not None
     train = recipe.resolve(spec.dataset.train)

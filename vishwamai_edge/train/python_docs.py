@@ -18,17 +18,22 @@ class TextFiles:
     eval: Path
 
 
-def split_topics(n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """(train, held-out) topic texts, each list in the topics' own order."""
+def split_topics(eval_chars: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) topic texts, each list in the topics' own order; topics drawn in a seeded order are held
+    out until they hold `eval_chars` characters (always one, never all)."""
     from pydoc_data.topics import topics
 
-    names = sorted(topics)
-    held = set(random.Random(seed).sample(names, min(n_eval, len(names) - 1)))
+    first = {topics[n]: n for n in sorted(topics, reverse=True)}  # some topics repeat another's text: once each
+    names = sorted(first.values())
+    order = random.Random(seed).sample(names, len(names))
+    held: set[str] = set()
+    while order and sum(len(topics[n]) for n in held) < eval_chars and len(held) < len(names) - 1:
+        held.add(order.pop())
     return [topics[n] for n in names if n not in held], [topics[n] for n in names if n in held]
 
 
-def write_python_docs(folder: Path, n_eval: int, seed: int) -> TextFiles:
-    train, held = split_topics(n_eval, seed)
+def write_python_docs(folder: Path, eval_chars: int, seed: int) -> TextFiles:
+    train, held = split_topics(eval_chars, seed)
     folder.mkdir(parents=True, exist_ok=True)
     files = TextFiles(folder / "train.txt", folder / "eval.txt")
     for path, texts in ((files.train, train), (files.eval, held)):
