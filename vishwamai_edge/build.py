@@ -35,7 +35,7 @@ from .stages.eval_check import stage_eval_check
 from .stages.export_llm import stage_export_gguf, stage_memory_plan, stage_quantize
 from .stages.finetune import stage_training
 from .stages.package import stage_package
-from .stages.prune import prune_record, stage_prune
+from .stages.prune import prune_record, stage_prune, stage_teacher
 from .stages.source import stage_dequantize_awq, stage_source
 from .targets import TargetProfile
 
@@ -75,14 +75,15 @@ def build(
     awq_source = None
     if is_awq_checkpoint(hf_dir):  # a published *-AWQ model
         awq_source, hf_dir = hf_dir, stage_dequantize_awq(ctx, hf_dir)
-    source_dir, checks = hf_dir, {}
+    checks: dict[str, Any] = {}
+    teacher = stage_teacher(ctx, hf_dir)  # a wrong teacher fails before minutes of pruning
     if recipe.prune is not None:  # the student: the memory plan and everything after are its
         hf_dir = stage_prune(ctx, hf_dir)
         checks["prune"] = {"check": prune_record(hf_dir)}
     ctx.size = family_for(hf_dir).size(hf_dir, recipe.name)
     plan = stage_memory_plan(ctx, quant)
     if recipe.finetune is not None:
-        hf_dir, trained = stage_training(ctx, hf_dir, source_dir)
+        hf_dir, trained = stage_training(ctx, hf_dir, teacher)
         checks.update(trained)
     family = family_for(hf_dir).build(ctx, hf_dir)  # align made a folder of another family
     hf_dir, parts = family.llm_dir, list(family.parts)

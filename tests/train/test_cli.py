@@ -145,7 +145,7 @@ def test_prune_then_distill_from_the_command_line(tiny_model, tmp_path):
     ({"layers": 5}, {}, "tiny.yaml: prune.layers: 5 is more than the model's 2 blocks"),
     ({"params": "10B"}, {}, "prune.params: 10,000,000,000 is not below the model's"),
     ({"layers": 1}, {"teacher": {"kind": "hf", "path": "qwen"}}, "has another vocabulary than the student"),
-    ({"layers": 1}, {"teacher": {"kind": "hf", "path": "absent"}}, "absent"),
+    ({"layers": 1}, {"teacher": {"kind": "hf", "path": "absent"}}, "tiny.yaml: finetune.distill.teacher: model folder"),
 ])
 def test_prune_and_distill_errors_are_one_line_and_exit_2(tiny_model, tmp_path, prune, distill, expected):
     text = tmp_path / "text.txt"

@@ -108,10 +108,10 @@ def stage_merge(ctx: BuildContext, hf_dir: Path, adapter_dir: Path) -> Path:
 
 
 
-def stage_training(ctx: BuildContext, hf_dir: Path, source_dir: Path, resume: bool | None = None,
+def stage_training(ctx: BuildContext, hf_dir: Path, teacher: Path | None, resume: bool | None = None,
                    merge: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The recipe's fine-tune of `hf_dir` (the source, or its pruned student; `source_dir` is the default teacher
-    of a distillation): the trained HF folder (merged, or whole with `full`) and its checks for the manifest.
+    """The recipe's fine-tune of `hf_dir` (the source, or its pruned student; `teacher` is a distillation's,
+    `stage_teacher`): the trained HF folder (merged, or whole with `full`) and its checks for the manifest.
     With merge False, a LoRA run stops at its adapter."""
     import json
 
@@ -119,9 +119,7 @@ def stage_training(ctx: BuildContext, hf_dir: Path, source_dir: Path, resume: bo
     assert spec is not None
     if spec.method == "align":
         return stage_align(ctx, hf_dir, resume=resume), {}
-    from .prune import stage_teacher
-
-    trained = stage_finetune(ctx, hf_dir, resume=resume, teacher=stage_teacher(ctx, source_dir))
+    trained = stage_finetune(ctx, hf_dir, resume=resume, teacher=teacher)
     checks: dict[str, Any] = {"finetune": {"check": training_record(trained)}}
     # under `accelerate launch` every process trains; only the first merges
     if spec.full or not merge or not _main_process():
@@ -139,7 +137,7 @@ def finetune_and_merge(
     stamps."""
     from ..targets import get_target
     from ..train.finetune import spec_of
-    from .prune import stage_prune
+    from .prune import stage_prune, stage_teacher
 
     spec_of(recipe)  # a recipe without a finetune section fails before anything runs
     console = console or Console(stderr=True)
@@ -148,8 +146,9 @@ def finetune_and_merge(
         clean_stale_temps(sub)
     ctx = BuildContext(recipe, get_target("laptop-cpu"), root, console)  # the target plays no part here
     source_dir = stage_source(ctx)
+    teacher = stage_teacher(ctx, source_dir)  # a wrong teacher fails before minutes of pruning
     hf_dir = stage_prune(ctx, source_dir) if recipe.prune is not None else source_dir
-    return stage_training(ctx, hf_dir, source_dir, resume=resume, merge=merge)[0]
+    return stage_training(ctx, hf_dir, teacher, resume=resume, merge=merge)[0]
 
 
 

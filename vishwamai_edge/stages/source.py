@@ -32,7 +32,12 @@ def stage_source(ctx: BuildContext, spec: SourceSpec | None = None, role: str = 
         raise SourceError(f"{ctx.recipe.path}: {where}.path: required for source kind {spec.kind!r}")
     path = ctx.recipe.resolve(spec.path)
     if spec.kind == "hf":
-        return check_hf_dir(path)
+        try:
+            return check_hf_dir(path)
+        except SourceError as exc:
+            if role == "source":
+                raise
+            raise SourceError(f"{ctx.recipe.path}: {where}: {exc}") from None
     if spec.use_as_is:
         return check_gguf_file(path)
     with ctx.console.status(f"dequantizing {path.name} into an HF folder"):
