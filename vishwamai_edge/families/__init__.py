@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import aligned, audio_embeddings, llava, minicpmv, text, vila, whisper
+from . import aligned, audio_embeddings, llava, minicpmv, text, text_embeddings, vila, whisper
 from .base import Family, FamilyBuild, RecipeSection
 
 # the first whose `detect` says yes; text takes the rest
 FAMILIES: tuple[Family, ...] = (audio_embeddings.FAMILY, aligned.FAMILY, llava.FAMILY, minicpmv.FAMILY,
                                 vila.FAMILY, text.FAMILY)
-SECTIONS: tuple[RecipeSection, ...] = (whisper.SECTION,)
+SECTIONS: tuple[RecipeSection, ...] = (whisper.SECTION, text_embeddings.SECTION)
 
 
 def family_for(folder: Path) -> Family:

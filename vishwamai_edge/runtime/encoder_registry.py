@@ -37,12 +37,19 @@ def _speech(bundle: Bundle, entry: dict[str, Any], threads: int | None) -> Any:
     return SpeechEncoder.from_bundle(bundle, entry, threads=threads)
 
 
+def _sentence_embedding(bundle: Bundle, entry: dict[str, Any], threads: int | None) -> Any:
+    from .embeddings import Embedder
+
+    return Embedder.from_manifest(bundle, entry, threads=threads)
+
+
 # (slot, kind) -> loader: the slot says what a chat part it takes, the kind how it is run
 ENCODERS: dict[tuple[str, str], Callable[[Bundle, dict[str, Any], int | None], Any]] = {
     ("image", "vision"): _vision,
     ("image", "minicpmv"): _minicpmv,
     ("audio", "audio-embeddings"): _audio_embeddings,
     ("audio", "speech-to-text"): _speech,
+    ("embedding", "sentence-embedding"): _sentence_embedding,  # not a chat part: /v1/embeddings, documents
 }
 
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API on one shared `Engine`.
 
 Routes: POST /v1/chat/completions (JSON or SSE), POST /v1/audio/transcriptions (bundles with a
-speech encoder), GET /v1/models, GET /health. What the device heard in a request's audio parts
+speech encoder), POST /v1/embeddings (bundles with an embedding model), GET /v1/models, GET /health. What the device heard in a request's audio parts
 comes back beside the answer as `vishwamai_edge.heard` (in the first chunk when streaming).
 With an API key, every route (and anything mounted later, such as the web UI) needs it.
 A request's status is decided before any byte is sent: the handler waits for the
@@ -29,7 +29,17 @@ from ..runtime.media import audio_part
 from ..web.hosts import HostCheckMiddleware, allowed_hosts
 from ..web.limits import BodyLimitMiddleware
 from .auth import APIKeyMiddleware
-from .protocol import APIError, Completion, ReplyShape, api_error_for, parse_request, to_chat_request, usage
+from .protocol import (
+    APIError,
+    Completion,
+    ReplyShape,
+    api_error_for,
+    embeddings_response,
+    parse_embeddings,
+    parse_request,
+    to_chat_request,
+    usage,
+)
 
 log = logging.getLogger("vishwamai_edge.serve")
 
@@ -97,14 +107,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        body = await _read_body(request, max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
-        except RecursionError:  # [[[[... deeper than Python's parser goes
-            raise APIError(400, "the request body's JSON is nested too deeply") from None
-        req = parse_request(data)
+        req = parse_request(_json_body(await _read_body(request, max_body_bytes)))
         if req.model not in engine.model_ids:
             raise _unknown_model(req.model, engine)
         async with decoding:
@@ -186,6 +189,27 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             return PlainTextResponse(text)
         return {"text": text}
 
+    @v1.post("/embeddings")
+    async def embeddings(request: Request):
+        """OpenAI's embeddings route, on the bundle's sentence-embedding model (`encoders.embedding`)."""
+        embedder = engine.encoders.get("embedding")
+        if embedder is None:
+            raise APIError(400, "this bundle has no embedding model; build one with an embeddings section",
+                           code="unsupported_input")
+        data = _json_body(await _read_body(request, max_body_bytes))
+        texts = parse_embeddings(data)
+        name = (embedder.contract.get("source") or {}).get("name")
+        if data["model"] not in (*engine.model_ids, name):
+            raise APIError(404, f"the model {data['model']!r} does not exist here; embeddings come from {name!r}",
+                           param="model", code="model_not_found")
+        try:
+            async with decoding:
+                vectors = await run_in_threadpool(embedder.embed, texts, "input")
+        except InputError as exc:
+            raise APIError(400, f"input: {exc}", param="input") from None
+        tokens = sum(len(embedder.token_ids(t)) for t in texts)
+        return embeddings_response(vectors, name or data["model"], data.get("encoding_format") or "float", tokens)
+
     app.include_router(v1)
     return app
 
@@ -193,6 +217,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 class _Disconnected(APIError):
     def __init__(self) -> None:
         super().__init__(499, "the client closed the request", code="client_closed_request")
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:  # [[[[... deeper than Python's parser goes
+        raise APIError(400, "the request body's JSON is nested too deeply") from None
 
 
 def _unknown_model(name: str, engine: Engine) -> APIError:

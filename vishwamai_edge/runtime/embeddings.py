@@ -1,0 +1,92 @@
+"""Sentence embeddings on the device: the bundle's embedding graph (export/onnx/sentence_embeddings.py) run by
+ONNX Runtime, its tokenizer by `tokenizers`; no torch. The graph pools and normalises itself, so a vector here
+is the one sentence-transformers gives for the same text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BundleError, InputError, require
+from .onnx_session import Provider, ort_session
+
+BATCH = 32  # texts per graph run
+
+
+@dataclass
+class Embedder:
+    session: Any
+    tokenizer: Any
+    contract: dict[str, Any]
+    folder: Path
+
+    @classmethod
+    def load(cls, folder: Path, providers: list[Provider] | None = None, threads: int | None = None) -> Embedder:
+        tokenizers = require("tokenizers", "runtime")
+        folder = Path(folder)
+        try:
+            contract = json.loads((folder / "embedding.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise BundleError(f"{folder} holds no readable embedding.json: not an exported embedding model") from None
+        tokenizer = tokenizers.Tokenizer.from_file(str(folder / contract["files"]["tokenizer"]))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        session = ort_session(folder / contract["files"]["model"], providers, threads, "embedding model")
+        return cls(session, tokenizer, contract, folder)
+
+    @classmethod
+    def from_manifest(cls, bundle: Any, entry: dict[str, Any], threads: int | None = None) -> Embedder:
+        """The bundle's `encoders.embedding`: only the files the manifest lists are opened."""
+        tokenizers = require("tokenizers", "runtime")
+        files = entry.get("files") or {}
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(bundle.file(files.get("tokenizer", ""))))
+        except Exception as exc:  # noqa: BLE001  tokenizers raises its own exception for a bad file
+            if isinstance(exc, BundleError):
+                raise
+            raise BundleError(f"bundle {bundle.root}: the embedding tokenizer cannot be read ({exc})") from None
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        providers = entry.get("providers") or None
+        session = ort_session(bundle.file(files.get("model", "")), providers, threads, "embedding model")
+        return cls(session, tokenizer, entry, bundle.root)
+
+    @property
+    def dim(self) -> int:
+        return int(self.contract["dim"])
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.contract["max_tokens"])
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids the model reads for `text`, its special tokens included."""
+        return list(self.tokenizer.encode(text).ids)
+
+    def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
+        """float32 [len(texts), dim]; a text longer than the model's window is refused (chunk documents first)."""
+        ids = [self.token_ids(t) for t in texts]
+        for t, row in zip(texts, ids):
+            if len(row) > self.max_tokens:
+                raise InputError(f"the {what} is {len(row)} tokens long; the embedding model reads at most "
+                                 f"{self.max_tokens} ({t[:40]!r}...)")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+        for start in range(0, len(order), BATCH):
+            chunk = order[start:start + BATCH]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = np.zeros((len(chunk), width), dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for r, i in enumerate(chunk):
+                input_ids[r, :len(ids[i])] = ids[i]
+                mask[r, :len(ids[i])] = 1
+            (vectors,) = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+            out[chunk] = vectors
+        return out
+
+    def close(self) -> None:
+        self.session = None
