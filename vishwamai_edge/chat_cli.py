@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -28,6 +29,21 @@ def format_stats(s: GenerationStats) -> str:
         + (f", {s.speculative} drafts accepted {s.accepted_tokens}/{s.drafted_tokens}" if s.speculative != "off" else "")
         + (" (stopped: length limit)" if s.finish_reason == "length" else "")
     )
+
+
+class _Tee:
+    """Writes to the terminal and keeps a copy (the reply's citations are read from it)."""
+
+    def __init__(self, *outs) -> None:
+        self.outs = outs
+
+    def write(self, s: str) -> None:
+        for o in self.outs:
+            o.write(s)
+
+    def flush(self) -> None:
+        for o in self.outs:
+            o.flush()
 
 
 def stream_reply(session: ChatSession, text: str, out=sys.stdout, images=(), audio=(), err=None) -> GenerationStats:
@@ -58,33 +74,60 @@ def run_chat(
     adapter: str | None = None,
     seed: int | None = None,
     json_schema: Path | None = None,
+    docs: Path | None = None,
+    top_k: int = 3,
 ) -> None:
     err = Console(stderr=True)
     schema = read_schema_file(json_schema) if json_schema is not None else None  # before loading the model
     with err.status("loading the bundle"):
         pipeline = Pipeline.load(bundle, options)
+    retrieval = None
+    if docs is not None:
+        from .runtime.retrieval import Retrieval, sources_lines
+
+        try:
+            retrieval = Retrieval.open(docs, pipeline, top_k)
+        except BaseException:
+            pipeline.close()
+            raise
     grammar = pipeline.compile_schema(schema, str(json_schema)) if json_schema is not None else None
     if pipeline.speculative is not None and grammar is not None:
         err.print("[yellow]note:[/] replies constrained to a schema decode without speculation", highlight=False)
     elif pipeline.speculative is not None and pipeline.speculative.note:
         err.print(f"[yellow]note:[/] {pipeline.speculative.note}", highlight=False)
     defaults = pipeline.bundle.runtime_defaults
-    session = pipeline.session(
-        system_prompt=system if system is not None else defaults.system_prompt,
-        sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.temperature,
-                                seed=seed if seed is not None else 0),
-        max_tokens=max_tokens or defaults.max_tokens,
-        adapter=adapter,
-        grammar=grammar,
-    )
+    system_prompt = system if system is not None else defaults.system_prompt
+
+    def new_session(system_text: str | None) -> ChatSession:
+        return pipeline.session(
+            system_prompt=system_text,
+            sampling=SamplingParams(temperature=temperature if temperature is not None else defaults.temperature,
+                                    seed=seed if seed is not None else 0),
+            max_tokens=max_tokens or defaults.max_tokens,
+            adapter=adapter,
+            grammar=grammar,
+        )
+
+    session = new_session(system_prompt)
 
     pending: list = []  # images for the next turn
     pending_audio: list = []
 
     def one_turn(text: str) -> None:
-        stats = stream_reply(session, text, images=tuple(pending), audio=tuple(pending_audio), err=err)
+        nonlocal session
+        hits = None
+        if retrieval is not None and text:
+            # each question answered from its own sources, in a fresh conversation: a small context holds one set
+            sources, hits = retrieval.ask(text, system_prompt)
+            session = new_session(sources)
+        reply = io.StringIO()
+        stats = stream_reply(session, text, out=_Tee(sys.stdout, reply), images=tuple(pending),
+                             audio=tuple(pending_audio), err=err)
         pending.clear()
         pending_audio.clear()
+        if hits is not None:
+            for line in sources_lines(reply.getvalue(), hits):
+                sys.stdout.write(line + "\n")
         if show_stats:
             err.print(f"[dim]{format_stats(stats)}[/]")
 
@@ -134,4 +177,6 @@ def run_chat(
             except InputError as exc:  # the conversation goes on after a bad turn
                 err.print(f"[red]error:[/] {exc}")
     finally:
+        if retrieval is not None:
+            retrieval.close()
         pipeline.close()

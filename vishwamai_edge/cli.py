@@ -103,13 +103,15 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="random seed of sampled replies (temperature > 0)")] = None,
     kv_type: KvType = None,
     json_schema: Annotated[Optional[Path], typer.Option("--json-schema", help="every reply is JSON valid under the JSON schema in this file (any object: {\"type\": \"object\"})")] = None,
+    docs: Annotated[Optional[Path], typer.Option("--docs", help="answer from this document index (vishwamai-edge index), citing its sources; each question stands alone")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=20, help="with --docs: chunks retrieved per question")] = 3,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
     from .chat_cli import run_chat
 
     options = _options(n_ctx, threads, 1, speculative, draft, draft_max, kv_type)  # one conversation: one slot
     run_chat(bundle, options, prompt, system, max_tokens, temperature, stats, image, audio, adapter, seed=seed,
-             json_schema=json_schema)
+             json_schema=json_schema, docs=docs, top_k=top_k)
 
 
 @app.command()
@@ -266,6 +268,22 @@ def _hf_reference(path: Path, out: Path) -> Path:
             convert_hf_to_gguf(path, gguf, "f16")
         mark_done(gguf, inputs, {})
     return gguf
+
+
+@app.command()
+def index(
+    docs: Annotated[list[Path], typer.Argument(help="documents or folders of them (.txt .md .html .pdf)")],
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="a bundle with an embedding model")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the index file (created, or brought up to date)")],
+    chunk_tokens: Annotated[Optional[int], typer.Option(min=16, help="tokens per chunk (default: the model's window less a margin)")] = None,
+    overlap: Annotated[int, typer.Option(min=0, help="tokens shared by consecutive chunks")] = 32,
+    threads: Threads = None,
+) -> None:
+    """Embed local documents into an index the bundle can answer from: new and changed files are embedded, unchanged
+    ones kept, deleted ones dropped; an unreadable file is skipped with a warning naming it."""
+    from .runtime.doc_index import build_index
+
+    build_index(docs, bundle, out, chunk_tokens, overlap, threads, console=err)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from .build import build
 from .chat_cli import format_stats, stream_reply
-from .recipe import Recipe, load_recipe
+from .recipe import EmbeddingsSpec, Recipe, load_recipe
 from .runtime.options import RuntimeOptions
 from .runtime.pipeline import Pipeline
 from .targets import get_target
@@ -25,7 +25,7 @@ def run_demo(
     if recipe_path is None and DEFAULT_RECIPE.is_file():
         recipe_path = DEFAULT_RECIPE
     # Outside a checkout the built-in defaults are the embedded model's recipe.
-    recipe = load_recipe(recipe_path) if recipe_path else Recipe(name="smollm2-135m")
+    recipe = load_recipe(recipe_path) if recipe_path else Recipe(name="smollm2-135m", embeddings=EmbeddingsSpec())
     target = get_target("laptop-cpu")
     err.rule(f"1/{n} build {recipe.name} for {target.name}")
     result = build(recipe, target, out, n_threads=threads, console=err)

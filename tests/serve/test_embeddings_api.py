@@ -10,28 +10,10 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-import yaml
-from rich.console import Console
+from embedding_bundles import embedding_bundle  # noqa: F401
 from serve_process import LiveServer, start_server, stop_server
 
 TEXTS = ["How often is the coolant filter replaced?", "Every 500 operating hours.", "unrelated: the moon"]
-
-
-@pytest.fixture(scope="module")
-def embedding_bundle(tiny_model, tmp_path_factory):
-    from vishwamai_edge.build import build
-    from vishwamai_edge.recipe import load_recipe
-    from vishwamai_edge.targets import get_target
-
-    work = tmp_path_factory.mktemp("embedding-bundle")
-    recipe = work / "tiny-docs.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny-docs", "source": {"kind": "hf", "path": str(tiny_model("llama"))},
-        "export": {"gguf": {"outtype": "f32", "quants": [], "imatrix": False}},
-        "embeddings": {"kind": "embedded"}}))
-    result = build(load_recipe(recipe), get_target("laptop-cpu"), work / "build", quant="f32",
-                   console=Console(stderr=True, quiet=True))
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ class Pipeline:
             if parallel not in (None, 1):
                 raise InputError(f"speculative decoding runs one request at a time: use --parallel 1, or "
                                  f"--speculative off to decode {parallel} together")
-            if speculative.mode == "draft" and bundle.manifest.encoders:
+            if speculative.mode == "draft" and {"image", "audio"} & set(bundle.manifest.encoders):
                 raise InputError("a draft model cannot read image or audio rows; use --speculative lookup "
                                  "with this bundle")
             parallel = 1
