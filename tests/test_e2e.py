@@ -32,7 +32,10 @@ def test_manifest_records_checks(embedded_build):
     assert m["checks"]["q4_k_m"]["top1_agreement"] >= 0.5
     # SmolLM2's width (576) is no multiple of 256: most matrices fall back from Q4_K; the manifest says so
     assert "Q4_K" in m["llm"]["tensor_types"] and "Q5_0" in m["llm"]["tensor_types"]
-    assert set(m["files"]) == {"llm/model-q4_k_m.gguf"}
+    # the default recipe carries all-MiniLM-L6-v2 for `index` and `chat --docs`, checked against sentence-transformers
+    assert set(m["files"]) == {"llm/model-q4_k_m.gguf", "encoders/embedding/model.onnx",
+                               "encoders/embedding/tokenizer.json"}
+    assert m["checks"]["embedding"]["min_cosine"] >= 0.9999
 
 
 def test_q4_k_m_answers_paris(pipeline):
@@ -76,7 +79,7 @@ def test_rebuild_skips_finished_stages(embedded_build, tmp_path_factory):
     out = embedded_build.bundle.parents[1]
     recipe = load_recipe("recipes/smollm2-135m.yaml")
     again = build(recipe, get_target("laptop-cpu"), out)
-    assert set(again.skipped) == {"model-f16.gguf", "model-q4_k_m.gguf"}
+    assert set(again.skipped) == {"model-f16.gguf", "model-q4_k_m.gguf", "embedding-fp32"}
     assert again.manifest["files"] == embedded_build.manifest["files"]
 
 

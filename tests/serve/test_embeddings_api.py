@@ -74,7 +74,6 @@ def test_malformed_requests_are_4xx_and_the_server_goes_on(live, body, status, m
     assert ok.status_code == 200
 
 
-def test_a_bundle_without_an_embedding_model_says_so(server):
-    r = httpx.post(server.base_url + "/embeddings", json={"model": server.model, "input": "hi"},
-                   headers=server.headers(), timeout=60)
+def test_a_bundle_without_an_embedding_model_says_so(vlm_server):
+    r = httpx.post(vlm_server.base_url + "/embeddings", json={"model": vlm_server.model, "input": "hi"}, timeout=60)
     assert r.status_code == 400 and "this bundle has no embedding model" in r.json()["error"]["message"]

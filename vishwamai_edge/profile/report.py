@@ -101,7 +101,7 @@ def add_summary_notes(report: dict[str, Any]) -> None:
         (b["label"], name) for b in report["bundles"] for name, sc in b["scenarios"].items()
         if sc.get("kind") in ("image", "audio")
     ]
-    if encoder_scenarios and all(not b.get("encoders") for b in report["bundles"]):
+    if encoder_scenarios and all(not {"image", "audio"} & set(b.get("encoders") or []) for b in report["bundles"]):
         notes.append(
             "image and audio scenarios run only when a bundle's manifest lists encoders (manifest "
             "'encoders': image / audio); none of these bundles has any, so they are reported as skipped"

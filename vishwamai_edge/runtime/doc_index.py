@@ -260,6 +260,8 @@ def build_index(inputs: list[Path], bundle_dir: Path, out: Path, chunk_tokens: i
     size = chunk_tokens or min(room - 16, 240)  # a margin: a chunk re-tokenized alone may gain a token or two
     if not 0 < size <= room:
         raise InputError(f"--chunk-tokens {size}: the embedding model reads {room} tokens of text at most")
+    if not 0 <= overlap < size:
+        raise InputError(f"--overlap {overlap}: must be below the chunk size ({size} tokens)")
     roots = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
     existed = Path(out).exists()
     index = DocIndex.open(out, embedder, create=True)
@@ -271,8 +273,12 @@ def build_index(inputs: list[Path], bundle_dir: Path, out: Path, chunk_tokens: i
                                                                                           total=total),
                                   root=roots[0] if len(roots) == 1 else None)
         stats = index.stats()
-    finally:
+    except BaseException:
         index.close()
+        if not existed:  # a new index that a failure or Ctrl-C cut short is not left behind
+            Path(out).unlink(missing_ok=True)
+        raise
+    index.close()
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}")
     console.print(f"[green]✓[/] {out}: {stats['files']} files, {stats['chunks']} chunks "
