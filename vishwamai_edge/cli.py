@@ -194,12 +194,14 @@ def serve(
     draft: Draft = None,
     draft_max: DraftMax = None,
     kv_type: KvType = None,
+    docs: Annotated[Optional[Path], typer.Option("--docs", help="a document index (vishwamai-edge index): chat requests with \"docs\": true are answered from it, with their sources")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=20, help="with --docs: chunks retrieved per question")] = 3,
 ) -> None:
-    """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/models, /health."""
+    """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/embeddings, /v1/models, /health."""
     from .serve.server import run_server
 
     run_server(bundle, _options(n_ctx, threads, parallel, speculative, draft, draft_max, kv_type), host, port, api_key,
-               max_queue, max_request_mb, with_ui)
+               max_queue, max_request_mb, with_ui, docs=docs, top_k=top_k)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ def find_documents(inputs: Iterable[Path]) -> list[Path]:
 class DocIndex:
     def __init__(self, path: Path, db: sqlite3.Connection, embedder: Any) -> None:
         self.path, self.db, self.embedder = path, db, embedder
+        self._lock = threading.Lock()
         self._matrix: np.ndarray | None = None
         self._ids: np.ndarray | None = None
 
@@ -102,7 +104,8 @@ class DocIndex:
             raise DocIndexError(f"{path}: no such index; build one with `vishwamai-edge index DOCS --bundle B --out "
                               f"{path}`")
         try:
-            db = sqlite3.connect(str(path), isolation_level=None)
+            # a server's worker threads share it: one at a time, under the index's lock
+            db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             if create:
                 db.executescript(_TABLES)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
@@ -202,20 +205,19 @@ class DocIndex:
 
     def search(self, question: str, k: int = 4) -> list[Hit]:
         """The `k` chunks nearest the question (cosine), best first."""
-        if self._matrix is None:
-            self._load()
-        assert self._matrix is not None and self._ids is not None
-        if not len(self._ids):
-            return []
         q = self.embedder.embed([question], what="question")[0]
-        scores = self._matrix @ q
-        top = np.argsort(-scores)[:k]
-        out = []
-        for i in top:
-            text, page, heading, path = self.db.execute(
-                "SELECT c.text, c.page, c.heading, f.path FROM chunks c JOIN files f ON f.id = c.file_id "
-                "WHERE c.id = ?", (int(self._ids[i]),)).fetchone()
-            out.append(Hit(float(scores[i]), path, text, page, heading))
+        with self._lock:
+            if self._matrix is None:
+                self._load()
+            assert self._matrix is not None and self._ids is not None
+            scores = self._matrix @ q
+            top = np.argsort(-scores)[:k]
+            out = []
+            for i in top:
+                text, page, heading, path = self.db.execute(
+                    "SELECT c.text, c.page, c.heading, f.path FROM chunks c JOIN files f ON f.id = c.file_id "
+                    "WHERE c.id = ?", (int(self._ids[i]),)).fetchone()
+                out.append(Hit(float(scores[i]), path, text, page, heading))
         return out
 
     def stats(self) -> dict[str, Any]:

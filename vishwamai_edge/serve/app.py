@@ -52,8 +52,9 @@ KEEPALIVE_S = 10.0
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               host: str = "127.0.0.1") -> FastAPI:
-    """`host`: the address the server is bound to; on loopback only loopback Host headers pass."""
+               host: str = "127.0.0.1", retrieval: Any = None) -> FastAPI:
+    """`host`: the address the server is bound to; on loopback only loopback Host headers pass. `retrieval`
+    (runtime.retrieval.Retrieval): chat requests with `"docs": true` are answered from its index."""
     # No /docs: FastAPI's docs page loads its scripts from a CDN, and this server is offline.
     app = FastAPI(title="vishwamai-edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -118,6 +119,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             chat = await run_in_threadpool(to_chat_request, req, engine.defaults, engine.media_budget(),
                                           engine.compile_schema, engine.tool_use)
         chat = replace(chat, adapter=engine.model_ids[req.model])
+        hits = None
+        if (req.model_extra or {}).get("docs") is not None:
+            chat, hits = await _with_sources(chat, req.model_extra["docs"], retrieval)
         try:
             gen = engine.submit(chat)
         except Exception as exc:
@@ -134,6 +138,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
                 raise api_error_for(exc) from None
             raise
         extra = {"vishwamai_edge": {"heard": gen.heard}} if gen.heard else {}
+        if hits is not None:  # streamed: what was retrieved; whole: also which of them the reply used
+            extra.setdefault("vishwamai_edge", {})["sources"] = _sources(hits, None)
         shape = ReplyShape(chat.tools)
         if req.stream:
             return StreamingResponse(
@@ -155,6 +161,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
             gen.cancel()  # no-op when finished; stops the model when the client has gone
         shape.end()
         stats = gen.stats.generation
+        if hits is not None:
+            extra["vishwamai_edge"]["sources"] = _sources(hits, shape.message().get("content") or "")
         return {**completion.response(shape.message(), shape.finish_reason(stats.finish_reason),
                                       usage(stats.prompt_tokens, stats.completion_tokens)), **extra}
 
@@ -217,6 +225,38 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 class _Disconnected(APIError):
     def __init__(self) -> None:
         super().__init__(499, "the client closed the request", code="client_closed_request")
+
+
+async def _with_sources(chat: Any, docs: Any, retrieval: Any) -> tuple[Any, list]:
+    """The request with the sources for its last user message at the head of its system turn."""
+    from ..runtime.engine import Message
+    from ..runtime.media import TextPart
+
+    if docs is not True:
+        raise APIError(400, "docs: true or absent", param="docs")
+    if retrieval is None:
+        raise APIError(400, "docs: this server has no document index; start it with serve --docs INDEX",
+                       param="docs")
+    users = [m for m in chat.messages if m.role == "user"]
+    question = " ".join(p.text for p in users[-1].parts if isinstance(p, TextPart)).strip() if users else ""
+    if not question:
+        raise APIError(400, "docs: the last user message has no text to look up", param="docs")
+    system = " ".join(p.text for m in chat.messages if m.role == "system" for p in m.parts
+                      if isinstance(p, TextPart)) or None
+    try:
+        text, hits = await run_in_threadpool(retrieval.ask, question, system)
+    except InputError as exc:
+        raise APIError(400, f"docs: {exc}", param="docs") from None
+    rest = tuple(m for m in chat.messages if m.role != "system")
+    return replace(chat, messages=(Message.text("system", text), *rest)), hits
+
+
+def _sources(hits: list, reply: str | None) -> list[dict[str, Any]]:
+    from ..runtime.retrieval import used_sources
+
+    used = {n for n, _ in used_sources(reply, hits)[1]} if reply is not None else set()
+    return [{"n": i, "file": h.path, "page": h.page, "heading": h.heading, "score": round(h.score, 4),
+             **({"used": i in used} if reply is not None else {})} for i, h in enumerate(hits, 1)]
 
 
 def _json_body(body: bytes) -> Any:

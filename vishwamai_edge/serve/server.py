@@ -24,6 +24,8 @@ def run_server(
     max_request_mb: float = 20,
     with_ui: bool = False,
     max_file_mb: float = 10,
+    docs: Path | None = None,
+    top_k: int = 3,
 ) -> None:
     from .app import create_app
 
@@ -42,8 +44,14 @@ def run_server(
     if engine.speculative != "off":
         print("note: replies with response_format or tools decode without speculation (drafts are not checked "
               "against their grammar)", file=sys.stderr)
+    retrieval = None
     try:
-        app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024), host=host)
+        if docs is not None:
+            from ..runtime.retrieval import Retrieval
+
+            retrieval = Retrieval.open(docs, engine.pipeline, top_k)  # an index of another model fails here
+        app = create_app(engine, api_key=api_key, max_body_bytes=int(max_request_mb * 1024 * 1024), host=host,
+                         retrieval=retrieval)
         if with_ui:
             from ..ui.app import mount_ui
 
@@ -54,4 +62,6 @@ def run_server(
               file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
+        if retrieval is not None:
+            retrieval.close()
         engine.close()
