@@ -34,12 +34,14 @@ def serve_in_thread(app) -> Iterator[str]:
 
 
 @contextmanager
-def launched_ui(engine, max_file_mb: float) -> Iterator[str]:
-    """The Gradio page on `engine`, launched in this process; yields its URL (ending in /)."""
+def launched_ui(engine, max_file_mb: float, retrieval=None) -> Iterator[str]:
+    """The Gradio page on `engine` (answering from `retrieval`'s index when given), launched in this process;
+    yields its URL (ending in /)."""
     from vishwamai_edge.ui.app import launch_ui
 
     port = free_port()
-    blocks = launch_ui(engine, "127.0.0.1", port, max_file_mb=max_file_mb, prevent_thread_lock=True, quiet=True)
+    blocks = launch_ui(engine, "127.0.0.1", port, max_file_mb=max_file_mb, prevent_thread_lock=True, quiet=True,
+                       retrieval=retrieval)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

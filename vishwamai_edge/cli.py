@@ -169,12 +169,14 @@ def ui(
     draft: Draft = None,
     draft_max: DraftMax = None,
     kv_type: KvType = None,
+    docs: Annotated[Optional[Path], typer.Option("--docs", help="answer each question from this document index (vishwamai-edge index), sources under the reply")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=20, help="with --docs: chunks retrieved per question")] = 3,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
     from .ui.app import run_ui
 
     run_ui(bundle, _options(n_ctx, threads, parallel, speculative, draft, draft_max, kv_type), host, port, max_queue,
-           max_file_mb)
+           max_file_mb, docs=docs, top_k=top_k)
 
 
 @app.command()

@@ -55,7 +55,7 @@ def run_server(
         if with_ui:
             from ..ui.app import mount_ui
 
-            mount_ui(app, engine, "/ui", max_file_mb)  # same engine: one model in memory for both
+            mount_ui(app, engine, "/ui", max_file_mb, retrieval)  # same engine: one model in memory for both
         print(f"serving {engine.model_id} on http://{host}:{port}/v1 ({engine.parallel} slots of {engine.n_ctx} "
               "tokens)" + (f" (speculative decoding: {engine.speculative})" if engine.speculative != "off" else "")
               + (" (UI at /ui)" if with_ui else ""),

@@ -201,7 +201,9 @@ def _drawing(sketch: Any) -> str | None:
     return save_bytes_to_cache(buf.getvalue(), "drawing.png", get_upload_folder())
 
 
-def build_ui(engine: Engine):
+def build_ui(engine: Engine, retrieval: Any = None):
+    """The chat page; with `retrieval` (runtime.retrieval.Retrieval) each text question is answered from its
+    document index, in a conversation of its own, and the sources the reply used are shown under it."""
     gr = import_gradio()
     defaults = engine.defaults
     active: dict[str, Generation] = {}  # browser session -> its running turn, for the stop button
@@ -221,6 +223,10 @@ def build_ui(engine: Engine):
             parts = _user_parts(text or "", image, audio, budget)
             messages = ([Message.text("system", system)] if system and system.strip() else [])
             messages += past + [Message("user", tuple(parts))]
+            hits = None
+            if retrieval is not None and (text or "").strip() and not image and not audio:
+                grounded_system, hits = retrieval.ask(text.strip(), system.strip() if system else None)
+                messages = [Message.text("system", grounded_system), Message("user", tuple(parts))]
             gen = engine.submit(ChatRequest(
                 messages=tuple(messages),
                 max_tokens=int(max_tokens),
@@ -275,6 +281,10 @@ def build_ui(engine: Engine):
         if audio:
             show_user(gen.heard or None)  # a reply with no pieces: what was heard still shows
         history[-1] = {"role": "assistant", "content": [_text(reply)]}
+        if hits is not None:
+            from ..runtime.retrieval import sources_lines
+
+            history[-1]["content"].append(_text("\n".join(sources_lines(reply, hits))))
         yield history, gr.skip(), gr.skip(), gr.skip(), format_stats(gen.stats)
 
     def stop(request: gr.Request) -> None:
@@ -375,14 +385,14 @@ def theme():
 
 
 def launch_ui(engine: Engine, host: str = "127.0.0.1", port: int = 7860, max_file_mb: float = DEFAULT_MAX_FILE_MB,
-              prevent_thread_lock: bool = False, quiet: bool = False):
+              prevent_thread_lock: bool = False, quiet: bool = False, retrieval: Any = None):
     """Serve the page; with `prevent_thread_lock` return the running Blocks (call `.close()`)."""
     from starlette.middleware import Middleware
 
     from ..web.hosts import HostCheckMiddleware, allowed_hosts
     from ..web.limits import BodyLimitMiddleware
 
-    blocks = build_ui(engine)
+    blocks = build_ui(engine, retrieval)
     allowed = allowed_hosts(host)
     middleware = [Middleware(OfflineMiddleware), Middleware(BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]
     if allowed is not None:
@@ -396,14 +406,14 @@ def launch_ui(engine: Engine, host: str = "127.0.0.1", port: int = 7860, max_fil
     return blocks
 
 
-def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAULT_MAX_FILE_MB):
+def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAULT_MAX_FILE_MB, retrieval: Any = None):
     """The same page inside another FastAPI app (the API server, which checks the Host), on the same engine."""
     from starlette.middleware import Middleware
 
     from ..web.limits import BodyLimitMiddleware
 
     gr = import_gradio()
-    blocks = build_ui(engine)
+    blocks = build_ui(engine, retrieval)
     return gr.mount_gradio_app(app, blocks, path=path, max_file_size=_bytes(max_file_mb), ssr_mode=False,
                                pwa=False, mcp_server=False, enable_monitoring=False, theme=theme(),
                                footer_links=["settings"], run_history=False,
@@ -411,7 +421,8 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
                                    BodyLimitMiddleware, limit_for=body_limits(max_file_mb))]})
 
 
-def run_ui(bundle: Path, options: RuntimeOptions, host: str, port: int, max_queue: int, max_file_mb: float) -> None:
+def run_ui(bundle: Path, options: RuntimeOptions, host: str, port: int, max_queue: int, max_file_mb: float,
+           docs: Path | None = None, top_k: int = 3) -> None:
     from ..web.listen import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
@@ -422,7 +433,14 @@ def run_ui(bundle: Path, options: RuntimeOptions, host: str, port: int, max_queu
     engine = Engine.load(bundle, options, max_queue=max_queue)
     if engine.pipeline.speculative is not None and engine.pipeline.speculative.note:
         print(f"note: {engine.pipeline.speculative.note}", file=sys.stderr)
+    retrieval = None
     try:
-        launch_ui(engine, host, port, max_file_mb)
+        if docs is not None:
+            from ..runtime.retrieval import Retrieval
+
+            retrieval = Retrieval.open(docs, engine.pipeline, top_k)
+        launch_ui(engine, host, port, max_file_mb, retrieval=retrieval)
     finally:
+        if retrieval is not None:
+            retrieval.close()
         engine.close()
