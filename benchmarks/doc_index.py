@@ -67,12 +67,12 @@ def main() -> None:
         t = time.perf_counter()
         vec = embedder.embed([q])[0]
         t1 = time.perf_counter()
-        scores = index._matrix @ vec
+        scores = index.store._matrix @ vec
         exact = np.argsort(-scores)[:10]
         t2 = time.perf_counter()
         embed_ms.append((t1 - t) * 1000)
         ours_ms.append((t2 - t1) * 1000)
-    matrix, ids = index._matrix, index._ids
+    matrix, ids = index.store._matrix, index.store._ids
     ours_bytes = (work / "ours.sqlite").stat().st_size
 
     # usearch on the same vectors

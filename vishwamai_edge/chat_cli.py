@@ -74,7 +74,7 @@ def run_chat(
     adapter: str | None = None,
     seed: int | None = None,
     json_schema: Path | None = None,
-    docs: Path | None = None,
+    docs: Path | str | None = None,
     top_k: int = 3,
 ) -> None:
     err = Console(stderr=True)

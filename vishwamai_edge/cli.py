@@ -103,7 +103,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="random seed of sampled replies (temperature > 0)")] = None,
     kv_type: KvType = None,
     json_schema: Annotated[Optional[Path], typer.Option("--json-schema", help="every reply is JSON valid under the JSON schema in this file (any object: {\"type\": \"object\"})")] = None,
-    docs: Annotated[Optional[Path], typer.Option("--docs", help="answer from this document index (vishwamai-edge index), citing its sources; each question stands alone")] = None,
+    docs: Annotated[Optional[str], typer.Option("--docs", help="answer from this document index (vishwamai-edge index), citing its sources; each question stands alone")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=20, help="with --docs: chunks retrieved per question")] = 3,
 ) -> None:
     """Chat with a bundle in the terminal, streaming. /image FILE attaches an image, /reset clears, /exit quits."""
@@ -169,7 +169,7 @@ def ui(
     draft: Draft = None,
     draft_max: DraftMax = None,
     kv_type: KvType = None,
-    docs: Annotated[Optional[Path], typer.Option("--docs", help="answer each question from this document index (vishwamai-edge index), sources under the reply")] = None,
+    docs: Annotated[Optional[str], typer.Option("--docs", help="answer each question from this document index (vishwamai-edge index), sources under the reply")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=20, help="with --docs: chunks retrieved per question")] = 3,
 ) -> None:
     """Local web chat (Gradio): streaming, image/audio inputs, sampling controls, stop, live stats. Offline."""
@@ -196,7 +196,7 @@ def serve(
     draft: Draft = None,
     draft_max: DraftMax = None,
     kv_type: KvType = None,
-    docs: Annotated[Optional[Path], typer.Option("--docs", help="a document index (vishwamai-edge index): chat requests with \"docs\": true are answered from it, with their sources")] = None,
+    docs: Annotated[Optional[str], typer.Option("--docs", help="a document index (vishwamai-edge index): chat requests with \"docs\": true are answered from it, with their sources")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=20, help="with --docs: chunks retrieved per question")] = 3,
 ) -> None:
     """OpenAI-compatible HTTP API: /v1/chat/completions (streaming or not), /v1/embeddings, /v1/models, /health."""
@@ -278,7 +278,7 @@ def _hf_reference(path: Path, out: Path) -> Path:
 def index(
     docs: Annotated[list[Path], typer.Argument(help="documents or folders of them (.txt .md .html .pdf)")],
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="a bundle with an embedding model")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="the index file (created, or brought up to date)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="the index file (created, or brought up to date), or a PostgreSQL URL with pgvector (postgresql://USER@HOST:PORT/DB)")],
     chunk_tokens: Annotated[Optional[int], typer.Option(min=16, help="tokens per chunk (default: the model's window less a margin)")] = None,
     overlap: Annotated[int, typer.Option(min=0, help="tokens shared by consecutive chunks")] = 32,
     threads: Threads = None,

@@ -14,7 +14,6 @@ was. The index records the embedding model it was built with; a bundle with anot
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,23 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, UserError
+from ..errors import InputError
 from .documents import SUFFIXES, UnreadableDocument, chunk_sections, read_document
+from .index_stores import DocIndexError, is_database_url
 
 SCHEMA = 1
-_TABLES = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, sha256 TEXT NOT NULL,
-                                  size INTEGER NOT NULL, chunks INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id),
-                                   text TEXT NOT NULL, page INTEGER, heading TEXT, start INTEGER, end_ INTEGER,
-                                   vector BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_by_file ON chunks(file_id);
-"""
-
-
-class DocIndexError(UserError):
-    """An index that cannot be opened or used as asked."""
 
 
 @dataclass
@@ -91,44 +78,42 @@ def find_documents(inputs: Iterable[Path]) -> list[Path]:
 
 
 class DocIndex:
-    def __init__(self, path: Path, db: sqlite3.Connection, embedder: Any) -> None:
-        self.path, self.db, self.embedder = path, db, embedder
+    """Documents -> chunks -> vectors in a store: the SQLite file (one device) or PostgreSQL with pgvector (several
+    devices or a server; `postgresql://` locations, runtime/index_stores.py)."""
+
+    def __init__(self, location: str, store: Any, embedder: Any) -> None:
+        self.location, self.store, self.embedder = location, store, embedder
         self._lock = threading.Lock()
-        self._matrix: np.ndarray | None = None
-        self._ids: np.ndarray | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
     @classmethod
-    def open(cls, path: Path, embedder: Any, create: bool = False) -> DocIndex:
-        path = Path(path)
-        if not create and not path.is_file():
-            raise DocIndexError(f"{path}: no such index; build one with `vishwamai-edge index DOCS --bundle B --out "
-                              f"{path}`")
-        try:
-            # a server's worker threads share it: one at a time, under the index's lock
-            db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            if create:
-                db.executescript(_TABLES)
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError:
-            raise DocIndexError(f"{path} is not a document index (not an SQLite file this tool wrote)") from None
+    def open(cls, location: Path | str, embedder: Any, create: bool = False) -> DocIndex:
+        from .index_stores import open_store
+
+        location = str(location)
+        store = open_store(location, create, embedder.dim)
         want = model_identity(embedder)
+        meta = store.meta()
         if meta:
             have = {k: meta.get(k, "") for k in want}
             if have != want:
-                db.close()
-                raise DocIndexError(f"{path} was built with the embedding model {have['model']!r} ({have['dim']} "
-                                  f"dimensions, {have['pooling']} pooling, {have['dtype']}); this bundle's is "
-                                  f"{want['model']!r} ({want['dim']}, {want['pooling']}, {want['dtype']}): rebuild "
-                                  "the index with this bundle")
+                store.close()
+                raise DocIndexError(f"{location} was built with the embedding model {have['model']!r} ({have['dim']} "
+                                    f"dimensions, {have['pooling']} pooling, {have['dtype']}); this bundle's is "
+                                    f"{want['model']!r} ({want['dim']}, {want['pooling']}, {want['dtype']}): rebuild "
+                                    "the index with this bundle")
         elif create:
-            with db:
-                db.executemany("INSERT INTO meta VALUES (?, ?)", [*want.items(), ("schema", str(SCHEMA))])
+            store.init_meta({**want, "schema": str(SCHEMA)})
         else:
-            raise DocIndexError(f"{path} is not a document index (it has no model record)")
-        return cls(path, db, embedder)
+            store.close()
+            raise DocIndexError(f"{location} is not a document index (it has no model record)")
+        return cls(location, store, embedder)
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()
 
     # -- building ------------------------------------------------------------------------------
     def update(self, documents: list[Path], chunk_tokens: int, overlap: int,
@@ -137,7 +122,7 @@ class DocIndex:
         no longer among them removed. All of it in one transaction."""
         t0 = time.perf_counter()
         report = UpdateReport()
-        known = {p: (i, h) for i, p, h in self.db.execute("SELECT id, path, sha256 FROM files")}
+        known = self.store.files()
         names = {doc: _name(doc, root) for doc in documents}
         todo: list[tuple[Path, str, list]] = []
         for doc in documents:
@@ -157,7 +142,7 @@ class DocIndex:
             todo.append((doc, digest, chunks))
         total = sum(len(c) for _, _, c in todo)
         done = 0
-        embedded: list[tuple[Path, str, list, np.ndarray]] = []
+        writes: list[tuple[str, str, int, list, np.ndarray]] = []
         for doc, digest, chunks in todo:  # embed everything before touching the index
             vectors = []
             for i in range(0, len(chunks), 64):
@@ -166,64 +151,26 @@ class DocIndex:
                 done += len(batch)
                 if progress is not None:
                     progress(done, total)
-            embedded.append((doc, digest, chunks, np.concatenate(vectors)))
+            writes.append((names[doc], digest, doc.stat().st_size, chunks, np.concatenate(vectors)))
+            (report.changed if names[doc] in known else report.added).append(names[doc])
         gone = [n for n in known if n not in set(names.values())]
-        with self.db:  # one transaction: an interruption leaves the index as it was
-            self.db.execute("BEGIN")
-            for name in gone:
-                self._drop(known[name][0])
-                report.removed.append(name)
-            for doc, digest, chunks, vectors in embedded:
-                name = names[doc]
-                if name in known:
-                    self._drop(known[name][0])
-                    report.changed.append(name)
-                else:
-                    report.added.append(name)
-                cur = self.db.execute("INSERT INTO files (path, sha256, size, chunks) VALUES (?, ?, ?, ?)",
-                                      (name, digest, doc.stat().st_size, len(chunks)))
-                self.db.executemany(
-                    "INSERT INTO chunks (file_id, text, page, heading, start, end_, vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(cur.lastrowid, c.text, c.page, c.heading, c.start, c.end, v.astype("<f4").tobytes())
-                     for c, v in zip(chunks, vectors)])
+        report.removed = gone
+        replaced = [known[n][0] for n in gone] + [known[w[0]][0] for w in writes if w[0] in known]
+        with self._lock:
+            self.store.apply(replaced, writes)  # one transaction: an interruption leaves the index as it was
         report.chunks = total
         report.seconds = time.perf_counter() - t0
-        self._matrix = None
         return report
 
-    def _drop(self, file_id: int) -> None:
-        self.db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
-        self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
-
     # -- searching -----------------------------------------------------------------------------
-    def _load(self) -> None:
-        rows = self.db.execute("SELECT id, vector FROM chunks ORDER BY id").fetchall()
-        dim = self.embedder.dim
-        self._ids = np.array([r[0] for r in rows], dtype=np.int64)
-        self._matrix = (np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
-                        if rows else np.zeros((0, dim), dtype=np.float32))
-
     def search(self, question: str, k: int = 4) -> list[Hit]:
         """The `k` chunks nearest the question (cosine), best first."""
         q = self.embedder.embed([question], what="question")[0]
         with self._lock:
-            if self._matrix is None:
-                self._load()
-            assert self._matrix is not None and self._ids is not None
-            scores = self._matrix @ q
-            top = np.argsort(-scores)[:k]
-            out = []
-            for i in top:
-                text, page, heading, path = self.db.execute(
-                    "SELECT c.text, c.page, c.heading, f.path FROM chunks c JOIN files f ON f.id = c.file_id "
-                    "WHERE c.id = ?", (int(self._ids[i]),)).fetchone()
-                out.append(Hit(float(scores[i]), path, text, page, heading))
-        return out
+            return [Hit(score, path, text, page, heading) for score, path, text, page, heading in self.store.search(q, k)]
 
     def stats(self) -> dict[str, Any]:
-        files, chunks = self.db.execute("SELECT (SELECT COUNT(*) FROM files), (SELECT COUNT(*) FROM chunks)").fetchone()
-        return {"files": files, "chunks": chunks, "bytes": self.path.stat().st_size,
-                **dict(self.db.execute("SELECT key, value FROM meta").fetchall())}
+        return {**self.store.stats(), **self.store.meta()}
 
 
 def _name(doc: Path, root: Path | None) -> str:
@@ -249,7 +196,7 @@ def bundle_embedder(bundle_dir: Path, threads: int | None = None) -> Any:
     return Embedder.from_manifest(bundle, entry.model_dump(mode="json"), threads=threads)
 
 
-def build_index(inputs: list[Path], bundle_dir: Path, out: Path, chunk_tokens: int | None = None, overlap: int = 32,
+def build_index(inputs: list[Path], bundle_dir: Path, out: Path | str, chunk_tokens: int | None = None, overlap: int = 32,
                 threads: int | None = None, console: Any = None) -> UpdateReport:
     """`vishwamai-edge index`: the documents under `inputs` embedded into `out` (created, or brought up to date)."""
     from rich.console import Console
@@ -265,7 +212,7 @@ def build_index(inputs: list[Path], bundle_dir: Path, out: Path, chunk_tokens: i
     if not 0 <= overlap < size:
         raise InputError(f"--overlap {overlap}: must be below the chunk size ({size} tokens)")
     roots = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
-    existed = Path(out).exists()
+    existed = is_database_url(str(out)) or Path(out).exists()
     index = DocIndex.open(out, embedder, create=True)
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -26,12 +26,12 @@ class Retrieval:
     k: int = 3
 
     @classmethod
-    def open(cls, path: Path, pipeline: Any, k: int = 3) -> Retrieval:
+    def open(cls, path: Path | str, pipeline: Any, k: int = 3) -> Retrieval:
         embedder = pipeline.encoders.get("embedding")
         if embedder is None:
             raise BundleError(f"bundle {pipeline.bundle.root} has no embedding model to read the index with; "
                               "build it from a recipe with an embeddings section")
-        return cls(DocIndex.open(Path(path), embedder), k)
+        return cls(DocIndex.open(str(path), embedder), k)
 
     def ask(self, question: str, system: str | None = None) -> tuple[str, list[Hit]]:
         """The system turn (`system`, then the sources for `question`) and those chunks, best first."""

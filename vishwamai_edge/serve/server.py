@@ -24,7 +24,7 @@ def run_server(
     max_request_mb: float = 20,
     with_ui: bool = False,
     max_file_mb: float = 10,
-    docs: Path | None = None,
+    docs: Path | str | None = None,
     top_k: int = 3,
 ) -> None:
     from .app import create_app

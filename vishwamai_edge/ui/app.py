@@ -422,7 +422,7 @@ def mount_ui(app, engine: Engine, path: str = "/ui", max_file_mb: float = DEFAUL
 
 
 def run_ui(bundle: Path, options: RuntimeOptions, host: str, port: int, max_queue: int, max_file_mb: float,
-           docs: Path | None = None, top_k: int = 3) -> None:
+           docs: Path | str | None = None, top_k: int = 3) -> None:
     from ..web.listen import check_port_free, is_loopback
 
     _bytes(max_file_mb)  # a bad limit or a busy port fails before the model loads
