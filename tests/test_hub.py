@@ -254,3 +254,23 @@ def test_a_published_style_q4_k_m_of_the_embedded_model_answers_paris_as_is(embe
     check = result.manifest["checks"]["as_is"]
     assert result.manifest["llm"]["quant"] == "q4_k_m" and check["tokenizer_round_trip"] == 1.0
     assert check["answer_mentions_paris"] and "Paris" in check["greedy_answer"]
+
+
+def test_an_embedding_model_from_the_hub(hub, tmp_path, tiny_model):
+    """A sentence-transformers repo (all-MiniLM-L6-v2's files, 1_Pooling/ included) as the bundle's embedding model:
+    downloaded without its pickles, exported and checked like the embedded one, its commit in the manifest."""
+    from vishwamai_edge.sources.embedded import embedded_sentence_embedder
+
+    minilm = embedded_sentence_embedder()
+    files = {str(p.relative_to(minilm)): p for p in minilm.rglob("*") if p.is_file()}
+    files["pytorch_model.bin"] = b"\x80\x02pickle, never downloaded"
+    hub.add_repo("acme/minilm", files)
+    recipe = tmp_path / "emb.yaml"
+    recipe.write_text(f"name: emb\nsource:\n  kind: hf\n  path: {tiny_model('llama')}\n{FAST_EXPORT}"
+                      "embeddings:\n  kind: hub\n  repo: acme/minilm\n")
+    result = build_in_process(recipe, tmp_path / "out")
+    entry = result.manifest["encoders"]["embedding"]
+    assert entry["source"]["name"] == "acme/minilm" and len(entry["source"]["revision_sha"]) == 40
+    assert entry["check"]["min_cosine"] >= 0.9999 and entry["pooling"] == "mean"
+    fetched = {path.rsplit("/", 1)[-1] for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
+    assert "model.safetensors" in fetched and "pytorch_model.bin" not in fetched, fetched

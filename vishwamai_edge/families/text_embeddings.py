@@ -14,6 +14,9 @@ from ..stages.context import BuildContext, BundlePart, encoder_providers, folder
 from ..stages.stamps import folder_fingerprint, mark_done, up_to_date
 
 REL_DIR = "encoders/embedding"
+# what a sentence-transformers repo holds that the export reads (no pickles)
+HUB_FILES = ["config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+             "tokenizer*", "special_tokens_map.json", "vocab.txt", "*.safetensors", "1_Pooling/*"]
 
 
 class SentenceEmbeddings:
@@ -60,6 +63,13 @@ def _source(ctx: BuildContext) -> Path:
     assert spec is not None
     if spec.kind == "embedded":
         return embedded_sentence_embedder()
+    if spec.kind == "hub":
+        from ..sources.hub import download
+
+        assert spec.repo is not None
+        lock_dir = ctx.root / "embeddings"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        return download(spec.repo, spec.revision, HUB_FILES, allow_pickle=False, lock_dir=lock_dir).path
     assert spec.path is not None
     path = ctx.recipe.resolve(spec.path)
     if not path.is_dir():
@@ -74,4 +84,6 @@ def _name(ctx: BuildContext, folder: Path) -> dict[str, str]:
     assert spec is not None
     if spec.kind == "embedded":
         return {"name": EMBEDDER_NAME, "license": EMBEDDER_LICENSE}
+    if spec.kind == "hub":  # the snapshot folder is named by the commit it resolved to
+        return {"name": str(spec.repo), "revision": spec.revision, "revision_sha": folder.name}
     return {"name": folder.name}
