@@ -90,3 +90,47 @@ class Embedder:
 
     def close(self) -> None:
         self.session = None
+
+
+class LazyEmbedder:
+    """The bundle's embedding model, loaded (its files checked, its session made) the first time it is used: the
+    default bundle carries one, and a chat that never embeds should not hold it in memory."""
+
+    def __init__(self, bundle: Any, entry: dict[str, Any], threads: int | None) -> None:
+        import threading
+
+        self.bundle, self.contract, self.threads = bundle, entry, threads
+        self._loaded: Embedder | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Embedder:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = Embedder.from_manifest(self.bundle, self.contract, self.threads)
+            return self._loaded
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._get().tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self.contract["dim"])
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.contract["max_tokens"])
+
+    def token_ids(self, text: str) -> list[int]:
+        return self._get().token_ids(text)
+
+    def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
+        return self._get().embed(texts, what)
+
+    def close(self) -> None:
+        if self._loaded is not None:
+            self._loaded.close()

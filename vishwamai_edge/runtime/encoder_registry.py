@@ -38,9 +38,9 @@ def _speech(bundle: Bundle, entry: dict[str, Any], threads: int | None) -> Any:
 
 
 def _sentence_embedding(bundle: Bundle, entry: dict[str, Any], threads: int | None) -> Any:
-    from .embeddings import Embedder
+    from .embeddings import LazyEmbedder
 
-    return Embedder.from_manifest(bundle, entry, threads=threads)
+    return LazyEmbedder(bundle, entry, threads)  # loaded on first use: a chat that never asks costs no memory
 
 
 # (slot, kind) -> loader: the slot says what a chat part it takes, the kind how it is run
