@@ -1,14 +1,16 @@
-"""A document index on the device: one SQLite file (the standard library's, no extension) holding each file's
-hash, its chunks with their positions, and each chunk's vector from the bundle's embedding model; searched
-exactly (an inner product over all vectors, which are unit length: cosine) with numpy.
+"""A document index: local documents read (runtime/documents.py), cut into chunks of the embedding tokenizer's
+tokens, embedded by the bundle's model, and kept with their file's hash and their positions in a store
+(runtime/index_stores.py): one SQLite file on the device, searched exactly in numpy, or PostgreSQL with pgvector
+for an index several devices share.
 
 Why not sqlite-vec: it is a SQLite extension, and Python builds without extension loading (this project's CI
-Python among them) cannot load it. Why not an approximate index (usearch, faiss): at the sizes one device holds
-(10,000 chunks: 15 MB of vectors) the exact search takes milliseconds; benchmarks/doc_index.py measures both.
+Python among them) cannot load it. Why not an approximate index on the device (usearch, faiss): at the sizes one
+device holds (10,000 chunks: 15 MB of vectors) the exact search takes milliseconds; benchmarks/doc_index.py
+measures both.
 
 Updates are incremental (a file whose bytes changed is re-embedded, an unchanged one is not, a deleted one leaves)
-and atomic: every change of one `update` is one SQLite transaction, so an interrupted run leaves the index as it
-was. The index records the embedding model it was built with; a bundle with another model is refused.
+and atomic: every change of one `update` is one transaction of the store, so an interrupted run leaves the index as
+it was. The index records the embedding model it was built with; a bundle with another model is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from ..errors import InputError
 from .documents import SUFFIXES, UnreadableDocument, chunk_sections, read_document
-from .index_stores import DocIndexError, is_database_url
+from .index_stores import DocIndexError, is_database_url, open_store
 
 SCHEMA = 1
 
@@ -91,8 +93,6 @@ class DocIndex:
 
     @classmethod
     def open(cls, location: Path | str, embedder: Any, create: bool = False) -> DocIndex:
-        from .index_stores import open_store
-
         location = str(location)
         store = open_store(location, create, embedder.dim)
         want = model_identity(embedder)

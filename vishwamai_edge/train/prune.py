@@ -289,7 +289,7 @@ def prune_folder(hf_dir: Path, out: Path, spec: PruneSpec, calibration: list[lis
     total_tokens = sum(len(w) for w in calibration)
     params_before = sum(p.numel() for p in model.parameters())
 
-    from ..train.finetune import progress_bar
+    from .finetune import progress_bar
 
     notes: list[str] = []
     dropped: list[int] = []
@@ -340,9 +340,8 @@ def prune_folder(hf_dir: Path, out: Path, spec: PruneSpec, calibration: list[lis
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        for f in hf_dir.iterdir():  # tokenizer, chat template, generation config
-            if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".json.index")) \
-                    and f.name not in ("model.safetensors.index.json", PRUNE_FILE):
+        for f in hf_dir.iterdir():  # tokenizer, chat template, generation config: not the weights
+            if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith("model") and f.name != PRUNE_FILE:
                 shutil.copy2(f, tmp / f.name)
         student = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         with torch.no_grad():
