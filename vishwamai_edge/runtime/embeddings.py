@@ -17,43 +17,10 @@ from .onnx_session import Provider, ort_session
 BATCH = 32  # texts per graph run
 
 
-@dataclass
-class Embedder:
-    session: Any
-    tokenizer: Any
+class _Sized:
+    """What an embedding model's contract says about its vectors and window."""
+
     contract: dict[str, Any]
-    folder: Path
-
-    @classmethod
-    def load(cls, folder: Path, providers: list[Provider] | None = None, threads: int | None = None) -> Embedder:
-        tokenizers = require("tokenizers", "runtime")
-        folder = Path(folder)
-        try:
-            contract = json.loads((folder / "embedding.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            raise BundleError(f"{folder} holds no readable embedding.json: not an exported embedding model") from None
-        tokenizer = tokenizers.Tokenizer.from_file(str(folder / contract["files"]["tokenizer"]))
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        session = ort_session(folder / contract["files"]["model"], providers, threads, "embedding model")
-        return cls(session, tokenizer, contract, folder)
-
-    @classmethod
-    def from_manifest(cls, bundle: Any, entry: dict[str, Any], threads: int | None = None) -> Embedder:
-        """The bundle's `encoders.embedding`: only the files the manifest lists are opened."""
-        tokenizers = require("tokenizers", "runtime")
-        files = entry.get("files") or {}
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(str(bundle.file(files.get("tokenizer", ""))))
-        except Exception as exc:  # noqa: BLE001  tokenizers raises its own exception for a bad file
-            if isinstance(exc, BundleError):
-                raise
-            raise BundleError(f"bundle {bundle.root}: the embedding tokenizer cannot be read ({exc})") from None
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        providers = entry.get("providers") or None
-        session = ort_session(bundle.file(files.get("model", "")), providers, threads, "embedding model")
-        return cls(session, tokenizer, entry, bundle.root)
 
     @property
     def dim(self) -> int:
@@ -62,6 +29,34 @@ class Embedder:
     @property
     def max_tokens(self) -> int:
         return int(self.contract["max_tokens"])
+
+
+@dataclass
+class Embedder(_Sized):
+    session: Any
+    tokenizer: Any
+    contract: dict[str, Any]
+    folder: Path
+
+    @classmethod
+    def load(cls, folder: Path, providers: list[Provider] | None = None, threads: int | None = None) -> Embedder:
+        folder = Path(folder)
+        try:
+            contract = json.loads((folder / "embedding.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise BundleError(f"{folder} holds no readable embedding.json: not an exported embedding model") from None
+        tokenizer = _tokenizer(folder / contract["files"]["tokenizer"], str(folder))
+        session = ort_session(folder / contract["files"]["model"], providers, threads, "embedding model")
+        return cls(session, tokenizer, contract, folder)
+
+    @classmethod
+    def from_manifest(cls, bundle: Any, entry: dict[str, Any], threads: int | None = None) -> Embedder:
+        """The bundle's `encoders.embedding`: only the files the manifest lists are opened."""
+        files = entry.get("files") or {}
+        tokenizer = _tokenizer(bundle.file(files.get("tokenizer", "")), f"bundle {bundle.root}")
+        providers = entry.get("providers") or None
+        session = ort_session(bundle.file(files.get("model", "")), providers, threads, "embedding model")
+        return cls(session, tokenizer, entry, bundle.root)
 
     def token_ids(self, text: str) -> list[int]:
         """The ids the model reads for `text`, its special tokens included."""
@@ -92,7 +87,19 @@ class Embedder:
         self.session = None
 
 
-class LazyEmbedder:
+def _tokenizer(path: Path, where: str) -> Any:
+    """The model's tokenizer, whole: the window is enforced here, not cut silently, and batches pad themselves."""
+    tokenizers = require("tokenizers", "runtime")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001  tokenizers raises its own exception for a bad file
+        raise BundleError(f"{where}: the embedding tokenizer cannot be read ({exc})") from None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+class LazyEmbedder(_Sized):
     """The bundle's embedding model, loaded (its files checked, its session made) the first time it is used: the
     default bundle carries one, and a chat that never embeds should not hold it in memory."""
 
@@ -116,14 +123,6 @@ class LazyEmbedder:
     @property
     def tokenizer(self) -> Any:
         return self._get().tokenizer
-
-    @property
-    def dim(self) -> int:
-        return int(self.contract["dim"])
-
-    @property
-    def max_tokens(self) -> int:
-        return int(self.contract["max_tokens"])
 
     def token_ids(self, text: str) -> list[int]:
         return self._get().token_ids(text)
