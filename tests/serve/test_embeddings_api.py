@@ -61,6 +61,8 @@ def test_the_openai_client_gets_sentence_transformers_vectors(live):
     ({"model": "M", "input": "hi", "dimensions": 64}, 400, "dimensions is not supported"),
     ({"model": "M", "input": "hi", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"model": "M", "input": "word " * 400}, 400, "tokens long; the embedding model reads at most 256"),
+    # one request may not keep the model for long: 200 texts of 252 tokens are over the 32,768 a request takes
+    ({"model": "M", "input": ["word " * 250] * 200}, 400, "holds 50400 tokens together; one request takes at most 32768"),
     ({"model": "gpt-4", "input": "hi"}, 404, "the model 'gpt-4' does not exist here"),
     ("[1, 2", 400, "the request body is not valid JSON"),
 ])

@@ -62,14 +62,26 @@ class Embedder(_Sized):
         """The ids the model reads for `text`, its special tokens included."""
         return list(self.tokenizer.encode(text).ids)
 
-    def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
-        """float32 [len(texts), dim]; a text longer than the model's window is refused (chunk documents first)."""
+    def ids_for(self, texts: list[str], what: str = "text", max_total: int | None = None) -> list[list[int]]:
+        """Each text's token ids; a text longer than the model's window (chunk documents first), or texts over
+        `max_total` tokens together, are refused."""
         ids = [self.token_ids(t) for t in texts]
         for t, row in zip(texts, ids):
             if len(row) > self.max_tokens:
                 raise InputError(f"the {what} is {len(row)} tokens long; the embedding model reads at most "
                                  f"{self.max_tokens} ({t[:40]!r}...)")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        total = sum(map(len, ids))
+        if max_total is not None and total > max_total:
+            raise InputError(f"the {what} holds {total} tokens together; one request takes at most {max_total}")
+        return ids
+
+    def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
+        """float32 [len(texts), dim]; a text longer than the model's window is refused (chunk documents first)."""
+        return self.embed_ids(self.ids_for(texts, what))
+
+    def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """float32 [len(ids), dim] for texts already tokenized (`ids_for`)."""
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
         for start in range(0, len(order), BATCH):
             chunk = order[start:start + BATCH]
@@ -127,8 +139,14 @@ class LazyEmbedder(_Sized):
     def token_ids(self, text: str) -> list[int]:
         return self._get().token_ids(text)
 
+    def ids_for(self, texts: list[str], what: str = "text", max_total: int | None = None) -> list[list[int]]:
+        return self._get().ids_for(texts, what, max_total)
+
     def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
         return self._get().embed(texts, what)
+
+    def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        return self._get().embed_ids(ids)
 
     def close(self) -> None:
         if self._loaded is not None:

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API on one shared `Engine`.
 
 Routes: POST /v1/chat/completions (JSON or SSE), POST /v1/audio/transcriptions (bundles with a
-speech encoder), POST /v1/embeddings (bundles with an embedding model), GET /v1/models, GET /health. What the device heard in a request's audio parts
-comes back beside the answer as `vishwamai_edge.heard` (in the first chunk when streaming).
+speech encoder), POST /v1/embeddings (bundles with an embedding model), GET /v1/models, GET /health.
+What the device heard in a request's audio parts comes back beside the answer as `vishwamai_edge.heard` (in the first chunk when streaming).
 With an API key, every route (and anything mounted later, such as the web UI) needs it.
 A request's status is decided before any byte is sent: the handler waits for the
 first piece of the reply, so a prompt over the context is a 400, not a broken stream.
@@ -49,6 +49,9 @@ POLL_S = 0.5  # how often a waiting request checks that its client is still ther
 # and each checks the queue has room before it decodes anything.
 DECODE_AT_ONCE = 2
 KEEPALIVE_S = 10.0
+# Tokens one /v1/embeddings request may hold (about 2 s of all-MiniLM-L6-v2 on 2 cores); OpenAI's own cap is higher,
+# but on a device one request must not keep the model for minutes.
+MAX_EMBEDDING_TOKENS = 32_768
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -89,6 +92,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 
     v1 = APIRouter(prefix="/v1")
     decoding = asyncio.Semaphore(DECODE_AT_ONCE)
+    embedding = asyncio.Semaphore(1)  # /v1/embeddings requests run one at a time
 
     def model_card(model_id: str) -> dict[str, Any]:
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": "vishwamai-edge"}
@@ -210,12 +214,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if data["model"] not in (*engine.model_ids, name):
             raise APIError(404, f"the model {data['model']!r} does not exist here; embeddings come from {name!r}",
                            param="model", code="model_not_found")
+        def embed() -> tuple[Any, int]:
+            ids = embedder.ids_for(texts, "input", MAX_EMBEDDING_TOKENS)  # tokenized once, checked, then embedded
+            return embedder.embed_ids(ids), sum(map(len, ids))
+
         try:
-            async with decoding:
-                vectors = await run_in_threadpool(embedder.embed, texts, "input")
+            async with embedding:  # its own turn: a long request never holds up the chat requests' decoding
+                vectors, tokens = await run_in_threadpool(embed)
         except InputError as exc:
             raise APIError(400, f"input: {exc}", param="input") from None
-        tokens = sum(len(embedder.token_ids(t)) for t in texts)
         return embeddings_response(vectors, name or data["model"], data.get("encoding_format") or "float", tokens)
 
     app.include_router(v1)
