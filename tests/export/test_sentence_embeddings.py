@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from embedding_bundles import minilm_export  # noqa: F401
 
 from vishwamai_edge.errors import InputError, SourceError
 from vishwamai_edge.export.onnx.sentence_embeddings import LIMITS, export_sentence_embedder
@@ -42,11 +43,11 @@ def reference(minilm):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
-def test_minilm_equals_sentence_transformers(minilm, reference, tmp_path, dtype):
-    contract = export_sentence_embedder(minilm, tmp_path / dtype, dtype, threads=2)
+def test_minilm_equals_sentence_transformers(minilm_export, reference, dtype):
+    folder, contract = minilm_export(dtype)
     assert (contract.pooling, contract.normalize, contract.max_tokens, contract.dim) == ("mean", True, 256, 384)
     assert contract.check["min_cosine"] >= LIMITS[dtype]["min_cosine"]
-    embedder = Embedder.load(tmp_path / dtype, threads=2)
+    embedder = Embedder.load(folder, threads=2)
     got = embedder.embed(SENTENCES)
     want = reference.encode(SENTENCES, convert_to_numpy=True)
     cos = cosines(got.astype(np.float64), want.astype(np.float64))
@@ -55,13 +56,12 @@ def test_minilm_equals_sentence_transformers(minilm, reference, tmp_path, dtype)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
     if dtype == "fp32":
         assert np.abs(got - want).max() < 1e-5
-    saved = json.loads((tmp_path / dtype / "embedding.json").read_text())
+    saved = json.loads((folder / "embedding.json").read_text())
     assert saved["check"]["min_cosine"] == contract.check["min_cosine"]
 
 
-def test_a_text_longer_than_the_window_is_refused(minilm, tmp_path):
-    export_sentence_embedder(minilm, tmp_path / "e", "fp32", threads=2)
-    embedder = Embedder.load(tmp_path / "e", threads=2)
+def test_a_text_longer_than_the_window_is_refused(minilm_export):
+    embedder = Embedder.load(minilm_export("fp32")[0], threads=2)
     with pytest.raises(InputError, match=r"the question is 3\d\d tokens long; the embedding model reads at most 256"):
         embedder.embed(["word " * 300], what="question")
 

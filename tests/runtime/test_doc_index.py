@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 from doc_sets import body, write_pdf, write_set
-from embedding_bundles import embedding_bundle  # noqa: F401
+from embedding_bundles import embedding_bundle, minilm_export  # noqa: F401
 
 from vishwamai_edge.errors import InputError
 from vishwamai_edge.runtime.doc_index import DocIndex, DocIndexError, bundle_embedder, find_documents
@@ -133,11 +133,7 @@ def test_an_index_of_another_model_or_no_index_is_refused(embedder, built, tmp_p
 
 
 @pytest.fixture(scope="module")
-def minilm_int8(tmp_path_factory):
-    from vishwamai_edge.export.onnx.sentence_embeddings import export_sentence_embedder
+def minilm_int8(minilm_export):
     from vishwamai_edge.runtime.embeddings import Embedder
-    from vishwamai_edge.sources.embedded import embedded_sentence_embedder
 
-    out = tmp_path_factory.mktemp("int8") / "e"
-    export_sentence_embedder(embedded_sentence_embedder(), out, "int8", threads=2)
-    return Embedder.load(out)
+    return Embedder.load(minilm_export("int8")[0])
