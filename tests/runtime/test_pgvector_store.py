@@ -4,8 +4,6 @@ another model is refused, and a server that is not there is one line."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from doc_sets import write_set
 from embedding_bundles import embedding_bundle  # noqa: F401
@@ -44,9 +42,7 @@ def test_the_same_notes_are_found_as_in_the_sqlite_file(embedder, pg_url, tmp_pa
     lite.close()
 
 
-def test_another_model_and_a_missing_server_are_one_line(embedder, pg_url, tmp_path):
-    import json
-
+def test_another_model_and_a_missing_server_are_one_line(embedder, pg_url):
     from vishwamai_edge.runtime.embeddings import Embedder
 
     other = Embedder(embedder.session, embedder.tokenizer, {**embedder.contract, "dtype": "int8"}, embedder.folder)
@@ -54,11 +50,9 @@ def test_another_model_and_a_missing_server_are_one_line(embedder, pg_url, tmp_p
     with pytest.raises(DocIndexError, match=r"was built with the embedding model 'all-minilm-l6-v2' .* this bundle's "
                                             r"is 'all-minilm-l6-v2' \(384, mean, int8\)"):
         DocIndex.open(pg_url, other)
-    port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
-    with pytest.raises(DocIndexError, match=r"cannot connect to postgresql://postgres:\*\*\*@127.0.0.1:1/x"):
+    with pytest.raises(DocIndexError, match=r"cannot connect to postgresql://postgres:\*\*\*@127.0.0.1:1/x") as err:
         DocIndex.open("postgresql://postgres:secret@127.0.0.1:1/x", embedder)
-    assert json.dumps(port)  # the server under test stays up
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert "secret" not in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
 def test_the_commands_take_a_database_url(embedding_bundle, pg_url, tmp_path):
